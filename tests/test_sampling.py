@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+
+from vartk.samplers.sampling import check_sampling_args, filter_logits, sample_from_logits
+
+
+def reference_filter(row: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Plain-Python top-k then top-p over one row of logits: the set of kept indices."""
+    keep = np.ones_like(row, dtype=bool)
+    if 0 < top_k < len(row):
+        kth = np.sort(row)[::-1][top_k - 1]
+        keep &= row >= kth
+    if top_p < 1.0:
+        masked = np.where(keep, row, -np.inf)
+        probs = np.exp(masked - masked.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")
+        mass_above = 0.0
+        for idx in order:
+            if mass_above >= top_p:
+                keep[idx] = False
+            mass_above += probs[idx]
+    return keep
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.5), (7, 0.8), (1, 0.3), (0, 0.999)])
+def test_filter_matches_reference(top_k, top_p):
+    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(top_k))
+    kept = torch.isfinite(filter_logits(logits, top_k, top_p)).numpy()
+    for row, kept_row in zip(logits.double().numpy(), kept):
+        np.testing.assert_array_equal(kept_row, reference_filter(row, top_k, top_p))
+
+
+def test_top_k_keeps_ties_and_top_p_keeps_argmax():
+    logits = torch.tensor([[3.0, 1.0, 1.0, 0.0]])
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, True, False]]
+    peaked = torch.tensor([[10.0, 0.0, 0.0]])
+    assert torch.isfinite(filter_logits(peaked, top_p=1e-6)).tolist() == [[True, False, False]]
+
+
+def test_sampling_follows_generator_and_greedy():
+    logits = torch.randn(4, 3, 20)
+    a = sample_from_logits(logits, generator=torch.Generator().manual_seed(1))
+    b = sample_from_logits(logits, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (4, 3) and torch.equal(a, b)
+    assert torch.equal(sample_from_logits(logits, top_k=1), logits.argmax(-1))
+    assert torch.equal(sample_from_logits(logits, temperature=0), logits.argmax(-1))
+
+
+def test_sampling_distribution_matches_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).expand(20000, 3)
+    draws = sample_from_logits(logits, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=3).float() / draws.numel()
+    assert torch.allclose(freq, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0), atol=0.02)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(top_k=-1, top_p=1.0), "top_k"), (dict(top_k=1.5, top_p=1.0), "top_k"),
+    (dict(top_k=0, top_p=0.0), "top_p"), (dict(top_k=0, top_p=1.2), "top_p"),
+    (dict(top_k=0, top_p=1.0, temperature=-1), "temperature"),
+])
+def test_bad_sampling_args(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        check_sampling_args(**kwargs)

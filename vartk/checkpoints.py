@@ -1,0 +1,143 @@
+"""Known model names, reading official checkpoint files safely, strict loading, hub download.
+
+Official files are read with `torch.load(..., weights_only=True)`; the only non-tensor object
+allowed is `argparse.Namespace` (some LlamaGen training files keep their "args" in it).
+Loading is strict: every key must be consumed and every shape must match, and an error names
+the offending keys with both shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """An official or vartk checkpoint does not match the model it is loaded into."""
+
+
+def read_official_file(path: str | os.PathLike, containers: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Read a .pth/.pt file without executing pickled code and return its flat state dict.
+
+    `containers` lists keys to look inside, in order (e.g. ("model",) for LlamaGen DDP files);
+    a file that is already a flat name -> tensor dict is returned as it is.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated or pickled with disallowed objects
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}") from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict of tensors")
+    for name in containers:
+        if name in obj and isinstance(obj[name], dict):
+            obj = obj[name]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds no tensors at the top level"
+            + (f" nor under {list(containers)}" if containers else "")
+            + f"; its keys are {sorted(obj)[:10]}"
+        )
+    return state
+
+
+def load_state_dict_strict(
+    module: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str = "checkpoint",
+    ignore: tuple[str, ...] = (),
+) -> None:
+    """Copy `state_dict` into `module`, requiring the same keys and shapes.
+
+    Keys ending with one of `ignore` (buffers the model recomputes, e.g. masks) may be present in
+    the file or not; a present one must still have the expected shape unless the model has no
+    such key. Raises CheckpointError naming every missing, unexpected and mis-shaped key.
+    """
+    expected = module.state_dict()
+    ignorable = lambda key: any(key.endswith(suffix) for suffix in ignore)  # noqa: E731
+    missing = [k for k in expected if k not in state_dict and not ignorable(k)]
+    unexpected = [k for k in state_dict if k not in expected and not ignorable(k)]
+    mis_shaped = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and not ignorable(k) and state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:8]}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append(
+                f"unexpected keys {unexpected[:8]}" + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
+            )
+        if mis_shaped:
+            parts.append("shape mismatch " + "; ".join(mis_shaped[:8]))
+        raise CheckpointError(f"{source} does not match {type(module).__name__}: " + "; ".join(parts))
+    to_load = {k: v for k, v in state_dict.items() if k in expected and not (ignorable(k) and v.shape != expected[k].shape)}
+    module.load_state_dict(to_load, strict=False)
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """An official checkpoint set: which files, on which hub repository."""
+
+    family: str  # "var" or "llamagen"
+    hub_repo: str
+    files: dict[str, str]  # component name -> file name
+    options: dict
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    **{
+        f"var-d{depth}": KnownModel(
+            "var", "FoundationVision/var", {"vae": "vae_ch160v4096z32.pth", "var": f"var_d{depth}.pth"}, {}
+        )
+        for depth in (16, 20, 24, 30, 36)
+    },
+    **{
+        f"llamagen-{size.lower()}": KnownModel(
+            "llamagen",
+            "FoundationVision/LlamaGen",
+            {"vq": "vq_ds16_c2i.pt", "gpt": f"c2i_{size}_{res}.pt"},
+            {"model": f"GPT-{size}", "image_size": res},
+        )
+        for size, res in (("B", 256), ("L", 256), ("XL", 384), ("XXL", 384), ("3B", 384))
+    },
+}
+
+
+def default_cache_dir() -> Path:
+    """Folder searched first for official files: $VARTK_HOME or ~/.cache/vartk."""
+    return Path(os.environ.get("VARTK_HOME", Path.home() / ".cache" / "vartk"))
+
+
+def resolve_official_file(name: str, file_name: str, search_dirs: list[Path] | None = None) -> Path:
+    """Find `file_name` of known model `name` locally, else download it from the hub.
+
+    Looks in `search_dirs`, then $VARTK_HOME (~/.cache/vartk), then the Hugging Face cache;
+    offline, raises FileNotFoundError naming the file, where to get it and where to put it.
+    """
+    known = KNOWN_MODELS[name]
+    dirs = list(search_dirs or []) + [default_cache_dir()]
+    for folder in dirs:
+        candidate = Path(folder) / file_name
+        if candidate.is_file():
+            return candidate
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(known.hub_repo, file_name))
+    except Exception as err:
+        raise FileNotFoundError(
+            f"{file_name} for {name!r} is not available locally and could not be downloaded ({type(err).__name__}). "
+            f"Download it from https://huggingface.co/{known.hub_repo}/blob/main/{file_name} "
+            f"and put it in {default_cache_dir()} (or set VARTK_HOME to the folder that holds it)."
+        ) from err

@@ -1,0 +1,1 @@
+"""Token transformers: next-scale (vartk.models.var) and next-token (vartk.models.gpt)."""

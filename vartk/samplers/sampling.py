@@ -1,0 +1,47 @@
+"""Logit filtering and token drawing shared by every sampler."""
+from __future__ import annotations
+
+import torch
+
+
+def check_sampling_args(top_k: int, top_p: float, temperature: float = 1.0) -> None:
+    """Raise ValueError for top_k < 0, top_p outside (0, 1] or temperature < 0."""
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = no top-k filtering), got {top_k!r}")
+    if not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = no top-p filtering), got {top_p!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p filtering over the last dim; removed entries become -inf (a new tensor).
+
+    Top-k keeps every logit >= the k-th largest (ties kept). Top-p keeps the smallest set of
+    highest-probability tokens whose mass reaches `top_p`; the argmax always survives.
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [..., 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        mass_below = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [..., V], ascending
+        drop_sorted = mass_below <= (1.0 - top_p)
+        drop_sorted[..., -1] = False
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def sample_from_logits(
+    logits: torch.Tensor,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one token per row of `logits` [..., V] -> int64 [...]. temperature 0 means greedy."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
