@@ -10,6 +10,7 @@ policies are objects passed to `__call__`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -30,6 +31,17 @@ from .tokenizers.vq import VQModel
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module):
+    """Run a block with `modules` in eval mode (no dropout), restoring their modes afterwards."""
+    was_training = [m.training for m in modules]
+    try:
+        yield [m.eval() for m in modules]
+    finally:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
+
+
 def _images_to_output(images: torch.Tensor, output_type: str):
     """[B, 3, H, W] float in [0, 1] -> the requested output type."""
     if output_type == "pt":
@@ -45,13 +57,23 @@ class _AutoregressivePipeline(DiffusionPipeline):
 
     family: str = ""
 
-    def __init__(self, tokenizer, transformer):
+    def __init__(self, tokenizer, transformer, class_names: list[str] | None = None):
         super().__init__()
         self.register_modules(tokenizer=tokenizer, transformer=transformer)
+        if class_names is not None and len(class_names) != transformer.config.num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names given for a model with {transformer.config.num_classes} classes"
+            )
+        self.register_to_config(class_names=list(class_names) if class_names is not None else None)
 
     @property
     def num_classes(self) -> int:
         return self.transformer.config.num_classes
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Human-readable class names saved with the pipeline (None for ImageNet ids)."""
+        return self.config.class_names
 
     def _class_tensor(self, class_labels, num_images_per_label: int) -> torch.Tensor:
         """Validate labels and repeat each one `num_images_per_label` times -> int64 [B]."""
@@ -118,11 +140,13 @@ class VARPipeline(_AutoregressivePipeline):
         self._check_guidance(guidance_scale)
         labels = self._class_tensor(class_labels, num_images_per_label)
         sampler = sampler or NextScaleSampler()
-        tokens = sampler(
-            self.transformer, self.tokenizer, labels, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
-            generator=generator, kv_cache=kv_cache, progress=progress,
-        )
-        return self._finish(self.tokenizer.decode(tokens), output_type, return_dict)
+        with eval_mode(self.tokenizer, self.transformer):
+            tokens = sampler(
+                self.transformer, self.tokenizer, labels, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
+                generator=generator, kv_cache=kv_cache, progress=progress,
+            )
+            images = self.tokenizer.decode(tokens)
+        return self._finish(images, output_type, return_dict)
 
     @torch.inference_mode()
     def inpaint(
@@ -146,15 +170,15 @@ class VARPipeline(_AutoregressivePipeline):
         self._check_output_type(output_type)
         self._check_guidance(guidance_scale)
         images = self._image_tensor(image)
-        label = self.num_classes if class_label is None else class_label
-        if class_label is not None:
-            self._class_tensor([class_label], 1)
-        labels = torch.full((images.shape[0],), label, dtype=torch.long, device=self.device)
-        tokens = edit_next_scale(
-            self.transformer, self.tokenizer, images, torch.as_tensor(mask, dtype=torch.float32), labels,
-            guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, generator=generator, progress=progress,
-        )
-        return self._finish(self.tokenizer.decode(tokens), output_type, return_dict)
+        labels = None if class_label is None else self._class_tensor([class_label], images.shape[0])
+        with eval_mode(self.tokenizer, self.transformer):
+            tokens = edit_next_scale(
+                self.transformer, self.tokenizer, images, torch.as_tensor(mask, dtype=torch.float32, device=self.device),
+                class_labels=labels, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, generator=generator,
+                progress=progress,
+            )
+            images = self.tokenizer.decode(tokens)
+        return self._finish(images, output_type, return_dict)
 
     def _image_tensor(self, image) -> torch.Tensor:
         """PIL image, list of PIL images or [B, 3, H, W] tensor -> float [B, 3, H, W] on the device."""
@@ -165,12 +189,6 @@ class VARPipeline(_AutoregressivePipeline):
             image = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [B, 3, H, W]
         if image.ndim == 3:
             image = image[None]
-        expected = self.tokenizer.latent_size * self.tokenizer.downsample_factor
-        if tuple(image.shape[-2:]) != (expected, expected):
-            raise ValueError(
-                f"image is {tuple(image.shape[-2:])} pixels but this model works at {expected}x{expected}; "
-                "resize or crop it first"
-            )
         return image.to(self.device, torch.float32)
 
 
@@ -213,12 +231,14 @@ class GPTPipeline(_AutoregressivePipeline):
             raise ValueError("kv_cache policies apply to next-scale models; GPTPipeline uses a static cache")
         labels = self._class_tensor(class_labels, num_images_per_label)
         sampler = sampler or NextTokenSampler()
-        tokens = sampler(
-            self.transformer, labels, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
-            generator=generator, progress=progress,
-        )  # [B, N]
         grid = self.transformer.config.grid_size
-        return self._finish(self.tokenizer.decode(tokens.view(-1, grid, grid)), output_type, return_dict)
+        with eval_mode(self.tokenizer, self.transformer):
+            tokens = sampler(
+                self.transformer, labels, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
+                generator=generator, progress=progress,
+            )  # [B, N]
+            images = self.tokenizer.decode(tokens.view(-1, grid, grid))
+        return self._finish(images, output_type, return_dict)
 
 
 PIPELINES = {"VARPipeline": VARPipeline, "GPTPipeline": GPTPipeline}

@@ -1,0 +1,100 @@
+"""Shared pieces of the metric tests: a random torch-fidelity Inception, tiny extractors, image sets."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from PIL import Image
+from torch_fidelity import FeatureExtractorBase, register_feature_extractor
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_random_inception(path: Path) -> Path:
+    """torch-fidelity's Inception with random weights whose BatchNorm statistics are recalibrated on
+    random images (with PyTorch's default init the features collapse to ~1e-8 and every metric is 0)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    if path.is_file():
+        return path
+    torch.manual_seed(0)
+    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}), mock.patch.object(
+        inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None
+    ):
+        net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    net.eval()
+    torch.save(net.state_dict(), path)
+    return path
+
+
+class ClassifierStub(FeatureExtractorBase):
+    """Features = mean colour [B, 3]; logits = 50 * one-hot(class) with class from the red channel
+    (0..3), or all zeros when `uniform`: predictions with a known Inception score."""
+
+    uniform = False
+
+    def __init__(self, name, features_list, **kwargs):  # torch-fidelity passes its options as kwargs
+        super().__init__(name, features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("colour", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "logits" if metric == "isc" else "colour"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+    def forward(self, x):
+        colour = x.float().mean(dim=(2, 3))  # [B, 3]
+        classes = (x[:, 0, 0, 0].long() // 64).clamp(max=3)  # [B]
+        logits = torch.zeros(len(x), 4) if self.uniform else 50.0 * torch.nn.functional.one_hot(classes, 4).float()
+        return tuple({"colour": colour, "logits": logits}[name] for name in self.features_list)
+
+
+class UniformStub(ClassifierStub):
+    uniform = True
+
+
+def register_stubs() -> None:
+    for name, cls in (("stub-classifier", ClassifierStub), ("stub-uniform", UniformStub)):
+        if name not in FEATURE_EXTRACTORS_REGISTRY:
+            register_feature_extractor(name, cls)
+
+
+def random_images(n: int, seed: int, size: int = 16) -> np.ndarray:
+    """uint8 [n, size, size, 3]."""
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def write_folder(folder: Path, images: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def load_fid_script():
+    """eval/fid.py as a module (eval/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("vartk_eval_fid", REPO / "eval" / "fid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,167 @@
+"""vartk.metrics against independent computations, on a random Inception and a handful of images."""
+import urllib.error
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from _fid_helpers import build_random_inception, random_images, register_stubs, write_folder
+from vartk import metrics
+from vartk.metrics import compute_metrics, frechet_distance
+
+FAST = dict(feature_layer="64", device="cpu", batch_size=16)  # layer "64" stops Inception after its stem
+
+
+@pytest.fixture(scope="session")
+def inception(tmp_path_factory):
+    return build_random_inception(tmp_path_factory.getbasetemp() / "inception-random.pth")
+
+
+@pytest.fixture(scope="module")
+def image_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sets")
+    a, b = random_images(12, seed=0), random_images(12, seed=1) // 2  # b: darker, another distribution
+    return {"a": write_folder(root / "a", a), "b": write_folder(root / "b", b), "a_array": a, "b_array": b}
+
+
+def independent_fid(features_1, features_2) -> float:
+    """Frechet distance via eigenvalues: tr sqrtm(S1 S2) = sum sqrt(eig(S1 S2)) (no scipy sqrtm)."""
+    f1, f2 = (np.asarray(f, dtype=np.float64) for f in (features_1, features_2))
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    eig = np.linalg.eigvals(s1 @ s2).real.clip(min=0)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum())
+
+
+def test_frechet_distance_of_1d_gaussians_is_closed_form():
+    # FID(N(m1, v1), N(m2, v2)) = (m1 - m2)^2 + (sqrt(v1) - sqrt(v2))^2
+    assert frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4.0 + 1.0, rel=1e-12)
+
+
+def test_fid_of_a_set_with_itself_is_zero(inception, image_sets):
+    result = compute_metrics(image_sets["a"], image_sets["a"], ["fid"], feature_extractor_weights=inception, cache=False, **FAST)
+    assert abs(result["fid"]) < 1e-3
+    assert result["num_generated"] == 12
+
+
+def test_fid_equals_independent_frechet_distance(inception, image_sets):
+    extractor = metrics.FeatureExtractor(weights=str(inception), device="cpu")
+    features_a = extractor.extract(image_sets["a"], ["64"])["64"]
+    features_b = extractor.extract(image_sets["b"], ["64"])["64"]
+    expected = independent_fid(features_a, features_b)
+    result = compute_metrics(image_sets["a"], image_sets["b"], ["fid"], feature_extractor_weights=inception, cache=False, **FAST)
+    assert expected > 1.0
+    assert result["fid"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_inception_score_of_known_predictions():
+    register_stubs()
+    images = random_images(8, seed=2)
+    images[:, 0, 0, 0] = np.repeat([0, 64, 128, 192], 2)  # classes 0..3, two images each
+    uniform = compute_metrics(images, None, ["is"], feature_extractor="stub-uniform", device="cpu", isc_splits=1)
+    confident = compute_metrics(images, None, ["is"], feature_extractor="stub-classifier", device="cpu", isc_splits=1)
+    assert uniform["is"] == pytest.approx(1.0, abs=1e-9)
+    assert confident["is"] == pytest.approx(4.0, rel=1e-6)  # confident and balanced over 4 classes
+
+
+def test_reference_statistics_are_cached_and_reused(inception, image_sets, tmp_path):
+    reference = write_folder(tmp_path / "ref", image_sets["b_array"])
+    first = compute_metrics(image_sets["a"], reference, ["fid"], feature_extractor_weights=inception, **FAST)
+    cached = sorted(tmp_path.glob("ref.inception-v3-compat-64.*.stats.npz"))
+    assert len(cached) == 1
+    stats, meta = metrics.read_statistics(cached[0])
+    assert meta["feature_layer"] == "64" and meta["num_images"] == 12 and stats.features.shape == (12, 64)
+
+    calls = []
+    extract = metrics.FeatureExtractor.extract
+    counting = lambda self, images, layers: calls.append(images) or extract(self, images, layers)  # noqa: E731
+    with mock.patch.object(metrics.FeatureExtractor, "extract", counting):
+        second = compute_metrics(image_sets["a"], reference, ["fid"], feature_extractor_weights=inception, **FAST)
+    assert calls == [image_sets["a"]]  # only the generated set was extracted
+    assert second["fid"] == first["fid"]
+
+
+def test_statistics_file_npz_and_folder_references_agree(inception, image_sets, tmp_path):
+    reference = write_folder(tmp_path / "ref", image_sets["b_array"])
+    score = lambda ref, which=("fid", "kid", "prc"): compute_metrics(  # noqa: E731
+        image_sets["a"], ref, which, feature_extractor_weights=inception, kid_subset_size=6, **FAST
+    )
+    from_folder = score(reference)
+    stats_file = next(tmp_path.glob("ref.*.stats.npz"))
+    np.savez(tmp_path / "adm_style.npz", arr_0=image_sets["b_array"])
+    from_stats = score(stats_file)
+    from_npz = score(tmp_path / "adm_style.npz")
+    for key in ("fid", "kid", "precision", "recall"):
+        assert from_stats[key] == pytest.approx(from_folder[key], rel=1e-9)
+        assert from_npz[key] == pytest.approx(from_folder[key], rel=1e-6)
+
+
+def test_precision_recall_of_a_set_with_itself_are_one(inception, image_sets):
+    result = compute_metrics(
+        image_sets["a"], image_sets["a_array"], ["prc"], feature_extractor_weights=inception, cache=False, **FAST
+    )
+    assert result["precision"] == 1.0 and result["recall"] == 1.0
+
+
+def test_adm_statistics_are_used_for_fid_and_images_for_kid(inception, image_sets, tmp_path, monkeypatch):
+    # ADM's reference batch: mu / sigma next to other images under arr_0. Its statistics describe
+    # Inception layer "2048"; pretend they describe "64" so the test stays fast.
+    monkeypatch.setattr(metrics, "ADM_STATISTICS_LAYER", "64")
+    mu, sigma = np.zeros(64), np.eye(64)
+    np.savez(tmp_path / "VIRTUAL_like.npz", arr_0=image_sets["b_array"], mu=mu, sigma=sigma)
+    result = compute_metrics(
+        image_sets["a"], tmp_path / "VIRTUAL_like.npz", ["fid", "kid"], feature_extractor_weights=inception,
+        kid_subset_size=6, cache=False, **FAST,
+    )
+    from_images = compute_metrics(
+        image_sets["a"], image_sets["b"], ["fid", "kid"], feature_extractor_weights=inception, kid_subset_size=6,
+        cache=False, **FAST,
+    )
+    extractor = metrics.FeatureExtractor(weights=str(inception), device="cpu")
+    generated = metrics.feature_statistics(extractor.extract(image_sets["a"], ["64"])["64"])
+    assert result["fid"] == pytest.approx(frechet_distance(*generated, mu, sigma), rel=1e-9)
+    assert result["kid"] == pytest.approx(from_images["kid"], rel=1e-9)
+    with pytest.raises(ValueError, match="ADM"):  # statistics of another layer, and no images to fall back on
+        np.savez(tmp_path / "stats_only.npz", mu=mu, sigma=sigma)
+        compute_metrics(image_sets["a"], tmp_path / "stats_only.npz", ["fid"], feature_extractor_weights=inception, feature_layer="192", device="cpu")
+
+
+def test_statistics_of_another_layer_are_refused(inception, image_sets, tmp_path):
+    reference = write_folder(tmp_path / "ref", image_sets["b_array"][:4])
+    compute_metrics(image_sets["a"], reference, ["fid"], feature_extractor_weights=inception, **FAST)
+    stats_file = next(tmp_path.glob("ref.*.stats.npz"))
+    with pytest.raises(ValueError, match="layer 64"):
+        compute_metrics(image_sets["a"], stats_file, ["fid"], feature_extractor_weights=inception, feature_layer="192", device="cpu")
+
+
+def test_missing_inception_weights_offline_names_the_file(tmp_path, monkeypatch, image_sets):
+    import torch_fidelity.feature_extractor_inceptionv3 as inception_module
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    offline = mock.Mock(side_effect=urllib.error.URLError("Name or service not known"))
+    monkeypatch.setattr(inception_module, "load_state_dict_from_url", offline)
+    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth") as err:
+        compute_metrics(image_sets["a"], None, ["is"], device="cpu")
+    assert "hub/checkpoints" in str(err.value) and "--inception-weights" in str(err.value)
+
+
+def test_bad_arguments_say_what_is_allowed(inception, image_sets):
+    with pytest.raises(ValueError, match="not registered.*inception-v3-compat"):
+        compute_metrics(image_sets["a"], None, ["is"], feature_extractor="no-such-net")
+    with pytest.raises(ValueError, match="choose from"):
+        compute_metrics(image_sets["a"], image_sets["b"], ["fid", "sfid"])
+    with pytest.raises(ValueError, match="need a reference"):
+        compute_metrics(image_sets["a"], None, ["fid"])
+    with pytest.raises(ValueError, match="'4096' is not provided"):
+        compute_metrics(image_sets["a"], image_sets["b"], ["fid"], feature_extractor_weights=inception, feature_layer="4096")
+
+
+def test_psnr_matches_definition():
+    a = random_images(1, seed=3)[0]
+    b = a.copy()
+    b[0, 0, 0] ^= 0xFF
+    mse = (int(a[0, 0, 0]) - int(b[0, 0, 0])) ** 2 / a.size
+    assert metrics.psnr(a, b) == pytest.approx(10 * np.log10(255**2 / mse), rel=1e-12)
+    assert metrics.psnr(a, a) == float("inf")
+    assert torch.isfinite(torch.tensor(metrics.psnr(a, b)))

@@ -1,0 +1,218 @@
+"""MultiScaleVQVAE: official key layout, strict loading, residual quantisation and the running-latent helpers."""
+import pytest
+import torch
+import torch.nn.functional as F
+from fixture_utils import load_fixture, state_dict_from_fixture
+
+from vartk.checkpoints import CheckpointError
+from vartk.tokenizers import MultiScaleVQVAE
+from vartk.tokenizers.msvq import phi_indices
+
+VAE_FIXTURE = "vae_ch160v4096z32.json"
+TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64, norm_groups=8)
+PATCH_NUMS = (1, 2, 3, 4)  # share_quant_resi=2 -> phi index per scale [0, 0, 1, 1]
+
+
+def tiny_vae(patch_nums=PATCH_NUMS, share_quant_resi=2, seed=0) -> MultiScaleVQVAE:
+    torch.manual_seed(seed)
+    model = MultiScaleVQVAE(**TINY, patch_nums=patch_nums, share_quant_resi=share_quant_resi).eval()
+    with torch.no_grad():  # codes on the scale of the latents so several codes get used
+        model.quantize.embedding.weight.normal_(0, 0.3)
+    return model
+
+
+def tiny_images(model: MultiScaleVQVAE, batch: int = 2) -> torch.Tensor:
+    size = model.latent_size * model.downsample_factor
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))  # [B, 3, H, W]
+
+
+def reference_residual_quantize(model, f, phi_of_scale):
+    """The official algorithm written out with plain torch ops: (token maps, f_hat after the last scale)."""
+    codebook = model.quantize.embedding.weight  # [V, C]
+    ratio = model.config.quant_resi
+    size = f.shape[-1]
+    f_rest, f_hat, tokens = f.clone(), torch.zeros_like(f), []
+    for si, pn in enumerate(model.patch_nums):
+        last = si == len(model.patch_nums) - 1
+        z = f_rest if last else F.interpolate(f_rest, size=(pn, pn), mode="area")
+        z_flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # [B*pn*pn, C]
+        idx = torch.cdist(z_flat, codebook).argmin(1).view(-1, pn, pn)
+        h = codebook[idx].permute(0, 3, 1, 2)  # [B, C, pn, pn]
+        if not last:
+            h = F.interpolate(h, size=(size, size), mode="bicubic", align_corners=False)
+        conv = model.quantize.quant_resi.qresi_ls[phi_of_scale[si]]
+        h = (1 - ratio) * h + ratio * F.conv2d(h, conv.weight, conv.bias, padding=1)
+        f_hat, f_rest = f_hat + h, f_rest - h
+        tokens.append(idx)
+    return tokens, f_hat
+
+
+# ------------------------------------------------------------------ official layout and strict loading
+@pytest.fixture(scope="module")
+def official_state_dict():
+    return state_dict_from_fixture(VAE_FIXTURE)
+
+
+def test_default_config_has_official_keys_and_shapes():
+    with torch.device("meta"):
+        model = MultiScaleVQVAE()
+    ours = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    official = {name: shape for name, (shape, _) in load_fixture(VAE_FIXTURE).items()}
+    assert len(official) == 324
+    assert ours == official
+
+
+def test_from_official_loads_every_tensor(official_state_dict):
+    model = MultiScaleVQVAE.from_official(official_state_dict)
+    assert model.config.ch == 160 and tuple(model.config.ch_mult) == (1, 1, 2, 2, 4)
+    assert model.vocab_size == 4096 and model.latent_channels == 32 and model.config.share_quant_resi == 4
+    assert model.patch_nums == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) and model.downsample_factor == 16
+    loaded = model.state_dict()
+    for name, tensor in official_state_dict.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_usage_buffer_with_other_first_dim_is_tolerated():
+    model = tiny_vae()
+    state_dict = model.state_dict()
+    state_dict["quantize.ema_vocab_hit_SV"] = torch.ones(7, TINY["vocab_size"])
+    loaded = MultiScaleVQVAE.from_official(state_dict, patch_nums=PATCH_NUMS, norm_groups=8)
+    assert loaded.quantize.ema_vocab_hit_SV.shape == (len(PATCH_NUMS), TINY["vocab_size"])
+
+
+def test_renamed_key_is_named_in_the_error():
+    state_dict = tiny_vae().state_dict()
+    state_dict["decoder.up.0.block.0.conv1.bias_renamed"] = state_dict.pop("decoder.up.0.block.0.conv1.bias")
+    with pytest.raises(CheckpointError, match=r"decoder\.up\.0\.block\.0\.conv1\.bias"):
+        MultiScaleVQVAE.from_official(state_dict, patch_nums=PATCH_NUMS, norm_groups=8)
+
+
+def test_wrong_shape_names_key_and_both_shapes():
+    state_dict = tiny_vae().state_dict()
+    state_dict["quantize.quant_resi.qresi_ls.1.bias"] = torch.zeros(9)
+    with pytest.raises(CheckpointError) as err:
+        MultiScaleVQVAE.from_official(state_dict, patch_nums=PATCH_NUMS, norm_groups=8)
+    assert "quantize.quant_resi.qresi_ls.1.bias" in str(err.value)
+    assert "(9,)" in str(err.value) and "(8,)" in str(err.value)
+
+
+# ------------------------------------------------------------------ quantisation
+def test_phi_index_ticks_rule():
+    assert phi_indices(10, 4) == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert phi_indices(4, 2) == [0, 0, 1, 1]
+    assert phi_indices(1, 4) == [0]
+
+
+def test_nearest_code_matches_brute_force():
+    model = tiny_vae()
+    z = torch.randn(3, TINY["z_channels"], 5, 5) * 0.3  # [B, C, h, w]
+    ours = model.quantize.nearest_code(z)
+    z_flat = z.permute(0, 2, 3, 1).reshape(-1, TINY["z_channels"])
+    brute = torch.cdist(z_flat, model.quantize.embedding.weight).argmin(1).view(3, 5, 5)
+    assert torch.equal(ours, brute)
+
+
+def test_encode_matches_reference_algorithm():
+    model = tiny_vae()
+    images = tiny_images(model)
+    with torch.no_grad():
+        tokens = model.encode(images)
+        ref_tokens, ref_f_hat = reference_residual_quantize(model, model.encode_latent(images), [0, 0, 1, 1])
+        f_hat = model.tokens_to_latent(tokens)
+    assert [tuple(t.shape) for t in tokens] == [(2, pn, pn) for pn in PATCH_NUMS]
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    assert len(torch.cat([t.flatten() for t in tokens]).unique()) > 3
+    assert (f_hat - ref_f_hat).abs().max() <= 1e-5
+
+
+def test_tokens_to_latent_equals_running_latent_of_encoding():
+    model = tiny_vae()
+    with torch.no_grad():
+        f = model.encode_latent(tiny_images(model))
+        steps = list(model.iter_residual_quantize(f))
+        tokens = [scale_tokens for scale_tokens, _ in steps]
+        f_hat = model.new_running_latent(f.shape[0])
+        for si, scale_tokens in enumerate(tokens):
+            f_hat = model.fold_scale(f_hat, si, model.embed_tokens(scale_tokens))
+    assert (model.tokens_to_latent(tokens) - steps[-1][1]).abs().max() <= 1e-5
+    assert (f_hat - steps[-1][1]).abs().max() <= 1e-5
+
+
+def test_decode_accepts_flat_and_grid_tokens():
+    model = tiny_vae()
+    with torch.no_grad():
+        tokens = model.encode(tiny_images(model))
+        images = model.decode(tokens)
+        flat = model.decode([t.flatten(1) for t in tokens])
+        direct = model.decode_latent(model.tokens_to_latent(tokens))
+    assert images.shape == (2, 3, 8, 8) and images.min() >= 0 and images.max() <= 1
+    assert torch.equal(images, flat) and torch.equal(images, direct)
+    with pytest.raises(ValueError, match="expected 4 token maps"):
+        model.decode(tokens[:-1])
+    with pytest.raises(ValueError, match="single-scale"):
+        model.decode(tokens[-1])
+
+
+# ------------------------------------------------------------------ transformer inputs
+def test_teacher_forcing_input_equals_step_by_step_inputs():
+    model = tiny_vae()
+    with torch.no_grad():
+        tokens = model.encode(tiny_images(model))
+        teacher = model.teacher_forcing_input(tokens)
+        f_hat = model.new_running_latent(2)
+        steps = []
+        for si in range(len(PATCH_NUMS) - 1):
+            f_hat = model.fold_scale(f_hat, si, model.embed_tokens(tokens[si]))
+            steps.append(model.next_scale_input(f_hat, si))
+    assert teacher.shape == (2, sum(pn * pn for pn in PATCH_NUMS) - 1, TINY["z_channels"])
+    assert torch.equal(teacher, torch.cat(steps, dim=1))
+    first_scale = model.fold_scale(model.new_running_latent(2), 0, model.embed_tokens(tokens[0]))  # [B, C, 4, 4]
+    first_input = F.interpolate(first_scale, size=2, mode="area").flatten(2).transpose(1, 2)  # [B, 4, C]
+    assert torch.allclose(teacher[:, :4], first_input)
+    with pytest.raises(ValueError, match="last"):
+        model.next_scale_input(f_hat, len(PATCH_NUMS) - 1)
+
+
+# ------------------------------------------------------------------ single scale, training forward, save/load
+def test_single_scale_is_a_plain_vqvae():
+    model = tiny_vae(patch_nums=(4,), share_quant_resi=4)
+    images = tiny_images(model)
+    with torch.no_grad():
+        (tokens,) = model.encode(images)
+        ref_tokens, ref_f_hat = reference_residual_quantize(model, model.encode_latent(images), [0])
+        decoded = model.decode(tokens)
+    assert tokens.shape == (2, 4, 4) and torch.equal(tokens, ref_tokens[0])
+    assert torch.equal(decoded, model.decode(tokens.flatten(1))) and torch.equal(decoded, model.decode([tokens]))
+    assert torch.allclose(decoded, model.decode_latent(ref_f_hat), atol=1e-5)
+    assert model.teacher_forcing_input([tokens]).shape == (2, 0, TINY["z_channels"])
+
+
+def test_training_forward_straight_through_and_loss():
+    model = tiny_vae().train()
+    images = tiny_images(model)
+    recon, vq_loss, stats = model(images)
+    recon.mean().backward(retain_graph=True)
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0  # straight-through reaches the encoder
+    assert model.quantize.embedding.weight.grad is None  # ... and the decoder path skips the codebook
+    vq_loss.backward()
+    assert model.quantize.embedding.weight.grad.abs().sum() > 0  # the codebook learns from the vq loss
+    assert 0 < stats["codebook_usage"] <= 1
+    model.eval()
+    with torch.no_grad():
+        f = model.encode_latent(images)
+        f_hats = [f_hat for _, f_hat in model.iter_residual_quantize(f)]
+        expected = sum(0.25 * F.mse_loss(fh, f) + F.mse_loss(fh, f) for fh in f_hats) / len(f_hats)
+        assert torch.allclose(vq_loss, expected, rtol=1e-5)
+        assert torch.allclose(recon.clamp(0, 1), model.decode(model.encode(images)), atol=1e-5)
+
+
+def test_save_and_load_pretrained_round_trip(tmp_path):
+    model = tiny_vae()
+    images = tiny_images(model)
+    model.save_pretrained(tmp_path)
+    loaded = MultiScaleVQVAE.from_pretrained(tmp_path)
+    assert loaded.patch_nums == PATCH_NUMS
+    with torch.no_grad():
+        tokens = model.encode(images)
+        assert all(torch.equal(a, b) for a, b in zip(tokens, loaded.encode(images)))
+        assert torch.equal(model.decode(tokens), loaded.decode(tokens))

@@ -1,0 +1,143 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from test_var import NUM_CLASSES, PATCH_NUMS, tiny_tokenizer, tiny_transformer
+
+import vartk.samplers.next_scale as next_scale
+from vartk.models.attention import FullKVCache
+from vartk.samplers.next_scale import NextScaleSampler, edit_next_scale
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_transformer(), tiny_tokenizer()
+
+
+def sample(models, labels=(1, 7), seed=0, **kwargs):
+    transformer, tokenizer = models
+    generator = torch.Generator().manual_seed(seed)
+    kwargs.setdefault("progress", False)
+    return NextScaleSampler()(transformer, tokenizer, torch.as_tensor(labels), generator=generator, **kwargs)
+
+
+def test_returns_one_token_map_per_scale(models):
+    token_maps = sample(models)
+    assert [tuple(t.shape) for t in token_maps] == [(2, pn, pn) for pn in PATCH_NUMS]
+    assert all(t.dtype == torch.long and 0 <= t.min() and t.max() < 32 for t in token_maps)
+
+
+def test_same_generator_same_tokens(models):
+    first, again = sample(models, seed=3, top_k=8, top_p=0.9), sample(models, seed=3, top_k=8, top_p=0.9)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    draws = [torch.cat([t.flatten() for t in sample(models, seed=s)]) for s in range(4)]
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+
+
+@torch.no_grad()
+def greedy_reference(transformer, tokenizer, labels, cfg):
+    """Greedy next-scale sampling through the teacher-forced forward (no KV cache): scales not yet
+    sampled are zeros, which the block-causal mask hides from the scale being predicted."""
+    B, K = len(labels), len(PATCH_NUMS)
+    tokens = [torch.zeros(B, pn, pn, dtype=torch.long) for pn in PATCH_NUMS]
+    both = torch.cat([labels, torch.full_like(labels, NUM_CLASSES)])
+    begin = 0
+    for si, pn in enumerate(PATCH_NUMS):
+        logits = transformer(both, tokenizer.teacher_forcing_input(tokens).repeat(2, 1, 1))[:, begin : begin + pn * pn]
+        t = cfg * si / (K - 1)
+        guided = (1 + t) * logits[:B] - t * logits[B:]
+        tokens[si] = guided.argmax(-1).view(B, pn, pn)
+        begin += pn * pn
+    return tokens
+
+
+@pytest.mark.parametrize("cfg", [0.0, 1.5, 4.0])
+def test_top_k_1_is_the_official_greedy_cfg_ramp(models, cfg):
+    labels = torch.tensor([1, 7, 9])
+    expected = greedy_reference(*models, labels, cfg)
+    got = sample(models, labels=labels, guidance_scale=cfg, top_k=1)
+    assert all(torch.equal(e, g) for e, g in zip(expected, got))
+
+
+def test_guidance_ramps_linearly_over_scales(models, monkeypatch):
+    transformer, tokenizer = models
+    raw, guided = [], []
+    real_forward_scale, real_filter = transformer.forward_scale, next_scale.filter_logits
+    monkeypatch.setattr(transformer, "forward_scale", lambda *a: raw.append(real_forward_scale(*a)) or raw[-1])
+    monkeypatch.setattr(next_scale, "filter_logits", lambda logits, *a: guided.append(logits) or real_filter(logits, *a))
+    sample(models, guidance_scale=2.0)
+    for si, (both, mixed) in enumerate(zip(raw, guided)):
+        t = 2.0 * si / (len(PATCH_NUMS) - 1)
+        assert both.shape[0] == 4
+        torch.testing.assert_close(mixed, (1 + t) * both[:2] - t * both[2:])
+    raw.clear()
+    sample(models, guidance_scale=0.0)
+    assert all(both.shape[0] == 2 for both in raw)  # no guidance: no unconditional half
+
+
+def test_kv_cache_policy_is_used(models):
+    made = []
+
+    class Recording(FullKVCache):
+        def new_caches(self, *args):
+            made.extend(super().new_caches(*args))
+            return made
+
+    sample(models, kv_cache=Recording())
+    assert len(made) == 2 and all(cache.length == 14 for cache in made)
+
+
+def test_more_smooth_is_reproducible_and_changes_the_latent(models):
+    transformer, tokenizer = models
+    runs = []
+    for more_smooth in (True, True, False):
+        generator = torch.Generator().manual_seed(5)
+        runs.append(NextScaleSampler(more_smooth=more_smooth)(
+            transformer, tokenizer, torch.tensor([2]), generator=generator, progress=False, return_latent=True
+        ))
+    (tokens_a, latent_a), (tokens_b, latent_b), (_, latent_hard) = runs
+    assert all(torch.equal(a, b) for a, b in zip(tokens_a, tokens_b)) and torch.equal(latent_a, latent_b)
+    assert latent_a.shape == (1, 8, 3, 3) and not torch.allclose(latent_a, latent_hard)
+
+
+def test_all_ones_mask_keeps_the_image(models):
+    transformer, tokenizer = models
+    images = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    known = tokenizer.encode(images)
+    edited = edit_next_scale(transformer, tokenizer, images, torch.ones(3, 3), top_k=4, progress=False)
+    assert all(torch.equal(k, e) for k, e in zip(known, edited))
+
+
+def test_partial_mask_keeps_tokens_where_resized_mask_is_set(models):
+    transformer, tokenizer = models
+    images = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    known = tokenizer.encode(images)
+    mask = torch.zeros(3, 3)
+    mask[:, :2] = 1  # keep the left two columns, generate the right one
+    edited = edit_next_scale(transformer, tokenizer, images, mask, class_labels=[4], progress=False,
+                             generator=torch.Generator().manual_seed(0))
+    for pn, k, e in zip(PATCH_NUMS, known, edited):
+        keep = torch.ones(1, pn, pn, dtype=torch.bool) if pn == 1 else (
+            F.interpolate(mask[None, None], size=(pn, pn), mode="bilinear") > 0.5)[0]
+        assert torch.equal(e[keep], k[keep])
+    assert torch.equal(edited[-1][0, :, :2], known[-1][0, :, :2])
+
+
+def test_invalid_arguments(models):
+    transformer, tokenizer = models
+    with pytest.raises(ValueError, match="class label 10"):
+        sample(models, labels=(1, NUM_CLASSES))
+    with pytest.raises(ValueError, match="class label -1"):
+        sample(models, labels=(-1,))
+    with pytest.raises(ValueError, match="guidance_scale.*-0.5"):
+        sample(models, guidance_scale=-0.5)
+    with pytest.raises(ValueError, match="top_k"):
+        sample(models, top_k=-3)
+    with pytest.raises(ValueError, match="top_p"):
+        sample(models, top_p=0.0)
+    images = torch.rand(1, 3, 6, 6)
+    with pytest.raises(ValueError, match=r"\(4, 4\).*3x3"):
+        edit_next_scale(transformer, tokenizer, images, torch.ones(4, 4), progress=False)
+    with pytest.raises(ValueError, match=r"\(1, 3, 8, 8\).*6x6"):
+        edit_next_scale(transformer, tokenizer, torch.rand(1, 3, 8, 8), torch.ones(3, 3), progress=False)
+    with pytest.raises(ValueError, match="class label 11"):
+        edit_next_scale(transformer, tokenizer, images, torch.ones(3, 3), class_labels=[11], progress=False)

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from vartk.models.gpt import GPTTransformer
+from vartk.samplers.next_token import NextTokenSampler
+from vartk.samplers.sampling import sample_from_logits
+
+NUM_CLASSES = 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = GPTTransformer(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=NUM_CLASSES, grid_size=4)
+    model.init_weights(std=0.2, randomize_output=True)  # peaked logits: greedy choices far from ties
+    return model.eval()
+
+
+def reference_loop(model, labels, guidance_scale, cfg_interval=-1, draw=lambda logits: logits.argmax(-1)):
+    """Sampling written with teacher-forced forward calls only: one full forward per token.
+    guidance_scale None: the conditional logits alone."""
+    null = torch.full_like(labels, model.null_class)
+    tokens = torch.zeros(len(labels), 0, dtype=torch.long)
+    guide = guidance_scale is not None
+    with torch.no_grad():
+        for index in range(model.num_tokens):
+            if cfg_interval > -1 and index - 1 > cfg_interval:  # decode step index - 1; the first token is always guided
+                guide = False
+            cond = model(labels, tokens)[:, -1]
+            uncond = model(null, tokens)[:, -1]
+            logits = uncond + guidance_scale * (cond - uncond) if guide else cond
+            tokens = torch.cat([tokens, draw(logits)[:, None]], dim=1)
+    return tokens
+
+
+def test_greedy_cfg_matches_reference_loop(model):
+    labels = torch.tensor([1, 4, 9])
+    tokens = NextTokenSampler()(model, labels, guidance_scale=2.0, top_k=1, progress=False)
+    assert tokens.dtype == torch.int64 and tokens.shape == (3, 16)
+    assert torch.equal(tokens, reference_loop(model, labels, 2.0))
+    assert not torch.equal(tokens, reference_loop(model, labels, 1.0))  # guidance changes the result here
+
+
+def test_scale_one_is_the_conditional_branch(model):
+    labels = torch.tensor([2, 5])
+    tokens = NextTokenSampler()(model, labels, guidance_scale=1.0, top_k=1, progress=False)
+    assert torch.equal(tokens, reference_loop(model, labels, 1.0))
+    assert torch.equal(tokens, reference_loop(model, labels, None))
+
+
+def test_cfg_interval_turns_guidance_off_after_that_decode_step(model):
+    labels = torch.tensor([3, 8])
+    tokens = NextTokenSampler(cfg_interval=2)(model, labels, guidance_scale=4.0, top_k=1, progress=False)
+    assert torch.equal(tokens, reference_loop(model, labels, 4.0, cfg_interval=2))
+    assert not torch.equal(tokens, reference_loop(model, labels, 4.0))
+
+
+def test_guidance_is_applied_before_temperature_and_filtering(model):
+    labels = torch.tensor([0, 6])
+    sampler = NextTokenSampler(temperature=0.8)
+    tokens = sampler(model, labels, guidance_scale=1.5, top_k=20, top_p=0.9,
+                     generator=torch.Generator().manual_seed(3), progress=False)
+    generator = torch.Generator().manual_seed(3)
+    expected = reference_loop(
+        model, labels, 1.5, draw=lambda logits: sample_from_logits(logits, 20, 0.9, 0.8, generator)
+    )
+    assert torch.equal(tokens, expected)
+
+
+def test_same_generator_same_tokens(model):
+    labels = torch.tensor([1, 1, 2])
+    sample = lambda seed: NextTokenSampler()(  # noqa: E731
+        model, labels, guidance_scale=3.0, generator=torch.Generator().manual_seed(seed), progress=False
+    )
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(class_labels=[0, NUM_CLASSES]), r"class ids must be in \[0, 10\); got \[10\]"),
+    (dict(class_labels=[-1]), r"got \[-1\]"),
+    (dict(class_labels=[[1, 2]]), "1-D integer"),
+    (dict(guidance_scale=-0.5), "guidance_scale must be >= 0"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-1), "top_k"),
+])
+def test_invalid_arguments(model, kwargs, message):
+    call = dict(class_labels=[1], progress=False) | kwargs
+    with pytest.raises(ValueError, match=message):
+        NextTokenSampler()(model, **call)
+
+
+def test_invalid_sampler_settings(model):
+    with pytest.raises(ValueError, match="temperature"):
+        NextTokenSampler(temperature=-1.0)(model, [1], progress=False)
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        NextTokenSampler(cuda_graph=True)(model, [1], progress=False)
+    with pytest.raises(ValueError, match="'sometimes'"):
+        NextTokenSampler(cuda_graph="sometimes")(model, [1], progress=False)

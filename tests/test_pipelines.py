@@ -1,0 +1,188 @@
+"""Pipelines and the CLI on tiny random-weight models written in the official file layout."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vartk.checkpoints import CheckpointError
+from vartk.cli import main as cli_main
+from vartk.models.gpt import GPTTransformer
+from vartk.models.var import VARTransformer
+from vartk.pipelines import GPTPipeline, VARPipeline, load
+from vartk.tokenizers.msvq import MultiScaleVQVAE
+
+IMAGE_SIZE = 32  # tiny VAE: one downsampling, 16x16 latent, the official 1..16 scale schedule
+
+
+def tiny_vae():
+    return MultiScaleVQVAE(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=8, vocab_size=64)
+
+
+def tiny_var():
+    torch.manual_seed(0)
+    model = VARTransformer(depth=2, width=64, num_heads=2, vocab_size=64, latent_channels=8, num_classes=10)
+    model.init_weights(init_adaln_gamma=0.5, init_head=1.0)  # large gates/head: samples depend on the weights
+    return model
+
+
+@pytest.fixture(scope="module")
+def official_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("official")
+    torch.save(tiny_vae().state_dict(), folder / "vae_tiny.pth")
+    torch.save(tiny_var().state_dict(), folder / "var_tiny.pth")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def converted(official_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "tiny-var"
+    cli_main(["convert", "--vae", str(official_files / "vae_tiny.pth"), "--var", str(official_files / "var_tiny.pth"),
+              "--out", str(out)])
+    return out
+
+
+def sample(pipe, seed=0, **kwargs):
+    args = dict(class_labels=[1, 3], guidance_scale=1.5, top_k=10, top_p=0.9, output_type="pt", progress=False)
+    args.update(kwargs)
+    return pipe(generator=torch.Generator().manual_seed(seed), **args).images
+
+
+def test_from_official_loads_the_files_weights(official_files):
+    pipe = VARPipeline.from_official(vae=official_files / "vae_tiny.pth", var=official_files / "var_tiny.pth")
+    file_sd = torch.load(official_files / "var_tiny.pth", weights_only=True)
+    for key, value in pipe.transformer.state_dict().items():
+        assert torch.equal(value, file_sd[key]), key
+    assert pipe.transformer.config.depth == 2 and pipe.num_classes == 10
+
+
+def test_convert_then_cli_sample_writes_a_2x2_grid(converted, tmp_path):
+    grid = tmp_path / "grid.png"
+    cli_main(["sample", "--model", str(converted), "--class", "1", "--n", "4", "--out", str(grid), "--device", "cpu"])
+    image = Image.open(grid)
+    pad = 2  # torchvision make_grid default padding
+    assert image.size == (2 * (IMAGE_SIZE + pad) + pad,) * 2
+    cells = np.asarray(image)
+    first, second = cells[pad : pad + IMAGE_SIZE, pad : pad + IMAGE_SIZE], cells[pad : pad + IMAGE_SIZE, -pad - IMAGE_SIZE : -pad]
+    assert not np.array_equal(first, second), "the four samples of one class should differ"
+
+
+def test_save_pretrained_round_trip_gives_identical_images(converted, tmp_path):
+    pipe = load(str(converted))
+    pipe.save_pretrained(tmp_path / "again")
+    again = VARPipeline.from_pretrained(tmp_path / "again", low_cpu_mem_usage=False)
+    assert torch.equal(sample(pipe), sample(again))
+    assert not torch.equal(sample(pipe, seed=0), sample(pipe, seed=1))
+
+
+def test_output_types_and_num_images_per_label(converted):
+    pipe = load(str(converted))
+    pil = sample(pipe, class_labels=[2], num_images_per_label=3, output_type="pil")
+    assert len(pil) == 3 and pil[0].size == (IMAGE_SIZE, IMAGE_SIZE)
+    array = pipe(class_labels=[2], output_type="np", progress=False, generator=torch.Generator().manual_seed(0)).images
+    assert array.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3) and array.dtype == np.uint8
+    tensor = sample(pipe, class_labels=[2], num_images_per_label=3)
+    expected = (tensor[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(expected, np.asarray(pil[0]))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(class_labels=[10]), r"class id 10 is outside \[0, 10\)"),
+    (dict(class_labels=[-1]), r"class id -1"),
+    (dict(guidance_scale=-0.5), "guidance_scale must be >= 0"),
+    (dict(top_p=0.0), "top_p must be in"),
+    (dict(top_p=1.5), "top_p must be in"),
+    (dict(top_k=-3), "top_k must be an integer >= 0"),
+    (dict(output_type="jpeg"), "output_type 'jpeg'"),
+    (dict(num_images_per_label=0), "num_images_per_label"),
+])
+def test_bad_pipeline_arguments(converted, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample(load(str(converted)), **kwargs)
+
+
+def test_inpainting_keeps_known_region_and_rejects_wrong_size(converted):
+    pipe = load(str(converted))
+    image = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    keep_all = torch.ones(16, 16)
+    edited = pipe.inpaint(image, keep_all, output_type="pt", progress=False,
+                          generator=torch.Generator().manual_seed(0)).images
+    reconstruction = pipe.tokenizer.decode(pipe.tokenizer.encode(image))
+    assert torch.allclose(edited, reconstruction, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        pipe.inpaint(torch.rand(1, 3, 48, 48), keep_all, progress=False)
+    with pytest.raises(ValueError, match="class id 11"):
+        pipe.inpaint(image, keep_all, class_label=11, progress=False)
+
+
+def test_cli_inpaint(converted, tmp_path):
+    src = tmp_path / "in.png"
+    Image.fromarray(np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 200, dtype=np.uint8)).save(src)
+    out = tmp_path / "out.png"
+    cli_main(["inpaint", "--model", str(converted), "--image", str(src), "--box", "0.25,0.25,0.75,0.75",
+              "--out", str(out), "--device", "cpu"])
+    assert Image.open(out).size == (IMAGE_SIZE, IMAGE_SIZE)  # one image: no grid padding
+    with pytest.raises(SystemExit, match="--box"):
+        cli_main(["inpaint", "--model", str(converted), "--image", str(src), "--box", "0.5,0.5,0.2,0.9", "--out", str(out)])
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(big)
+    with pytest.raises(SystemExit, match="do not match"):
+        cli_main(["inpaint", "--model", str(converted), "--image", str(big), "--box", "0,0,0.5,0.5", "--out", str(out)])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--class", "12"], r"class id 12 is outside"),
+    (["--cfg", "-1"], "guidance_scale must be >= 0"),
+    (["--top-p", "0"], "top_p must be in"),
+    (["--top-k", "-1"], "top_k must be"),
+    (["--class", "cat"], "unknown class 'cat'"),
+    (["--sampler", "nope"], "unknown sampler 'nope'"),
+])
+def test_bad_cli_arguments(converted, tmp_path, argv, match):
+    with pytest.raises(SystemExit, match=match):
+        cli_main(["sample", "--model", str(converted), "--out", str(tmp_path / "x.png"), "--device", "cpu"] + argv)
+
+
+def test_missing_and_corrupt_files(official_files, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        VARPipeline.from_official(vae=official_files / "vae_tiny.pth", var=tmp_path / "missing.pth")
+    corrupt = tmp_path / "var_corrupt.pth"
+    corrupt.write_bytes((official_files / "var_tiny.pth").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="var_corrupt.pth"):
+        VARPipeline.from_official(vae=official_files / "vae_tiny.pth", var=corrupt)
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        load(str(tmp_path / "no-such-model"))
+    with pytest.raises(SystemExit, match="vartk convert"):
+        cli_main(["convert", "--var", str(official_files / "var_tiny.pth"), "--out", str(tmp_path / "o")])
+
+
+def test_wrong_file_names_the_key(official_files, tmp_path):
+    state = torch.load(official_files / "var_tiny.pth", weights_only=True)
+    state["head.bias"] = torch.zeros(65)
+    torch.save(state, tmp_path / "var_bad.pth")
+    with pytest.raises(CheckpointError, match=r"head.bias: file \(65,\) vs model \(64,\)"):
+        VARPipeline.from_official(vae=official_files / "vae_tiny.pth", var=tmp_path / "var_bad.pth")
+
+
+def test_gpt_pipeline_round_trip_and_class_names(tmp_path):
+    from vartk.tokenizers.vq import VQModel
+
+    torch.manual_seed(0)
+    tokenizer = VQModel(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=16, codebook_size=64, codebook_embed_dim=8)
+    transformer = GPTTransformer(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=3, grid_size=4)
+    transformer.init_weights(randomize_output=True)
+    names = ["cat", "dog", "fox"]
+    pipe = GPTPipeline(tokenizer=tokenizer, transformer=transformer, class_names=names)
+    images = sample(pipe, class_labels=[0, 2], guidance_scale=2.0, top_k=0, top_p=1.0)
+    assert images.shape == (2, 3, 8, 8)
+    pipe.save_pretrained(tmp_path / "gpt")
+    assert json.loads((tmp_path / "gpt" / "model_index.json").read_text())["_class_name"] == "GPTPipeline"
+    again = load(str(tmp_path / "gpt"))
+    assert again.class_names == names
+    assert torch.equal(images, sample(again, class_labels=[0, 2], guidance_scale=2.0, top_k=0, top_p=1.0))
+    grid = tmp_path / "fox.png"
+    cli_main(["sample", "--model", str(tmp_path / "gpt"), "--class", "fox", "--n", "2", "--out", str(grid), "--device", "cpu"])
+    assert grid.is_file()
+    with pytest.raises(ValueError, match="1 class names given for a model with 3 classes"):
+        GPTPipeline(tokenizer=tokenizer, transformer=transformer, class_names=["a"])

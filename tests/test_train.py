@@ -1,0 +1,193 @@
+"""Training: data order, LR schedule, checkpoints, loss goes down, --resume is exact, torchrun DDP."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vartk.tokenizers.msvq import MultiScaleVQVAE
+from vartk.train import train_main
+from vartk.train.checkpoint import latest_checkpoint
+from vartk.train.data import BatchOrder, ImageFolder, find_images
+from vartk.train.loop import TrainConfig, lr_factor, parse_config
+
+SIZE = 8  # px; the tiny tokenizers downsample by 2 -> 4x4 latents
+TOKENIZER = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, vocab_size=16, norm_groups=4)
+TOKENIZER_ARGS = ["--ch", "8", "--ch-mult", "1,2", "--num-res-blocks", "1", "--z-channels", "4", "--vocab-size", "16",
+                  "--norm-groups", "4", "--patch-nums", "1,2,4"]
+FAST = ["--image-size", str(SIZE), "--no-progress", "--warmup-steps", "2", "--sample-every", "0", "--num-samples", "4"]
+
+
+def write_images(folder: Path, classes: int, per_class: int, seed: int = 0) -> Path:
+    """Class folders of smooth random RGB PNGs (a colour gradient per image)."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, 12)[:, None, None]  # 12 px, so loading also resizes
+    for c in range(classes):
+        (folder / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            low, high = rng.random(3), rng.random(3)
+            pixels = ((low + (high - low) * ramp * ramp.transpose(1, 0, 2)) * 255).astype(np.uint8)  # [12, 12, 3]
+            Image.fromarray(pixels).save(folder / f"class_{c}" / f"{i}.png")
+    return folder
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    return write_images(tmp_path / "images", classes=2, per_class=4)
+
+
+def save_tokenizer(folder: Path, patch_nums) -> str:
+    torch.manual_seed(0)
+    MultiScaleVQVAE(**TOKENIZER, patch_nums=patch_nums, share_quant_resi=min(4, len(patch_nums))).save_pretrained(folder)
+    return str(folder)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def job_args(job: str, images: Path, tmp_path: Path) -> list[str]:
+    if job == "tokenizer":
+        return TOKENIZER_ARGS
+    if job == "var":
+        return ["--tokenizer", save_tokenizer(tmp_path / "msvq", (1, 2, 4)), "--depth", "2", "--width", "32",
+                "--num-heads", "2"]
+    return ["--tokenizer", save_tokenizer(tmp_path / "vq1", (4,)), "--dim", "32", "--n-layer", "2", "--n-head", "2",
+            "--multiple-of", "16"]
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_find_images_class_folders_and_flat_folder(images, tmp_path):
+    paths, labels, names = find_images(images)
+    assert names == ["class_0", "class_1"] and labels == [0] * 4 + [1] * 4 and len(paths) == 8
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in paths[:3]:
+        shutil.copy(p, flat / f"{p.parent.name}_{p.name}")
+    assert find_images(flat)[1:] == ([0, 0, 0], ["flat"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        find_images(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        find_images(tmp_path / "missing")
+
+
+def test_image_folder_resizes_and_caches(images):
+    dataset = ImageFolder(images, SIZE, cache=True)
+    image, label = dataset[5]
+    assert dataset.images.shape == (8, 3, SIZE, SIZE) and dataset.images.dtype == torch.uint8 and label == 1
+    assert torch.equal(image, ImageFolder(images, SIZE, cache=False)[5][0])
+
+
+def test_batch_order_is_a_seeded_partition_and_resumes_mid_epoch():
+    orders = [BatchOrder(20, batch_size=3, seed=7, rank=r, world_size=2) for r in range(2)]
+    assert orders[0].batches_per_epoch == 3  # 10 per rank, incomplete last batch dropped
+    epoch = [sum(order.epoch(1), []) for order in orders]
+    assert not set(epoch[0]) & set(epoch[1])  # ranks read disjoint images
+    expected = torch.randperm(20, generator=torch.Generator().manual_seed(7 + 1)).tolist()  # DistributedSampler rule
+    assert epoch[0] == expected[0::2][:9] and epoch[1] == expected[1::2][:9]
+    stream = orders[0].batches(0)
+    uninterrupted = [next(stream) for _ in range(8)]
+    resumed = orders[0].batches(4)
+    assert [next(resumed) for _ in range(4)] == uninterrupted[4:]
+
+
+# ---------------------------------------------------------------------------------------------- config / schedule
+def test_config_flags_from_dataclass_fields():
+    from vartk.train.tokenizer import TokenizerTrainConfig
+
+    cfg = parse_config(TokenizerTrainConfig, ["--data", "x", "--patch-nums", "1,2,4", "--image-size", "8",
+                                              "--ch-mult", "1,2", "--no-progress"], "test")
+    assert cfg.patch_nums == (1, 2, 4) and cfg.ch_mult == (1, 2) and cfg.progress is False
+    with pytest.raises(SystemExit, match="--data is required"):
+        parse_config(TokenizerTrainConfig, [], "test")
+    with pytest.raises(SystemExit, match="--patch-nums ends at 16"):
+        parse_config(TokenizerTrainConfig, ["--data", "x", "--image-size", "8"], "test")
+    with pytest.raises(SystemExit, match="perceptual loss is not available"):
+        parse_config(TokenizerTrainConfig, ["--data", "x", "--lpips-weights", "vgg.pth"], "test")
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    cfg = TrainConfig(max_steps=110, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.55)  # halfway through the cosine: (1 + 0.1) / 2
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    cfg.schedule = "linear"
+    assert lr_factor(35, cfg) == pytest.approx(1 - 0.9 * 0.25)
+
+
+# ---------------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("job", ["tokenizer", "var", "gpt"])
+def test_loss_decreases_on_a_fixed_batch(job, images, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--data", str(images), "--out", str(out), "--batch-size", "8", "--max-steps", "30", "--lr", "3e-3",
+            "--log-every", "1", "--save-every", "30", *FAST, *job_args(job, images, tmp_path)]
+    if job != "tokenizer":
+        argv += ["--label-dropout", "0"]
+    if job == "gpt":
+        argv += ["--token-dropout", "0", "--resid-dropout", "0", "--ffn-dropout", "0"]
+    train_main(job, argv)
+    losses = [r["loss"] for r in read_log(out)]
+    assert len(losses) == 30
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+    exported = out / ("tokenizer" if job == "tokenizer" else "transformer")
+    assert (exported / "config.json").is_file()
+
+
+@pytest.mark.parametrize("job", ["tokenizer", "gpt"])
+def test_resume_gives_the_uninterrupted_losses(job, images, tmp_path):
+    """Kill after step 3 (keep only that checkpoint), resume in a fresh run: steps 3..5 match exactly."""
+    extra = ["--gan-weight", "0.1", "--gan-start", "2"] if job == "tokenizer" else []  # two optimizers, dropout
+    common = ["--batch-size", "4", "--max-steps", "6", "--log-every", "1", "--save-every", "3",
+              "--keep-checkpoints", "5", *FAST, *job_args(job, images, tmp_path), *extra]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train_main(job, ["--data", str(images), "--out", str(full), *common])
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_0000003", killed / "checkpoints" / "step_0000003")
+    (killed / "checkpoints" / "latest").write_text("step_0000003\n")
+    assert latest_checkpoint(killed).name == "step_0000003"
+    train_main(job, ["--data", str(images), "--out", str(killed), "--resume", *common])
+    uninterrupted, resumed = read_log(full), read_log(killed)
+    assert [r["step"] for r in resumed] == [3, 4, 5]
+    for a, b in zip(uninterrupted[3:], resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+        if job == "tokenizer":
+            assert abs(a["discriminator_loss"] - b["discriminator_loss"]) <= 1e-6
+
+
+def test_checkpoint_layout_and_pruning(images, tmp_path):
+    out = tmp_path / "run"
+    train_main("tokenizer", ["--data", str(images), "--out", str(out), "--batch-size", "4", "--max-steps", "4",
+                             "--save-every", "1", "--keep-checkpoints", "2", *FAST, *TOKENIZER_ARGS])
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["latest", "step_0000003", "step_0000004"]
+    folder = latest_checkpoint(out)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (4, 2, 0)
+    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
+    assert optimizer["schedulers"]["model"]["last_epoch"] == 4
+    reloaded = MultiScaleVQVAE.from_pretrained(folder / "model")
+    exported = MultiScaleVQVAE.from_pretrained(out / "tokenizer")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), exported.state_dict().values()))
+
+
+def test_torchrun_two_processes_gloo(images, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vartk.cli",
+               "train", "tokenizer", "--data", str(images), "--out", str(out), "--batch-size", "2", "--max-steps", "3",
+               "--log-every", "1", "--save-every", "3", "--device", "cpu", "--gan-weight", "0.1",
+               *FAST, *TOKENIZER_ARGS]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = read_log(out)
+    assert [r["step"] for r in log] == [0, 1, 2]
+    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 3
+    assert (out / "tokenizer" / "config.json").is_file()

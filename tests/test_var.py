@@ -1,0 +1,168 @@
+import pytest
+import torch
+from fixture_utils import load_fixture, state_dict_from_fixture
+
+from vartk.checkpoints import CheckpointError
+from vartk.models.attention import FullKVCache
+from vartk.models.var import PATCH_NUMS_512, VARTransformer, infer_official_config
+from vartk.tokenizers.msvq import MultiScaleVQVAE
+
+PATCH_NUMS = (1, 2, 3)
+NUM_CLASSES = 10
+
+
+def tiny_transformer(shared_aln=False, seed=0, **kwargs) -> VARTransformer:
+    """depth 2, width 64, 2 heads, V 32, Cz 8, with every parameter random (not the near-zero gates of init)."""
+    config = dict(depth=2, width=64, num_heads=2, vocab_size=32, latent_channels=8, num_classes=NUM_CLASSES)
+    model = VARTransformer(**{**config, "patch_nums": PATCH_NUMS, "shared_aln": shared_aln, **kwargs}).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return model
+
+
+def tiny_tokenizer() -> MultiScaleVQVAE:
+    torch.manual_seed(0)
+    return MultiScaleVQVAE(
+        ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32, patch_nums=PATCH_NUMS,
+        norm_groups=8, share_quant_resi=2,
+    ).eval()
+
+
+def random_token_maps(batch, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 32, (batch, pn, pn), generator=generator) for pn in PATCH_NUMS]
+
+
+@pytest.mark.parametrize("shared_aln", [False, True])
+@torch.no_grad()
+def test_teacher_forcing_equals_cached_scale_by_scale(shared_aln):
+    model, tokenizer = tiny_transformer(shared_aln), tiny_tokenizer()
+    labels = torch.tensor([3, NUM_CLASSES])
+    tokens = random_token_maps(2)
+    teacher_forced = model(labels, tokenizer.teacher_forcing_input(tokens))  # [B, L, V]
+    assert teacher_forced.shape == (2, 14, 32) and teacher_forced.dtype == torch.float32
+
+    caches = FullKVCache().new_caches(model.num_layers, 2, model.num_heads, model.seq_len, model.head_dim,
+                                      torch.float32, "cpu")
+    f_hat, x_next, cached = torch.zeros(2, 8, 3, 3), None, []
+    for scale_index, scale_tokens in enumerate(tokens):
+        cached.append(model.forward_scale(x_next, labels, scale_index, caches))
+        f_hat = tokenizer.fold_scale(f_hat, scale_index, tokenizer.embed_tokens(scale_tokens))
+        if scale_index < len(tokens) - 1:
+            x_next = tokenizer.next_scale_input(f_hat, scale_index)
+    cached = torch.cat(cached, dim=1)
+    assert caches[0].length == 14
+    assert (teacher_forced - cached).abs().max() <= 1e-5
+    assert teacher_forced.std() > 0.1  # random weights give logits far from constant
+
+
+def test_block_causal_mask_matches_a_loop():
+    model = tiny_transformer()
+    level = [0] + [1] * 4 + [2] * 9
+    expected = torch.zeros(14, 14)
+    for query in range(14):
+        for key in range(14):
+            if level[key] > level[query]:
+                expected[query, key] = float("-inf")
+    assert torch.equal(model.attn_bias_for_masking[0, 0], expected)
+    assert model.lvl_1L.tolist() == [level]
+
+
+@torch.no_grad()
+def test_future_scales_do_not_change_earlier_logits():
+    model, tokenizer = tiny_transformer(), tiny_tokenizer()
+    labels = torch.tensor([1])
+    tokens = random_token_maps(1)
+    changed = tokens[:2] + [torch.randint(0, 32, (1, 3, 3), generator=torch.Generator().manual_seed(9))]
+    base = model(labels, tokenizer.teacher_forcing_input(tokens))
+    other = model(labels, tokenizer.teacher_forcing_input(changed))
+    assert torch.equal(base[:, :5], other[:, :5])  # scale 3's tokens only enter the (absent) scale-4 input
+
+
+def test_official_d16_layout_loads_strictly():
+    state_dict = state_dict_from_fixture("var_d16.json")
+    model = VARTransformer.from_official(state_dict)
+    assert (model.num_layers, model.num_heads, model.head_dim, model.seq_len) == (16, 16, 64, 680)
+    assert model.config.shared_aln is False and model.config.attn_l2_norm is True
+    assert sum(p.numel() for p in model.parameters()) == 310_283_520
+    ours = model.state_dict()
+    assert {k: (tuple(v.shape), str(v.dtype)[6:]) for k, v in ours.items()} == load_fixture("var_d16.json")
+    assert torch.equal(ours["blocks.7.attn.mat_qkv.weight"], state_dict["blocks.7.attn.mat_qkv.weight"])
+    assert torch.equal(ours["lvl_1L"][0, -256:], torch.full((256,), 9))  # recomputed, not the fixture's zeros
+
+
+def test_official_d36_layout_is_inferred():
+    meta = {name: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+            for name, (shape, dtype) in load_fixture("var_d36.json").items()}
+    config = infer_official_config(meta)
+    assert config["depth"] == 36 and config["width"] == 2304 and config["num_heads"] == 36
+    assert config["shared_aln"] is True and config["patch_nums"] == PATCH_NUMS_512
+    with torch.device("meta"):
+        model = VARTransformer(**config)
+    assert {k: (tuple(v.shape), str(v.dtype)[6:]) for k, v in model.state_dict().items()} == load_fixture("var_d36.json")
+    assert sum(p.numel() for p in model.parameters()) == 2_353_893_904
+
+
+def test_from_official_file_round_trip(tmp_path):
+    model = tiny_transformer(shared_aln=True)
+    path = tmp_path / "var_tiny.pth"
+    torch.save(model.state_dict(), path)
+    loaded = VARTransformer.from_official(path, patch_nums=PATCH_NUMS)
+    assert loaded.config.shared_aln is True and loaded.config.num_classes == NUM_CLASSES
+    labels, x = torch.tensor([0, 4]), torch.randn(2, 13, 8)
+    assert torch.equal(loaded(labels, x), model(labels, x))
+
+
+def test_from_official_errors_name_keys_and_shapes():
+    state_dict = tiny_transformer().state_dict()
+    with pytest.raises(CheckpointError, match=r"14 positions.*patch_nums"):
+        VARTransformer.from_official(state_dict)
+    renamed = dict(state_dict)
+    renamed["blocks.1.ffn.fc9.weight"] = renamed.pop("blocks.1.ffn.fc2.weight")
+    with pytest.raises(CheckpointError, match=r"missing keys \['blocks.1.ffn.fc2.weight'\].*blocks.1.ffn.fc9.weight"):
+        VARTransformer.from_official(renamed, patch_nums=PATCH_NUMS)
+    reshaped = dict(state_dict, **{"head.bias": torch.zeros(31)})
+    with pytest.raises(CheckpointError, match=r"head.bias: file \(31,\) vs model \(32,\)"):
+        VARTransformer.from_official(reshaped, patch_nums=PATCH_NUMS)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = tiny_transformer()
+    model.save_pretrained(tmp_path)
+    loaded = VARTransformer.from_pretrained(tmp_path).eval()
+    assert loaded.patch_nums == PATCH_NUMS
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    labels, x = torch.tensor([2]), torch.randn(1, 13, 8)
+    torch.testing.assert_close(loaded(labels, x), model(labels, x), rtol=0, atol=1e-5)  # weights are not aligned alike
+
+
+def test_init_weights_follows_the_official_recipe():
+    torch.manual_seed(0)
+    model = VARTransformer(depth=4, vocab_size=32, latent_channels=8, num_classes=NUM_CLASSES, patch_nums=PATCH_NUMS)
+    std = (1 / (3 * 256)) ** 0.5
+    assert abs(model.class_emb.weight.std().item() - std) < 0.1 * std
+    assert abs(model.head.weight.std().item() - 0.02 * std) < 0.1 * 0.02 * std
+    ada = model.blocks[0].ada_lin[-1].weight  # rows: gamma1, gamma2, scale1, scale2, shift1, shift2
+    assert ada[: 2 * 256].abs().max() < 1e-4 and abs(ada[2 * 256 :].std().item() - 0.5 * std) < 0.1 * std
+    fc2 = model.blocks[0].ffn.fc2.weight
+    assert abs(fc2.std().item() - std / 8 ** 0.5) < 0.1 * std
+    assert model.head.bias.abs().max() == 0 and model.blocks[0].attn.q_bias.abs().max() == 0
+
+
+def test_drop_path_only_in_training():
+    model = tiny_transformer(drop_path_rate=0.9)
+    labels, x = torch.tensor([1, 2, 3, 4]), torch.randn(4, 13, 8)
+    assert torch.equal(model(labels, x), model(labels, x))
+    torch.manual_seed(0)
+    assert not torch.equal(model.train()(labels, x), model.eval()(labels, x))
+
+
+def test_forward_scale_checks_its_inputs():
+    model = tiny_transformer()
+    caches = FullKVCache().new_caches(2, 1, 2, 14, 32, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="scale_index=1"):
+        model.forward_scale(None, torch.tensor([0]), 1, caches)
+    with pytest.raises(ValueError, match="one KV cache per block"):
+        model.forward_scale(None, torch.tensor([0]), 0, caches[:1])

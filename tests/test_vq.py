@@ -1,0 +1,117 @@
+"""VQModel (LlamaGen VQ-16 / VQ-8): official key layout, strict loading, L2-normalised lookup, round trips."""
+import pytest
+import torch
+import torch.nn.functional as F
+from fixture_utils import load_fixture, state_dict_from_fixture
+
+from vartk.checkpoints import CheckpointError
+from vartk.tokenizers import VQModel
+from vartk.tokenizers.vq import VQ_8
+
+TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, codebook_size=64, codebook_embed_dim=4)
+TINY.update(norm_groups=8, usage_queue_size=256)
+
+
+def tiny_vq(seed=0) -> VQModel:
+    torch.manual_seed(seed)
+    return VQModel(**TINY).eval()
+
+
+def tiny_images(batch: int = 2, size: int = 8) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))  # [B, 3, H, W]
+
+
+@pytest.mark.parametrize(
+    "fixture, preset, ch_mult, num_keys",
+    [("vq_ds16_c2i.json", {}, (1, 1, 2, 2, 4), 344), ("vq_ds8_c2i.json", VQ_8, (1, 2, 2, 4), 300)],
+)
+def test_official_layout_and_strict_load(fixture, preset, ch_mult, num_keys):
+    official = {name: shape for name, (shape, _) in load_fixture(fixture).items()}
+    assert len(official) == num_keys
+    with torch.device("meta"):
+        preset_model = VQModel(**preset)
+    assert {name: tuple(t.shape) for name, t in preset_model.state_dict().items()} == official
+    state_dict = state_dict_from_fixture(fixture)
+    model = VQModel.from_official({"model": state_dict})
+    assert tuple(model.config.ch_mult) == ch_mult and model.vocab_size == 16384 and model.latent_channels == 8
+    assert model.downsample_factor == 2 ** (len(ch_mult) - 1)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state_dict.items())
+
+
+def test_from_official_file_with_model_container(tmp_path):
+    model = tiny_vq()
+    path = tmp_path / "vq_tiny.pt"
+    torch.save({"model": model.state_dict()}, path)
+    loaded = VQModel.from_official(path, norm_groups=8, usage_queue_size=256)
+    images = tiny_images()
+    assert torch.equal(model.encode(images), loaded.encode(images))
+
+
+def test_renamed_key_is_named_in_the_error():
+    state_dict = tiny_vq().state_dict()
+    key = "decoder.conv_blocks.1.res.0.norm1.weight"
+    state_dict[key + "_x"] = state_dict.pop(key)
+    with pytest.raises(CheckpointError, match=r"decoder\.conv_blocks\.1\.res\.0\.norm1\.weight"):
+        VQModel.from_official(state_dict, norm_groups=8, usage_queue_size=256)
+
+
+def test_wrong_shape_names_key_and_both_shapes():
+    state_dict = tiny_vq().state_dict()
+    state_dict["post_quant_conv.bias"] = torch.zeros(17)
+    with pytest.raises(CheckpointError) as err:
+        VQModel.from_official(state_dict, norm_groups=8, usage_queue_size=256)
+    assert "post_quant_conv.bias" in str(err.value) and "(17,)" in str(err.value) and "(16,)" in str(err.value)
+
+
+def test_encode_picks_nearest_normalised_code():
+    model = tiny_vq()
+    images = tiny_images()
+    with torch.no_grad():
+        tokens = model.encode(images)
+        z = model.encode_latent(images)  # [B, D, h, w]
+    z_flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, 4), dim=-1)
+    codes = F.normalize(model.quantize.embedding.weight, dim=-1)
+    assert tokens.shape == (2, 4, 4) and tokens.dtype == torch.long
+    assert torch.equal(tokens.flatten(), torch.cdist(z_flat, codes).argmin(1))
+
+
+def test_decode_uses_l2_normalised_codes():
+    model = tiny_vq()
+    with torch.no_grad():
+        model.quantize.embedding.weight.mul_(5.0)  # rows far from unit norm: the lookup must normalise them
+        tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))  # [B, h*w]
+        rows = model.quantize.embedding.weight / model.quantize.embedding.weight.norm(dim=1, keepdim=True)
+        codes = rows[tokens].reshape(2, 4, 4, 4).permute(0, 3, 1, 2)  # [B, D, h, w]
+        expected = (model.decoder(model.post_quant_conv(codes)).clamp(-1, 1) + 1) / 2
+        decoded = model.decode(tokens)
+    assert decoded.shape == (2, 3, 8, 8)
+    assert torch.allclose(decoded, expected, atol=1e-6)
+    assert torch.equal(decoded, model.decode(tokens.view(2, 4, 4)))
+    with pytest.raises(ValueError, match="square"):
+        model.decode(tokens[:, :15])
+
+
+def test_training_forward_losses_and_straight_through():
+    model = tiny_vq().train()
+    images = tiny_images()
+    recon, vq_loss, stats = model(images)
+    z = F.normalize(model.encode_latent(images), dim=1).detach()
+    codes = model.embed_tokens(model.encode(images)).detach()
+    assert torch.allclose(vq_loss, 1.25 * F.mse_loss(codes, z), rtol=1e-5)
+    recon.mean().backward(retain_graph=True)
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+    vq_loss.backward()
+    assert model.quantize.embedding.weight.grad.abs().sum() > 0
+    assert 0 < stats["codebook_usage"] <= 1
+    assert torch.allclose(recon.clamp(0, 1), model.decode(model.encode(images)), atol=1e-5)
+
+
+def test_save_and_load_pretrained_round_trip(tmp_path):
+    model = tiny_vq()
+    model.save_pretrained(tmp_path)
+    loaded = VQModel.from_pretrained(tmp_path)
+    images = tiny_images()
+    tokens = model.encode(images)
+    assert torch.equal(tokens, loaded.encode(images))
+    assert torch.equal(model.decode(tokens), loaded.decode(tokens))

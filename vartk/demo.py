@@ -1,0 +1,75 @@
+"""Gradio demo: pick a model and a class, get a grid of samples. Runs offline on CPU with the built-in models.
+
+    vartk demo                      # the shipped emoji models
+    vartk demo --model path/to/folder --model var-d16 --port 7860
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+
+class DemoBackend:
+    """Loads pipelines once and turns the UI's values into images."""
+
+    def __init__(self, model_names: list[str], device: str):
+        from .pipelines import load
+
+        self.pipes = {name: load(name, device=device) for name in model_names}
+        self.device = device
+
+    def class_choices(self, model_name: str) -> list[str]:
+        pipe = self.pipes[model_name]
+        names = getattr(pipe, "class_names", None)
+        return list(names) if names else [str(i) for i in range(pipe.num_classes)]
+
+    def generate(self, model_name: str, class_choice: str, count: int, guidance_scale: float, top_k: int,
+                 top_p: float, seed: int):
+        pipe = self.pipes[model_name]
+        label = self.class_choices(model_name).index(class_choice)
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        return pipe(class_labels=[label], num_images_per_label=int(count), guidance_scale=float(guidance_scale),
+                    top_k=int(top_k), top_p=float(top_p), generator=generator, output_type="pil",
+                    progress=False).images
+
+
+def build_demo(backend: DemoBackend):
+    import gradio as gr
+
+    names = list(backend.pipes)
+    with gr.Blocks(title="vartk") as demo:
+        gr.Markdown("# vartk: visual autoregressive generation\nNext-scale (VAR) and next-token (LlamaGen) samplers.")
+        with gr.Row():
+            model = gr.Dropdown(names, value=names[0], label="model")
+            label = gr.Dropdown(backend.class_choices(names[0]), value=backend.class_choices(names[0])[0], label="class")
+        with gr.Row():
+            count = gr.Slider(1, 16, value=4, step=1, label="images")
+            cfg = gr.Slider(0.0, 8.0, value=1.5, step=0.05, label="guidance scale")
+            top_k = gr.Slider(0, 4096, value=900, step=1, label="top-k (0 = off)")
+            top_p = gr.Slider(0.05, 1.0, value=0.96, step=0.01, label="top-p")
+            seed = gr.Number(value=0, precision=0, label="seed")
+        run = gr.Button("Generate", variant="primary")
+        gallery = gr.Gallery(label="samples", columns=4)
+        model.change(lambda m: gr.Dropdown(choices=backend.class_choices(m), value=backend.class_choices(m)[0]),
+                     model, label)
+        run.click(backend.generate, [model, label, count, cfg, top_k, top_p, seed], gallery, api_name="generate")
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vartk demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", default=None, help="repeatable; default: the built-in models")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    backend = DemoBackend(args.model or ["default", "default-gpt"], args.device)
+    build_demo(backend).launch(server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()

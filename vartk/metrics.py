@@ -1,0 +1,497 @@
+"""FID / IS / KID / precision-recall of a generated image set against a reference, on torch-fidelity.
+
+    from vartk.metrics import compute_metrics
+    compute_metrics("samples/", "VIRTUAL_imagenet256_labeled.npz", metrics=("fid", "is", "prc"))
+    # {'fid': 3.5, 'is': 280.1, 'is_std': 4.2, 'precision': 0.84, 'recall': 0.51, ...}
+
+An image set is a folder of png/jpg files (searched recursively; hidden folders such as unfinished
+sample shards are skipped), an ADM-style .npz holding uint8 images [N, H, W, 3] under `arr_0`, a list
+of image paths or a uint8 array [N, H, W, 3]. A reference may also be a statistics .npz with `mu` and
+`sigma`: our cache files (which also record the extractor, layer and weights they came from, and the
+features, so KID and precision/recall work from them) or ADM's, whose `mu` / `sigma` are TF-Inception
+pool3 statistics and are used as such for FID with the default extractor at layer "2048". ADM's
+reference batch (VIRTUAL_imagenet256_labeled.npz) holds both: FID uses its `mu` / `sigma` (as ADM's
+evaluator does); KID and precision/recall use features of its `arr_0` images.
+
+Features come from a torch-fidelity feature extractor: "inception-v3-compat" by default (torch-fidelity's
+TF-compatible Inception; weights from $TORCH_HOME/hub/checkpoints/ or the `feature_extractor_weights`
+file) or any other name registered with `torch_fidelity.register_feature_extractor`. FID is the Frechet
+distance of the feature statistics, computed here so statistics files work; IS, KID and precision/recall
+are torch-fidelity's. Reference statistics (and features) of a folder or .npz are cached next to it,
+keyed by a hash of its content, the extractor, the layer and the weights, so a second run reuses them.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch.utils.data import Dataset
+
+INCEPTION = "inception-v3-compat"
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+ADM_STATISTICS_LAYER = "2048"  # what the mu / sigma of a statistics file without metadata describe
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+METRIC_NAMES = {"fid": "fid", "is": "isc", "kid": "kid", "prc": "prc"}  # ours -> torch-fidelity's
+FEATURE_METRICS = ("kid", "prc")  # metrics that need the reference's features, not only mu / sigma
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image sets
+
+
+class _ArrayImages(Dataset):
+    """uint8 [N, H, W, 3] array -> uint8 [3, H, W] tensors, as torch-fidelity's extractors take them."""
+
+    def __init__(self, array: np.ndarray):
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 [N, H, W, 3], got {array.dtype} {list(array.shape)}")
+        self.array = array
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.ascontiguousarray(self.array[i])).permute(2, 0, 1)  # [3, H, W]
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under `folder`, recursively, sorted; folders whose name starts with '.' are skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    return sorted(files)
+
+
+def _npz_keys(path: Path) -> set[str]:
+    with np.load(path) as npz:
+        return set(npz.files)
+
+
+def image_dataset(images) -> Dataset:
+    """A folder, an .npz with `arr_0`, a list of image paths, a uint8 [N, H, W, 3] array or a Dataset
+    of uint8 [3, H, W] tensors -> a Dataset of uint8 [3, H, W] tensors."""
+    from torch_fidelity.datasets import ImagesPathDataset
+
+    if isinstance(images, Dataset):
+        return images
+    if isinstance(images, np.ndarray):
+        return _ArrayImages(images)
+    if isinstance(images, (list, tuple)):
+        return ImagesPathDataset([str(p) for p in images])
+    path = Path(images)
+    if path.is_dir():
+        files = list_images(path)
+        if not files:
+            raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in {path}")
+        return ImagesPathDataset([str(p) for p in files])
+    if path.suffix == ".npz" and path.is_file():
+        if "arr_0" not in _npz_keys(path):
+            raise ValueError(f"{path} holds no images (no 'arr_0'; keys {sorted(_npz_keys(path))})")
+        with np.load(path) as npz:
+            return _ArrayImages(npz["arr_0"])
+    raise FileNotFoundError(f"{images!r} is neither an image folder nor an .npz file with images under 'arr_0'")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feature extraction
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (remembered per path, size and mtime within a process)."""
+    stat = os.stat(path)
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _torch_fidelity_module(name: str, weights: str | None, weights_id: str, layers: tuple, device: str, verbose: bool):
+    """The torch-fidelity extractor module computing `layers` (built once per process and settings)."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    kwargs = {"feature_extractor_weights_path": weights} if weights else {}
+    cuda = torch.device(device).type == "cuda"
+    default_file = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    if name != INCEPTION or weights or default_file.is_file():
+        return create_feature_extractor(name, list(layers), cuda=cuda, verbose=verbose, **kwargs)
+    try:
+        return create_feature_extractor(name, list(layers), cuda=cuda, verbose=verbose)
+    except OSError as err:  # urllib's URLError when offline
+        raise FileNotFoundError(
+            f"torch-fidelity's Inception weights {INCEPTION_WEIGHTS_FILE} are not in {default_file.parent} and "
+            f"could not be downloaded ({err}). Fetch {INCEPTION_WEIGHTS_URL} into $TORCH_HOME/hub/checkpoints/ "
+            "or pass its path with --inception-weights (feature_extractor_weights=...)"
+        ) from err
+
+
+@dataclass
+class FeatureExtractor:
+    """A torch-fidelity feature extractor by registered name and the settings it runs with."""
+
+    name: str = INCEPTION
+    weights: str | None = None  # weights file; None = the extractor's own (torch-fidelity's cache for Inception)
+    device: str | None = None  # None = cuda when available
+    batch_size: int = 64
+    verbose: bool = False
+
+    def __post_init__(self):
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        if self.name not in FEATURE_EXTRACTORS_REGISTRY:
+            raise ValueError(
+                f"feature extractor {self.name!r} is not registered with torch-fidelity; "
+                f"known: {sorted(FEATURE_EXTRACTORS_REGISTRY)}"
+            )
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise FileNotFoundError(f"feature extractor weights {self.weights} do not exist")
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.cls = FEATURE_EXTRACTORS_REGISTRY[self.name]
+
+    @property
+    def weights_id(self) -> str:
+        """What identifies the weights in cache keys: the file's sha256, or 'default'."""
+        return file_sha256(self.weights) if self.weights else "default"
+
+    def layer_for(self, metric: str, layer: str | None = None) -> str:
+        """The layer `metric` ('fid', 'is', 'kid', 'prc') reads: `layer` if given, else the extractor's default."""
+        layer = layer if layer is not None else self.cls.get_default_feature_layer_for_metric(METRIC_NAMES[metric])
+        provided = self.cls.get_provided_features_list()
+        if layer not in provided:
+            raise ValueError(f"feature layer {layer!r} is not provided by {self.name!r}; choose one of {provided}")
+        return layer
+
+    def extract(self, images, layers) -> dict[str, torch.Tensor]:
+        """Features {layer: float [N, D]} (on the CPU) of an image set; the network runs only as deep as
+        the deepest layer asked for."""
+        from torch_fidelity.utils import get_featuresdict_from_dataset
+
+        module = _torch_fidelity_module(
+            self.name, self.weights, self.weights_id, tuple(sorted(set(layers))), self.device, self.verbose
+        )
+        cuda = torch.device(self.device).type == "cuda"
+        return get_featuresdict_from_dataset(
+            image_dataset(images), module, self.batch_size, cuda, save_cpu_ram=not cuda, verbose=self.verbose
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics and the Frechet distance
+
+
+def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and covariance [D, D] (unbiased, float64) of features [N, D]."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"need features [N >= 2, D] for statistics, got shape {list(features.shape)}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), the FID formula.
+
+    As in ADM's and pytorch-fid's code: when the product is singular enough that sqrtm is not finite,
+    `eps` is added to both diagonals; a small imaginary part from rounding is dropped."""
+    mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
+    sigma1, sigma2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(
+            f"statistics disagree in dimension: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+        )
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm(sigma1 sigma2) has imaginary part {np.abs(covmean.imag).max():.3g}")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+@dataclass
+class LayerStatistics:
+    """What a reference contributes at one feature layer."""
+
+    mu: np.ndarray  # [D]
+    sigma: np.ndarray  # [D, D]
+    features: torch.Tensor | None  # [N, D], None for statistics-only files (no KID / precision-recall)
+
+    @classmethod
+    def from_features(cls, features: torch.Tensor) -> "LayerStatistics":
+        return cls(*feature_statistics(features), features)
+
+
+def save_statistics(path: str | os.PathLike, stats: LayerStatistics, meta: dict) -> None:
+    """Write mu, sigma, features and a JSON `meta` to an .npz, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"mu": stats.mu, "sigma": stats.sigma, "meta": np.array(json.dumps(meta))}
+    if stats.features is not None:
+        arrays["features"] = stats.features.numpy()
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+        np.savez(f, **arrays)
+    os.replace(f.name, path)
+
+
+def read_statistics(path: str | os.PathLike) -> tuple[LayerStatistics, dict]:
+    """(statistics, meta) of a statistics .npz; meta is {} for files without it (ADM's)."""
+    with np.load(path) as npz:
+        if not {"mu", "sigma"} <= set(npz.files):
+            raise ValueError(f"{path} is not a statistics file: it has no 'mu' and 'sigma' (keys {npz.files})")
+        features = torch.from_numpy(npz["features"]) if "features" in npz.files else None
+        meta = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
+        return LayerStatistics(npz["mu"], npz["sigma"], features), meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# References, with their statistics cached next to them
+
+
+def content_hash(source: str | os.PathLike) -> str:
+    """sha256 over a file's bytes, or over the relative names and bytes of a folder's images."""
+    path = Path(source)
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in list_images(path):
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
+        digest.update(file_sha256(file).encode())
+    return digest.hexdigest()
+
+
+def _cache_files(reference: Path, digest: str, extractor: FeatureExtractor, layer: str) -> list[Path]:
+    """Where the cached statistics of `reference` (content hash `digest`) at `layer` live: next to it,
+    else in the vartk cache."""
+    from .checkpoints import default_cache_dir
+
+    key = hashlib.sha256(json.dumps([digest, extractor.name, layer, extractor.weights_id]).encode()).hexdigest()[:16]
+    name = f"{reference.name}.{extractor.name}-{layer}.{key}.stats.npz"
+    return [reference.parent / name, default_cache_dir() / "fid_stats" / name]
+
+
+def _write_cache(files: list[Path], stats: LayerStatistics, meta: dict) -> None:
+    """Write to the first of `files` that can be written (the reference's folder may be read-only)."""
+    errors = []
+    for file in files:
+        try:
+            save_statistics(file, stats, meta)
+            return
+        except OSError as err:
+            errors.append(str(err))
+    raise OSError(f"could not write reference statistics: {errors}")
+
+
+def _statistics_mismatch(path: Path, meta: dict, extractor: FeatureExtractor, layer: str) -> str | None:
+    """Why the statistics in `path` cannot stand for (extractor, layer), or None when they can."""
+    if not meta:  # ADM's file: TF-Inception pool3
+        described = (INCEPTION, ADM_STATISTICS_LAYER)
+        if (extractor.name, layer) != described:
+            return f"its statistics (no metadata: ADM's) are {INCEPTION} layer {ADM_STATISTICS_LAYER}"
+        return None
+    described = (meta["feature_extractor"], meta["feature_layer"])
+    if described != (extractor.name, layer):
+        return f"its statistics are {described[0]} layer {described[1]}"
+    if meta["weights"] != extractor.weights_id:
+        return f"its statistics come from other {extractor.name} weights ({meta['weights'][:12]})"
+    return None
+
+
+def reference_statistics(
+    reference, layers: dict[str, bool], extractor: FeatureExtractor, cache: bool = True
+) -> dict[str, LayerStatistics]:
+    """Statistics of `reference` at each layer in `layers` ({layer: features needed?}).
+
+    Statistics files are used where they describe (extractor, layer) and hold the features asked for;
+    everything else is extracted from the reference's images, through the cache when it is a path."""
+    out = {}
+    path = Path(reference) if isinstance(reference, (str, os.PathLike)) else None
+    if path is not None and not (path.is_dir() or (path.is_file() and path.suffix == ".npz")):
+        raise FileNotFoundError(f"reference {path} is neither an image folder nor an .npz file")
+    has_images = path is None or path.is_dir() or "arr_0" in _npz_keys(path)
+    if path is not None and path.suffix == ".npz" and {"mu", "sigma"} <= _npz_keys(path):
+        stats, meta = read_statistics(path)
+        for layer, needs_features in layers.items():
+            reason = _statistics_mismatch(path, meta, extractor, layer)
+            if reason is None and needs_features and stats.features is None:
+                reason = "it holds no features (KID and precision/recall need them)"
+            if reason is None:
+                out[layer] = stats
+            elif not has_images:
+                raise ValueError(f"reference {path} cannot be used for {extractor.name} layer {layer}: {reason}")
+    missing = [layer for layer in layers if layer not in out]
+    if not missing:
+        return out
+    digest = content_hash(path) if cache and path else None
+    cache_files = {layer: _cache_files(path, digest, extractor, layer) for layer in missing} if digest else {}
+    for layer, files in cache_files.items():
+        found = next((f for f in files if f.is_file()), None)
+        if found is not None:
+            out[layer] = read_statistics(found)[0]
+    missing = [layer for layer in missing if layer not in out]
+    if missing:
+        features = extractor.extract(reference, missing)
+        for layer in missing:
+            out[layer] = LayerStatistics.from_features(features[layer])
+            if layer in cache_files:
+                meta = {
+                    "feature_extractor": extractor.name, "feature_layer": layer, "weights": extractor.weights_id,
+                    "source": str(path.resolve()), "num_images": len(features[layer]),
+                }
+                _write_cache(cache_files[layer], out[layer], meta)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _check_metrics(metrics) -> tuple[str, ...]:
+    metrics = tuple(dict.fromkeys(metrics))
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metric(s) {unknown or metrics}; choose from {list(METRIC_NAMES)}")
+    return metrics
+
+
+def compute_metrics(
+    generated,
+    reference=None,
+    metrics=("fid", "is"),
+    *,
+    feature_extractor: str = INCEPTION,
+    feature_extractor_weights: str | os.PathLike | None = None,
+    feature_layer: str | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+    cache: bool = True,
+    isc_splits: int = 10,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    prc_neighborhood: int = 3,
+    verbose: bool = False,
+) -> dict:
+    """Score `generated` (an image set) against `reference` (an image set or statistics file).
+
+    metrics: any of "fid", "is" (Inception score, needs no reference), "kid", "prc" (precision/recall).
+    feature_layer: the layer FID, KID and precision/recall read (default: the extractor's, "2048" for
+    Inception); IS always reads the extractor's class logits. KID's subset size and IS's number of
+    splits shrink to the number of images when there are fewer. Returns a flat dict of floats: fid, is,
+    is_std, kid, kid_std, precision, recall, plus num_generated / num_reference."""
+    from torch_fidelity import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    metrics = _check_metrics(metrics)
+    if reference is None and set(metrics) - {"is"}:
+        raise ValueError(f"metrics {[m for m in metrics if m != 'is']} need a reference; only 'is' works without one")
+    extractor = FeatureExtractor(
+        feature_extractor, str(feature_extractor_weights) if feature_extractor_weights else None, device, batch_size,
+        verbose,
+    )
+    layers = {m: extractor.layer_for(m, None if m == "is" else feature_layer) for m in metrics}
+    generated_features = extractor.extract(generated, layers.values())
+    num_generated = len(next(iter(generated_features.values())))
+    results = {"num_generated": num_generated}
+    reference_layers = {}
+    for metric in metrics:
+        if metric != "is":
+            layer = layers[metric]
+            reference_layers[layer] = reference_layers.get(layer, False) or metric in FEATURE_METRICS
+    reference_stats = reference_statistics(reference, reference_layers, extractor, cache) if reference_layers else {}
+    for layer, needs_features in reference_layers.items():
+        if needs_features:
+            results["num_reference"] = len(reference_stats[layer].features)
+
+    if "fid" in metrics:
+        ref = reference_stats[layers["fid"]]
+        results["fid"] = frechet_distance(*feature_statistics(generated_features[layers["fid"]]), ref.mu, ref.sigma)
+    if "is" in metrics:
+        score = isc_features_to_metric(generated_features[layers["is"]], splits=min(isc_splits, num_generated))
+        results["is"], results["is_std"] = score[KEY_METRIC_ISC_MEAN], score[KEY_METRIC_ISC_STD]
+    if "kid" in metrics:
+        ref_features = reference_stats[layers["kid"]].features
+        subset_size = min(kid_subset_size, num_generated, len(ref_features))
+        score = kid_features_to_metric(
+            generated_features[layers["kid"]], ref_features, kid_subsets=kid_subsets, kid_subset_size=subset_size,
+            verbose=False,
+        )
+        results.update(kid=score[KEY_METRIC_KID_MEAN], kid_std=score[KEY_METRIC_KID_STD], kid_subset_size=subset_size)
+    if "prc" in metrics:
+        score = prc_features_to_metric(
+            generated_features[layers["prc"]].to(extractor.device),
+            reference_stats[layers["prc"]].features.to(extractor.device),
+            prc_neighborhood=prc_neighborhood, save_cpu_ram=True, verbose=False,
+        )
+        results["precision"], results["recall"] = score["precision"], score["recall"]
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paired comparison
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """uint8 [H, W, 3]."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def psnr(image_a: np.ndarray, image_b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images of the same shape (inf when they are identical)."""
+    if image_a.shape != image_b.shape:
+        raise ValueError(f"images differ in shape: {image_a.shape} vs {image_b.shape}")
+    mse = np.mean((image_a.astype(np.float64) - image_b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def _images_by_name(folder) -> dict[str, Path]:
+    files = list_images(folder)
+    by_name = {f.name: f for f in files}
+    if len(by_name) != len(files):
+        raise ValueError(f"{folder} holds several images with the same file name; pairing by name needs unique names")
+    return by_name
+
+
+def paired_psnr(folder_a, folder_b) -> dict:
+    """Per-image PSNR between images with the same file name in two folders (searched recursively).
+
+    Returns {"psnr_mean": mean over pairs that differ, "psnr_min", "num_pairs", "num_identical",
+    "per_image": {name: dB}}; identical pairs (infinite PSNR) appear as None, as do the mean and
+    minimum when every pair is identical, so the result is plain JSON."""
+    images_a, images_b = _images_by_name(folder_a), _images_by_name(folder_b)
+    names = sorted(images_a.keys() & images_b.keys())
+    if not names:
+        raise ValueError(f"{folder_a} and {folder_b} have no image file names in common")
+    values = {name: psnr(read_image(images_a[name]), read_image(images_b[name])) for name in names}
+    finite = [v for v in values.values() if np.isfinite(v)]
+    return {
+        "psnr_mean": float(np.mean(finite)) if finite else None,
+        "psnr_min": float(np.min(finite)) if finite else None,
+        "num_pairs": len(names),
+        "num_identical": len(names) - len(finite),
+        "per_image": {name: (v if np.isfinite(v) else None) for name, v in values.items()},
+    }

@@ -1,0 +1,206 @@
+"""Next-scale (VAR) sampling: one transformer step per scale, 1x1 up to the full token map.
+
+At scale k the transformer sees the class token and the running latent of scales < k (through
+its KV cache), returns logits for all pn_k x pn_k tokens at once, and the sampled tokens are
+folded into the running latent by the tokenizer. Classifier-free guidance runs the batch as
+[cond; null] and ramps linearly over the scales: at scale k (of K),
+
+    t = guidance_scale * k / (K - 1),    logits = (1 + t) * cond - t * uncond
+
+so the first scale is purely conditional and the last is guided by 1 + guidance_scale.
+
+Zero-shot editing (in/out-painting, class-conditional editing) is the same loop with the tokens
+of a known image forced wherever a mask says "keep", at every scale (`edit_next_scale`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vartk.models.attention import FullKVCache, KVCachePolicy
+from vartk.samplers.sampling import check_sampling_args, filter_logits, sample_from_logits
+
+
+@dataclass
+class NextScaleSampler:
+    """The official VAR sampler. `more_smooth` replaces each scale's code vectors by a
+    Gumbel-softmax mixture of codes (sharper visuals, not used for FID)."""
+
+    more_smooth: bool = False
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        transformer,
+        tokenizer,
+        class_labels,
+        guidance_scale: float = 1.5,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        kv_cache: KVCachePolicy | None = None,
+        progress: bool = True,
+        known_tokens: list[torch.Tensor] | None = None,
+        keep_mask: torch.Tensor | None = None,
+        return_latent: bool = False,
+    ):
+        """Sample token maps for `class_labels` [B] -> list of LongTensor [B, pn, pn], one per scale.
+
+        `known_tokens` (per-scale maps of a known image) and `keep_mask` (1 = keep the known
+        token, at the final token resolution) turn sampling into editing; see `edit_next_scale`.
+        With `return_latent`, also returns the running latent f_hat [B, Cz, h, w] that the
+        sampled code vectors built (with `more_smooth` it differs from decoding the tokens).
+        """
+        check_sampling_args(top_k, top_p)
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance), got {guidance_scale}")
+        check_same_schedule(transformer, tokenizer)
+        device = transformer.device
+        labels = as_class_labels(class_labels, transformer.null_class, device, allow_null=known_tokens is not None)
+        if (known_tokens is None) != (keep_mask is None):
+            raise ValueError("known_tokens and keep_mask go together: pass both (editing) or neither (sampling)")
+        if known_tokens is not None:
+            known_tokens, keep_mask = check_edit_inputs(tokenizer, known_tokens, keep_mask, len(labels))
+
+        B, patch_nums = len(labels), tokenizer.patch_nums
+        use_cfg = guidance_scale > 0
+        if use_cfg:
+            labels = torch.cat([labels, torch.full_like(labels, transformer.null_class)])  # [2B]: cond; null
+        caches = (kv_cache or FullKVCache()).new_caches(
+            transformer.num_layers, len(labels), transformer.num_heads, transformer.seq_len,
+            transformer.head_dim, activation_dtype(transformer), device,
+        )
+        f_hat = torch.zeros(B, tokenizer.latent_channels, tokenizer.latent_size, tokenizer.latent_size, device=device)
+        x_next, token_maps = None, []
+        for scale_index in tqdm(range(len(patch_nums)), desc="scales", disable=not progress):
+            pn, ratio = patch_nums[scale_index], scale_index / max(len(patch_nums) - 1, 1)
+            logits = transformer.forward_scale(x_next, labels, scale_index, caches)  # [B or 2B, pn^2, V]
+            if use_cfg:
+                logits = guided_logits(logits, guidance_scale * ratio)  # [B, pn^2, V]
+            tokens, codes = self.draw(logits, tokenizer, ratio, top_k, top_p, generator)
+            codes = codes.transpose(1, 2).reshape(B, -1, pn, pn)  # [B, Cz, pn, pn]
+            tokens = tokens.view(B, pn, pn)
+            if known_tokens is not None:
+                keep = keep_mask_at(keep_mask, pn)  # [B, 1, pn, pn]
+                known = known_tokens[scale_index].view(B, pn, pn)
+                tokens = torch.where(keep[:, 0], known, tokens)
+                codes = torch.where(keep, tokenizer.embed_tokens(known).to(codes.dtype), codes)
+            token_maps.append(tokens)
+            f_hat = tokenizer.fold_scale(f_hat, scale_index, codes)
+            if scale_index < len(patch_nums) - 1:
+                x_next = tokenizer.next_scale_input(f_hat, scale_index)  # [B, pn_next^2, Cz]
+                x_next = x_next.repeat(2, 1, 1) if use_cfg else x_next
+        return (token_maps, f_hat) if return_latent else token_maps
+
+    def draw(self, logits, tokenizer, ratio, top_k, top_p, generator):
+        """Tokens [B, l] from top-k/top-p filtered logits [B, l, V], and the code vectors the
+        running latent receives [B, l, Cz] (a Gumbel-softmax mixture when `more_smooth`)."""
+        filtered = filter_logits(logits, top_k, top_p)
+        tokens = sample_from_logits(filtered, generator=generator)  # [B, l]
+        if not self.more_smooth:
+            return tokens, tokenizer.embed_tokens(tokens).flatten(2).transpose(1, 2)
+        tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+        gumbel = -torch.empty_like(filtered).exponential_(generator=generator).log()  # [B, l, V]
+        weights = ((filtered * (1 + ratio) + gumbel) / tau).softmax(dim=-1)
+        codebook = tokenizer.quantize.embedding.weight.float()  # [V, Cz]
+        return tokens, weights @ codebook
+
+
+def guided_logits(logits: torch.Tensor, t: float) -> torch.Tensor:
+    """[cond; uncond] logits [2B, l, V] -> (1 + t) * cond - t * uncond, [B, l, V]."""
+    cond, uncond = logits.chunk(2)
+    return (1 + t) * cond - t * uncond
+
+
+def activation_dtype(transformer) -> torch.dtype:
+    """The dtype keys and values will have: the autocast dtype when autocast is on, else the weights'."""
+    device_type = transformer.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return transformer.dtype
+
+
+def as_class_labels(class_labels, null_class: int, device, allow_null: bool) -> torch.Tensor:
+    """Class ids as LongTensor [B]; ids must lie in [0, null_class) (or equal null_class when allowed)."""
+    labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
+    if labels.numel() == 0:
+        raise ValueError("class_labels is empty; pass at least one class id")
+    top = null_class + 1 if allow_null else null_class
+    bad = labels[(labels < 0) | (labels >= top)]
+    if bad.numel():
+        allowed = f"[0, {null_class}] ({null_class} = no class)" if allow_null else f"[0, {null_class})"
+        raise ValueError(f"class label {bad[0].item()} is out of range; class ids must be in {allowed}")
+    return labels
+
+
+def check_same_schedule(transformer, tokenizer) -> None:
+    if tuple(transformer.patch_nums) != tuple(tokenizer.patch_nums):
+        raise ValueError(
+            f"transformer patch_nums {tuple(transformer.patch_nums)} differ from tokenizer patch_nums "
+            f"{tuple(tokenizer.patch_nums)}; use a tokenizer built for the transformer's schedule"
+        )
+
+
+def check_edit_inputs(tokenizer, known_tokens, keep_mask, batch_size):
+    """Validate the known image's token maps and the keep mask; returns (tokens, mask [B, 1, h, w])."""
+    patch_nums = tokenizer.patch_nums
+    if len(known_tokens) != len(patch_nums):
+        raise ValueError(f"known_tokens has {len(known_tokens)} scales, the tokenizer has {len(patch_nums)}")
+    for pn, tokens in zip(patch_nums, known_tokens):
+        if tokens.shape[0] != batch_size or tokens[0].numel() != pn * pn:
+            raise ValueError(
+                f"known token map of shape {tuple(tokens.shape)} does not match batch {batch_size} x {pn}x{pn}"
+            )
+    size = patch_nums[-1]
+    mask = keep_mask.float()
+    mask = mask[None, None] if mask.ndim == 2 else mask[:, None] if mask.ndim == 3 else mask  # [B or 1, 1, h, w]
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (size, size):
+        raise ValueError(
+            f"mask of shape {tuple(keep_mask.shape)} does not match the final token map {size}x{size}; "
+            f"give it as [{size}, {size}], [B, {size}, {size}] or [B, 1, {size}, {size}]"
+        )
+    if mask.shape[0] not in (1, batch_size):
+        raise ValueError(f"mask batch {mask.shape[0]} does not match the {batch_size} images")
+    device = known_tokens[0].device
+    return [t.to(device) for t in known_tokens], mask.to(device).expand(batch_size, -1, -1, -1)
+
+
+def keep_mask_at(mask: torch.Tensor, pn: int) -> torch.Tensor:
+    """Keep mask [B, 1, h, w] resized (bilinear, > 0.5) to one scale, [B, 1, pn, pn] bool.
+    The 1x1 scale always keeps the known token."""
+    if pn == 1:
+        return torch.ones(mask.shape[0], 1, 1, 1, dtype=torch.bool, device=mask.device)
+    return F.interpolate(mask, size=(pn, pn), mode="bilinear", align_corners=False) > 0.5
+
+
+def edit_next_scale(
+    transformer,
+    tokenizer,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    class_labels=None,
+    sampler: NextScaleSampler | None = None,
+    **sample_kwargs,
+):
+    """Zero-shot in/out-painting or class-conditional editing of `images` [B, 3, H, W] in [0, 1].
+
+    `mask` is at the final token resolution ([h, w], [B, h, w] or [B, 1, h, w]; 1 = keep the
+    image's token, 0 = generate). `class_labels` None means the null class (pure in/out-painting);
+    class ids make it class-conditional editing. `sample_kwargs` go to the sampler (guidance_scale,
+    top_k, top_p, generator, ...; the official demo uses guidance 3, top_k 900, top_p 0.95 and
+    `NextScaleSampler(more_smooth=True)`). Returns the per-scale token maps [B, pn, pn].
+    """
+    expected = tokenizer.latent_size * tokenizer.downsample_factor
+    if images.ndim != 4 or images.shape[-2:] != (expected, expected):
+        raise ValueError(
+            f"images of shape {tuple(images.shape)} do not match the tokenizer's {expected}x{expected} images "
+            f"(final token map {tokenizer.latent_size}x{tokenizer.latent_size})"
+        )
+    if class_labels is None:
+        class_labels = [transformer.null_class] * images.shape[0]
+    known_tokens = tokenizer.encode(images.to(tokenizer.device))
+    sampler = sampler or NextScaleSampler()
+    return sampler(transformer, tokenizer, class_labels, known_tokens=known_tokens, keep_mask=mask, **sample_kwargs)

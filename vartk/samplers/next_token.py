@@ -1,0 +1,133 @@
+"""Next-token (LlamaGen) sampling: prefill the class token, then decode grid_size^2 tokens in raster
+order on static KV caches, with classifier-free guidance.
+
+With guidance the batch holds 2B rows, [cond; null]; logits = u + s * (c - u) is applied to the
+float32 logits before temperature / top-k / top-p, and the sampled token is fed to both halves.
+On CUDA the single-token decode step can be replayed from a captured CUDA graph; it runs the
+same `forward_cached` call as the eager loop, so both paths compute the same thing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.attention import StaticKVCache
+from .sampling import check_sampling_args, sample_from_logits
+
+
+@dataclass
+class NextTokenSampler:
+    """Official LlamaGen sampling loop.
+
+    temperature: divides the (guided) logits; 0 means greedy (the official code floors it at 1e-5).
+    cfg_interval: -1 guides every token; k >= 0 stops guiding after decode step k (the prefill
+        token is always guided; once off, guidance stays off), as the official `cfg_interval`.
+    cuda_graph: "auto" replays a captured CUDA graph of the decode step on CUDA, never on CPU;
+        True requires CUDA; False always runs eagerly.
+    """
+
+    temperature: float = 1.0
+    cfg_interval: int = -1
+    cuda_graph: bool | str = "auto"
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        transformer,
+        class_labels,
+        guidance_scale: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Sample image tokens for `class_labels` [B] -> int64 [B, grid_size^2] in raster order.
+
+        guidance_scale is LlamaGen's cfg_scale: > 1 enables CFG with the null class; <= 1 runs the
+        conditional rows only (no unconditional branch, as in the official code).
+        """
+        check_sampling_args(top_k, top_p, self.temperature)
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (<= 1 disables guidance), got {guidance_scale!r}")
+        labels = self._check_labels(class_labels, transformer)
+        use_graph = self._use_cuda_graph(labels.device)
+        guided = guidance_scale > 1.0
+        rows = torch.cat([labels, torch.full_like(labels, transformer.null_class)]) if guided else labels  # [R]
+        caches = transformer.new_kv_caches(len(rows))
+
+        def pick(logits: torch.Tensor, guide: bool) -> torch.Tensor:
+            """Last-position logits [R, T, V] -> one token per sample [B] (CFG combine, then draw)."""
+            logits = logits[:, -1]  # [R, V]
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + guidance_scale * (cond - uncond) if guide else cond
+            return sample_from_logits(logits, top_k, top_p, self.temperature, generator)
+
+        decode = (
+            CUDAGraphDecodeStep(transformer, caches)
+            if use_graph
+            else lambda tokens, positions: transformer.forward_cached(tokens, None, positions, caches)
+        )
+        num_tokens = transformer.num_tokens
+        out = torch.empty(len(labels), num_tokens, dtype=torch.long, device=labels.device)  # [B, N]
+        prefill_positions = torch.zeros(len(rows), 1, dtype=torch.long, device=labels.device)  # [R, 1]
+        out[:, 0] = pick(transformer.forward_cached(None, rows, prefill_positions, caches), guide=True)
+        guide = True
+        for step in tqdm(range(num_tokens - 1), disable=not progress, desc="tokens"):
+            guide = guide and not (self.cfg_interval > -1 and step > self.cfg_interval)
+            token = out[:, step : step + 1]  # [B, 1]
+            tokens = torch.cat([token, token]) if guided else token  # [R, 1]
+            positions = torch.full_like(tokens, transformer.config.cls_token_num + step)  # [R, 1]
+            out[:, step + 1] = pick(decode(tokens, positions), guide)
+        return out
+
+    @staticmethod
+    def _check_labels(class_labels, transformer) -> torch.Tensor:
+        labels = torch.as_tensor(class_labels, device=transformer.device)
+        if labels.ndim != 1 or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"class_labels must be a 1-D integer tensor of class ids, got {labels.dtype} {tuple(labels.shape)}")
+        num_classes = transformer.config.num_classes
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        if len(bad):
+            raise ValueError(f"class ids must be in [0, {num_classes}); got {bad.tolist()}")
+        return labels.long()
+
+    def _use_cuda_graph(self, device: torch.device) -> bool:
+        if self.cuda_graph not in ("auto", True, False):
+            raise ValueError(f"cuda_graph must be 'auto', True or False, got {self.cuda_graph!r}")
+        if self.cuda_graph is True and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        return device.type == "cuda" and self.cuda_graph in ("auto", True)
+
+
+class CUDAGraphDecodeStep:
+    """A single-token decode step `forward_cached(tokens [R, 1], None, positions [R, 1], caches)`
+    captured once in a CUDA graph; calling it copies the inputs into static buffers and replays.
+
+    The returned logits [R, 1, V] live in a static buffer that the next call overwrites.
+    Warm-up runs write position 1 of the caches, which the first real decode step rewrites
+    before anything attends to it.
+    """
+
+    def __init__(self, transformer, caches: list[StaticKVCache], warmup_steps: int = 2):
+        rows = caches[0].k.shape[0]
+        device = caches[0].k.device
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # [R, 1]
+        self.positions = torch.full_like(self.tokens, transformer.config.cls_token_num)  # [R, 1]
+        side_stream = torch.cuda.Stream(device)
+        side_stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side_stream):
+            for _ in range(warmup_steps):
+                transformer.forward_cached(self.tokens, None, self.positions, caches)
+        torch.cuda.current_stream(device).wait_stream(side_stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = transformer.forward_cached(self.tokens, None, self.positions, caches)  # [R, 1, V]
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits

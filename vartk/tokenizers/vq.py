@@ -1,0 +1,165 @@
+"""Single-scale VQ tokenizer, compatible with LlamaGen's `vq_ds16_c2i.pt` (VQ-16) and `vq_ds8_c2i.pt` (VQ-8).
+
+Encoder -> 1x1 quant_conv to a small code dimension -> nearest code among L2-normalised codebook
+rows (the encoder output is L2-normalised too) -> 1x1 post_quant_conv -> decoder. Tokens are the
+code indices in raster order (row-major over the h x w latent grid).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from ..checkpoints import load_state_dict_strict, read_official_file
+from .convnet import LLAMAGEN_LAYOUT, Decoder, Encoder, infer_encoder_config
+
+VQ_16 = dict(ch_mult=(1, 1, 2, 2, 4))
+VQ_8 = dict(ch_mult=(1, 2, 2, 4))
+
+
+class VectorQuantizer(nn.Module):
+    """Codebook (`embedding`) and the training-time usage queue (`codebook_used`), official key names."""
+
+    def __init__(self, codebook_size: int, embed_dim: int, l2_norm: bool, usage_queue_size: int):
+        super().__init__()
+        self.l2_norm = l2_norm
+        self.embedding = nn.Embedding(codebook_size, embed_dim)
+        self.register_buffer("codebook_used", torch.zeros(usage_queue_size))  # last indices seen in training
+
+    def codebook(self) -> torch.Tensor:
+        """Codebook rows as used for lookup: [V, D], L2-normalised when configured."""
+        weight = self.embedding.weight
+        return F.normalize(weight, dim=-1) if self.l2_norm else weight
+
+    def normalize_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder output [B, D, h, w], L2-normalised over D when configured."""
+        return F.normalize(z, dim=1) if self.l2_norm else z
+
+    def nearest_code(self, z: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest codebook row (squared L2, fp32) for every position of z [B, D, h, w] -> [B, h, w]."""
+        B, D, h, w = z.shape
+        z_flat = self.normalize_latent(z.float()).permute(0, 2, 3, 1).reshape(-1, D)  # [B*h*w, D]
+        codes = self.codebook().detach().float()  # [V, D]
+        dist = z_flat.square().sum(1, keepdim=True) + codes.square().sum(1) - 2 * z_flat @ codes.T  # [B*h*w, V]
+        return dist.argmin(dim=1).view(B, h, w)
+
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token map [B, h, w] -> codes [B, D, h, w]."""
+        return self.codebook()[tokens].permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def record_usage(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Push `tokens` into the usage queue; returns the fraction of the codebook seen in the queue."""
+        recent = tokens.flatten()[-self.codebook_used.numel() :].to(self.codebook_used.dtype)
+        self.codebook_used.copy_(torch.cat([self.codebook_used[recent.numel() :], recent]))
+        return self.codebook_used.unique().numel() / self.embedding.num_embeddings
+
+
+class VQModel(ModelMixin, ConfigMixin):
+    """LlamaGen's VQ tokenizer; images in [0, 1] at the API, [-1, 1] inside."""
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        ch: int = 128,
+        ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        z_channels: int = 256,
+        codebook_size: int = 16384,
+        codebook_embed_dim: int = 8,
+        codebook_l2_norm: bool = True,
+        beta: float = 0.25,
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+        usage_queue_size: int = 65536,
+    ):
+        super().__init__()
+        net = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels)
+        net.update(dropout=dropout, norm_groups=norm_groups)
+        self.encoder = Encoder(LLAMAGEN_LAYOUT, in_channels=in_channels, **net)
+        self.decoder = Decoder(LLAMAGEN_LAYOUT, out_channels=in_channels, **net)
+        self.quantize = VectorQuantizer(codebook_size, codebook_embed_dim, codebook_l2_norm, usage_queue_size)
+        self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, kernel_size=1)
+        self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, kernel_size=1)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.codebook_embed_dim
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.ch_mult) - 1)
+
+    def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] in [0, 1] -> pre-quantisation latent [B, D, H/f, W/f] (after quant_conv)."""
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(f"images must be [B, {self.config.in_channels}, H, W], got {tuple(images.shape)}")
+        return self.quant_conv(self.encoder(images.to(self.quant_conv.weight.dtype) * 2 - 1))
+
+    def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, D, h, w] -> images [B, C, f*h, f*w] in [0, 1]."""
+        x = self.decoder(self.post_quant_conv(codes.to(self.post_quant_conv.weight.dtype)))
+        return (x.clamp(-1, 1) + 1) / 2
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token map [B, h, w] or square [B, h*w] -> (normalised) codes [B, D, h, w]."""
+        if tokens.ndim == 2:
+            side = round(tokens.shape[1] ** 0.5)
+            if side * side != tokens.shape[1]:
+                raise ValueError(f"flat tokens [B, N] need a square N, got N={tokens.shape[1]}; pass [B, h, w] instead")
+            tokens = tokens.reshape(tokens.shape[0], side, side)
+        if tokens.ndim != 3:
+            raise ValueError(f"tokens must be [B, h, w] or [B, h*w], got {tuple(tokens.shape)}")
+        return self.quantize.lookup(tokens)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] in [0, 1] -> token map LongTensor [B, H/f, W/f]."""
+        return self.quantize.nearest_code(self.encode_latent(images))
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token map [B, h, w] or [B, h*w] (square) -> images [B, C, f*h, f*w] in [0, 1]."""
+        return self.decode_latent(self.embed_tokens(tokens))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Training forward: images in [0, 1] -> (reconstruction in ~[0, 1] (not clamped), vq_loss, stats).
+
+        vq_loss = MSE(codes, z.detach()) + beta * MSE(codes.detach(), z) on the normalised vectors;
+        the decoder reads the codes through a straight-through estimator.
+        """
+        z = self.quantize.normalize_latent(self.encode_latent(images).float())  # [B, D, h, w]
+        tokens = self.quantize.nearest_code(z)  # [B, h, w]
+        codes = self.quantize.lookup(tokens).float()  # [B, D, h, w]
+        vq_loss = F.mse_loss(codes, z.detach()) + self.config.beta * F.mse_loss(codes.detach(), z)
+        codes_straight_through = z + (codes - z).detach()
+        stats = {"codebook_usage": self.quantize.record_usage(tokens) if self.training else None}
+        features = self.post_quant_conv(codes_straight_through.to(self.post_quant_conv.weight.dtype))
+        recon = (self.decoder(features) + 1) / 2
+        return recon, vq_loss, stats
+
+    @classmethod
+    def from_official(cls, path_or_state_dict, **overrides) -> "VQModel":
+        """Load LlamaGen's `vq_ds16_c2i.pt` / `vq_ds8_c2i.pt` (`{"model": sd}` or a bare state dict).
+
+        VQ-16 vs VQ-8 (ch_mult) and the codebook size are read off the tensors.
+        """
+        if isinstance(path_or_state_dict, dict):
+            state_dict = path_or_state_dict.get("model", path_or_state_dict)
+        else:
+            state_dict = read_official_file(path_or_state_dict, containers=("model",))
+        config = infer_encoder_config(state_dict, LLAMAGEN_LAYOUT)
+        if "quantize.embedding.weight" in state_dict:
+            config["codebook_size"], config["codebook_embed_dim"] = state_dict["quantize.embedding.weight"].shape
+        config.update(overrides)
+        model = cls(**config)
+        source = "state dict" if isinstance(path_or_state_dict, dict) else str(path_or_state_dict)
+        load_state_dict_strict(model, state_dict, source=source, ignore=("quantize.codebook_used",))
+        return model.eval()

@@ -1,0 +1,97 @@
+"""Training checkpoints: written atomically, read back exactly.
+
+    <out>/checkpoints/step_0001000/
+        <name>/                 save_pretrained folder (safetensors + config.json) of each diffusers model
+        <name>.safetensors      state of each plain nn.Module (e.g. the GAN discriminator)
+        optimizer.pt            optimizer and LR-scheduler states (torch.load(weights_only=True) loads it)
+        trainer_state.json      step, epoch, batch within the epoch, world size, the job's config
+    <out>/checkpoints/latest    the name of the newest complete checkpoint folder
+
+A checkpoint is written to `step_XXXXXXX.tmp` and renamed (os.replace) when complete; `latest`
+is replaced the same way, so a run killed at any moment leaves the previous checkpoint usable.
+RNG state needs no saving: every step reseeds from (seed, step, rank) (see loop.step_seed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from diffusers.models.modeling_utils import ModelMixin
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_module(module: nn.Module, folder: Path, name: str) -> None:
+    if isinstance(module, ModelMixin):
+        module.save_pretrained(folder / name, safe_serialization=True)
+    else:
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, folder / f"{name}.safetensors")
+
+
+def load_module(module: nn.Module, folder: Path, name: str) -> None:
+    if isinstance(module, ModelMixin):
+        files = sorted((folder / name).glob("*.safetensors"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"expected one .safetensors file in {folder / name}, found {[f.name for f in files]}")
+        state_dict = load_file(files[0])
+    else:
+        state_dict = load_file(folder / f"{name}.safetensors")
+    module.load_state_dict(state_dict, strict=True)
+
+
+def save_checkpoint(out: Path, step: int, modules: dict[str, nn.Module], optimizers: dict, schedulers: dict,
+                    state: dict, keep: int) -> Path:
+    """Write checkpoint `step` (modules unwrapped from DDP), point `latest` at it, keep the newest `keep`."""
+    root = checkpoint_dir(out)
+    final = root / f"step_{step:07d}"
+    tmp = root / f"step_{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, module in modules.items():
+        save_module(module, tmp, name)
+    torch.save({"optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()}}, tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_text_atomic(root / LATEST, final.name + "\n")
+    for old in sorted(root.glob("step_???????"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    pointer = checkpoint_dir(out) / LATEST
+    if not pointer.is_file():
+        return None
+    folder = checkpoint_dir(out) / pointer.read_text().strip()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{pointer} names {folder.name}, which is missing; delete {pointer} to start over")
+    return folder
+
+
+def load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizers: dict, schedulers: dict) -> dict:
+    """Restore modules, optimizers and schedulers in place; returns trainer_state.json."""
+    for name, module in modules.items():
+        load_module(module, folder, name)
+    saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(saved["optimizers"][name])
+    for name, scheduler in schedulers.items():
+        scheduler.load_state_dict(saved["schedulers"][name])
+    return json.loads((folder / "trainer_state.json").read_text())

@@ -1,0 +1,138 @@
+"""What the next-scale (var.py) and next-token (gpt.py) jobs share: a frozen tokenizer, the dataset's
+tokens, label dropout for classifier-free guidance, class-conditional sample grids and the export.
+
+Tokens are computed in float32 outside autocast (as the official VAR trainer does). Without
+augmentation an image always gives the same tokens, so when the dataset is held in memory they are
+encoded once at start-up (--precompute-tokens) instead of at every step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..tokenizers.msvq import MultiScaleVQVAE
+from ..tokenizers.vq import VQModel
+from .data import Batch
+from .loop import Job, TrainConfig, arg
+
+TOKENIZER_CLASSES = {"MultiScaleVQVAE": MultiScaleVQVAE, "VQModel": VQModel}
+
+
+@dataclass
+class ConditionalTrainConfig(TrainConfig):
+    tokenizer: str = arg("", "frozen tokenizer: a save_pretrained folder (e.g. <tokenizer run>/tokenizer) "
+                             "or an official checkpoint file (required)")
+    label_dropout: float = arg(0.1, "probability of replacing a label by the null class (trains the CFG branch)")
+    precompute_tokens: bool = arg(True, "encode the dataset once at start-up when it is held in memory")
+    guidance_scale: float = arg(1.5, "classifier-free guidance of the sample grids")
+    top_k: int = arg(0, "top-k of the sample grids (0: off)")
+    top_p: float = arg(1.0, "top-p of the sample grids (1: off)")
+
+    required = ("data", "tokenizer")
+
+    def check(self) -> None:
+        super().check()
+        if not 0 <= self.label_dropout < 1:
+            raise SystemExit(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
+
+
+def load_tokenizer(path: str, official_cls: type) -> nn.Module:
+    """A save_pretrained folder (class read from its config.json) or an official file (`official_cls.from_official`)."""
+    location = Path(path)
+    if location.is_dir():
+        config_file = location / "config.json"
+        class_name = json.loads(config_file.read_text()).get("_class_name") if config_file.is_file() else None
+        if class_name not in TOKENIZER_CLASSES:
+            raise SystemExit(f"--tokenizer {path}: expected a save_pretrained folder of one of {sorted(TOKENIZER_CLASSES)}, "
+                             f"found class {class_name!r}")
+        return TOKENIZER_CLASSES[class_name].from_pretrained(location)
+    if location.is_file():
+        return official_cls.from_official(location)
+    raise SystemExit(f"--tokenizer {path} does not exist")
+
+
+def flatten_tokens(encoded: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """tokenizer.encode output (a list of maps [B, pn, pn] or one map [B, h, w]) -> [B, L], scales in order, row-major."""
+    maps = encoded if isinstance(encoded, list) else [encoded]
+    return torch.cat([m.flatten(1) for m in maps], dim=1)
+
+
+def import_sampler(module: str, name: str):
+    """The sampler class, or None (with a notice) when vartk.samplers.<module> is not importable."""
+    try:
+        return getattr(__import__(f"vartk.samplers.{module}", fromlist=[name]), name)
+    except ImportError as err:
+        print(f"sample grids are off: vartk.samplers.{module}.{name} is unavailable ({err})", file=sys.stderr)
+        return None
+
+
+class ConditionalJob(Job):
+    """Base of the transformer jobs; subclasses build `self.model` and define loss() and generate()."""
+
+    official_tokenizer_cls: type = MultiScaleVQVAE
+    pipeline_name = ""  # "VARPipeline" / "GPTPipeline" in vartk.pipelines
+
+    def __init__(self, cfg: ConditionalTrainConfig, dataset, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.tokenizer = load_tokenizer(cfg.tokenizer, self.official_tokenizer_cls).to(device).eval().requires_grad_(False)
+        self.grid_side = self.token_grid_side()
+        self.num_classes = dataset.num_classes
+        self.token_table = None  # [N, L] tokens of the whole dataset
+        if cfg.precompute_tokens and dataset.images is not None:
+            self.token_table = torch.cat([self.encode(dataset.images[i:i + 256].to(device).float() / 255)
+                                          for i in range(0, len(dataset), 256)])
+
+    def token_grid_side(self) -> int:
+        """Side of the (last) token map at --image-size."""
+        side, tokenizer = self.cfg.image_size // self.tokenizer.downsample_factor, self.tokenizer
+        if isinstance(tokenizer, MultiScaleVQVAE) and tokenizer.latent_size != side:
+            raise SystemExit(f"--tokenizer {self.cfg.tokenizer} encodes {tokenizer.latent_size * tokenizer.downsample_factor} "
+                             f"px images (patch_nums {tokenizer.patch_nums}); set --image-size to that")
+        return side
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> tokens [B, L] (float32, no autocast)."""
+        with torch.autocast(images.device.type, enabled=False):
+            return flatten_tokens(self.tokenizer.encode(images))
+
+    def batch_tokens(self, batch: Batch) -> torch.Tensor:
+        if self.token_table is not None:
+            return self.token_table[batch.indices.to(self.token_table.device)]
+        return self.encode(batch.images)
+
+    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Replace each label by the null class (= num_classes) with probability label_dropout."""
+        dropped = torch.rand(labels.shape, device=labels.device) < self.cfg.label_dropout
+        return torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+
+    def trainees(self):
+        return {"model": (self.model, self.no_weight_decay)}
+
+    def generate(self, class_labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        """Sampled images [B, 3, H, W] in [0, 1] for class_labels [B], or None without a sampler."""
+        raise NotImplementedError
+
+    def samples(self):
+        labels = torch.arange(self.cfg.num_samples, device=self.device) % self.num_classes  # [N]
+        generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
+        images = self.generate(labels, generator)
+        return None if images is None else (images, math.ceil(math.sqrt(len(labels))))
+
+    def export(self, out: Path, class_names: list[str]) -> None:
+        """<out>/transformer and, when vartk.pipelines imports, <out>/pipeline (tokenizer + transformer + class names)."""
+        self.model.save_pretrained(out / "transformer")
+        (out / "class_names.json").write_text(json.dumps(class_names, indent=1) + "\n")
+        try:
+            from .. import pipelines
+        except ImportError as err:
+            print(f"no pipeline export: vartk.pipelines is unavailable ({err})", file=sys.stderr)
+            return
+        pipeline_cls = getattr(pipelines, self.pipeline_name)
+        pipeline_cls(tokenizer=self.tokenizer, transformer=self.model, class_names=class_names).save_pretrained(out / "pipeline")

@@ -1,0 +1,136 @@
+"""Image folders as training data, and the deterministic batch order that makes `--resume` exact.
+
+Layout: class subfolders (ImageFolder style; class index = position in the sorted folder names)
+or a flat folder of images (one class). Images are resized (shorter side, LANCZOS) and
+center-cropped to a square, and kept as uint8 [3, S, S]; small datasets are decoded once and held
+in memory. Batch order: epoch e shuffles with seed + e (torch's DistributedSampler rule), each rank
+takes its share, and the incomplete last batch is dropped, so step s always sees the same batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """(image paths, class indices, class names) of an ImageFolder tree or a flat folder (one class)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root} is not a folder; give a folder of images or of class subfolders")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and list_images(d))
+    if class_dirs:
+        per_class = [list_images(d) for d in class_dirs]
+        paths = [p for files in per_class for p in files]
+        labels = [index for index, files in enumerate(per_class) for _ in files]
+        names = [d.name for d in class_dirs]
+    else:
+        paths = list_images(root)
+        labels, names = [0] * len(paths), [root.name]
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return paths, labels, names
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """Read an image: transparency onto white, shorter side -> size, center crop -> uint8 [3, size, size]."""
+    image = Image.open(path)
+    if image.mode in ("RGBA", "LA", "P"):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    image = image.convert("RGB")
+    scale = size / min(image.size)
+    if scale != 1:
+        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                             Image.LANCZOS)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # [3, S, S]
+
+
+class ImageFolder(Dataset):
+    """Images of a folder as (uint8 [3, S, S], class index); `cache=True` decodes everything once."""
+
+    def __init__(self, root: str | Path, image_size: int, cache: bool):
+        self.paths, labels, self.class_names = find_images(root)
+        self.image_size = image_size
+        self.labels = torch.tensor(labels)  # [N]
+        self.images = torch.stack([load_image(p, image_size) for p in self.paths]) if cache else None  # [N, 3, S, S]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index] if self.images is not None else load_image(self.paths[index], self.image_size)
+        return image, int(self.labels[index])
+
+
+def fits_in_memory(root: str | Path, image_size: int, limit_gb: float) -> bool:
+    """Whether the decoded uint8 dataset stays under `limit_gb`."""
+    return len(find_images(root)[0]) * 3 * image_size**2 <= limit_gb * 2**30
+
+
+@dataclass
+class Batch:
+    indices: torch.Tensor  # [B] dataset indices
+    images: torch.Tensor  # [B, 3, S, S] uint8
+    labels: torch.Tensor  # [B]
+
+
+class BatchOrder:
+    """Which dataset indices each step of one rank reads; a pure function of (seed, epoch, rank)."""
+
+    def __init__(self, dataset_size: int, batch_size: int, seed: int, rank: int, world_size: int):
+        per_rank = dataset_size // world_size
+        if per_rank < batch_size:
+            raise ValueError(
+                f"{dataset_size} images over {world_size} process(es) give {per_rank} per process, fewer than "
+                f"--batch-size {batch_size}; use a smaller batch or more images"
+            )
+        self.sampler = DistributedSampler(range(dataset_size), world_size, rank, shuffle=True, seed=seed,
+                                          drop_last=True)
+        self.batch_size = batch_size
+        self.batches_per_epoch = per_rank // batch_size
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        indices = list(self.sampler)
+        return [indices[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.batches_per_epoch)]
+
+    def batches(self, start_step: int):
+        """Index lists for steps start_step, start_step + 1, ... (forever)."""
+        epoch, skip = divmod(start_step, self.batches_per_epoch)
+        while True:
+            yield from self.epoch(epoch)[skip:]
+            epoch, skip = epoch + 1, 0
+
+
+def iterate_batches(dataset: ImageFolder, order: BatchOrder, start_step: int, num_workers: int):
+    """Batches for steps start_step, start_step + 1, ...: indexing the in-memory cache, else a DataLoader."""
+    if dataset.images is not None:
+        for indices in order.batches(start_step):
+            index = torch.tensor(indices)
+            yield Batch(index, dataset.images[index], dataset.labels[index])
+        return
+    while True:
+        epoch, skip = divmod(start_step, order.batches_per_epoch)
+        index_lists = order.epoch(epoch)[skip:]
+        loader = DataLoader(dataset, batch_sampler=index_lists, num_workers=num_workers,
+                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+        for indices, (images, labels) in zip(index_lists, loader):
+            yield Batch(torch.tensor(indices), images, labels)
+        start_step += len(index_lists)

@@ -1,0 +1,78 @@
+"""Train a next-token (LlamaGen GPT) transformer on the tokens of a frozen single-scale tokenizer.
+
+    vartk train gpt --data DIR --tokenizer runs/tokenizer16/tokenizer --out runs/gpt --dim 256 --n-layer 6
+
+The tokenizer is a MultiScaleVQVAE with one scale (--patch-nums 16) or a VQModel; its token map is
+read row-major. Loss: cross-entropy of logits = model(labels, tokens[:, :-1]) against tokens
+(position 0, the class token, predicts token 0); labels are dropped to the null class with
+--label-dropout. Export: <out>/transformer, <out>/pipeline (GPTPipeline).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.gpt import GPTTransformer
+from ..tokenizers.msvq import MultiScaleVQVAE
+from ..tokenizers.vq import VQModel
+from .conditional import ConditionalJob, ConditionalTrainConfig, import_sampler
+from .data import Batch
+from .loop import arg, parse_config, run_training
+
+
+@dataclass
+class GPTTrainConfig(ConditionalTrainConfig):
+    """Train a next-token (LlamaGen-style) transformer on a frozen single-scale tokenizer's tokens."""
+
+    out: str = arg("runs/gpt", "output folder")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this value (0: no clipping)")
+    guidance_scale: float = arg(2.0, "classifier-free guidance of the sample grids")
+    dim: int = arg(256, "model width")
+    n_layer: int = arg(6, "transformer blocks")
+    n_head: int = arg(8, "attention heads (head size a multiple of 4)")
+    multiple_of: int = arg(64, "SwiGLU hidden size is rounded up to a multiple of this")
+    token_dropout: float = arg(0.1, "dropout on the input embeddings")
+    resid_dropout: float = arg(0.1, "dropout on attention outputs")
+    ffn_dropout: float = arg(0.1, "dropout in the feed-forward blocks")
+    temperature: float = arg(1.0, "sampling temperature of the sample grids")
+
+
+class GPTJob(ConditionalJob):
+    official_tokenizer_cls = VQModel
+    pipeline_name = "GPTPipeline"
+    no_weight_decay = ()
+
+    def __init__(self, cfg: GPTTrainConfig, dataset, device: torch.device):
+        super().__init__(cfg, dataset, device)
+        if isinstance(self.tokenizer, MultiScaleVQVAE) and len(self.tokenizer.patch_nums) != 1:
+            raise SystemExit(f"--tokenizer {cfg.tokenizer} has patch_nums {self.tokenizer.patch_nums}; next-token "
+                             "training needs a single-scale tokenizer (a MultiScaleVQVAE with one scale, or a VQModel)")
+        self.model = GPTTransformer(
+            dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, vocab_size=self.tokenizer.vocab_size,
+            num_classes=dataset.num_classes, grid_size=self.grid_side, multiple_of=cfg.multiple_of,
+            token_dropout_p=cfg.token_dropout, resid_dropout_p=cfg.resid_dropout, ffn_dropout_p=cfg.ffn_dropout,
+        ).to(device)
+        self.sampler_cls = import_sampler("next_token", "NextTokenSampler")
+
+    def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
+        tokens = self.batch_tokens(batch)  # [B, N]
+        logits = wrapped["model"](self.drop_labels(batch.labels), tokens[:, :-1])  # [B, N, V]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        return loss, {"acc": (logits.argmax(-1) == tokens).float().mean()}
+
+    def generate(self, class_labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        if self.sampler_cls is None:
+            return None
+        tokens = self.sampler_cls(temperature=self.cfg.temperature)(
+            self.model, class_labels, guidance_scale=self.cfg.guidance_scale, top_k=self.cfg.top_k,
+            top_p=self.cfg.top_p, generator=generator, progress=False,
+        )  # [B, N]
+        return self.tokenizer.decode(tokens.view(-1, self.grid_side, self.grid_side))
+
+
+def main(argv: list[str]) -> Path:
+    return run_training(parse_config(GPTTrainConfig, argv, "vartk train gpt"), GPTJob)

@@ -1,0 +1,345 @@
+"""The training loop every job shares: config -> CLI flags, DDP, optimiser and LR schedule,
+deterministic steps, logging, sample grids, checkpoints and `--resume`.
+
+A job (tokenizer.py, var.py, gpt.py) is a `Job` subclass: it builds its models from the config and
+the dataset, names the modules it trains, and computes a loss per step. The loop does the rest:
+
+    for step in range(start, max_steps):
+        torch.manual_seed(step_seed(seed, step, rank))     # dropout / label dropout: same after --resume
+        batch = next(batches)                              # same indices for the same step, see data.py
+        for name in job.phases(step):                      # ["model"] (+ ["discriminator"] for a GAN)
+            loss = job.loss(name, wrapped_modules, batch, step); backward, clip, AdamW, LR schedule
+        log / sample grid / checkpoint every N steps
+    job.export(out)                                        # save_pretrained folders
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import Batch, BatchOrder, ImageFolder, fits_in_memory, iterate_batches
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def arg(default, help: str):
+    """A config field that becomes the CLI flag --field-name with this help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Fields every job has. An empty-string default on a `required`-marked field means: must be given."""
+
+    data: str = arg("", "image folder: class subfolders (ImageFolder layout) or a flat folder of images (required)")
+    out: str = arg("runs/train", "output folder: checkpoints/, samples/, log.jsonl and the exported model")
+    image_size: int = arg(64, "images are resized (shorter side) and center-cropped to this size")
+    batch_size: int = arg(32, "batch size per process (global batch = this x number of processes)")
+    max_steps: int = arg(1000, "optimizer steps in total")
+    lr: float = arg(3e-4, "peak learning rate")
+    weight_decay: float = arg(0.05, "AdamW weight decay (never on biases, norms, embeddings the job excludes)")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.95, "AdamW beta2")
+    warmup_steps: int = arg(100, "linear warm-up steps")
+    schedule: str = arg("cosine", f"decay after warm-up: one of {SCHEDULES}")
+    min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of --lr")
+    grad_clip: float = arg(2.0, "clip the gradient norm to this value (0: no clipping)")
+    seed: int = arg(0, "seed of the initialisation, the data order and every step's randomness")
+    log_every: int = arg(10, "write averaged metrics to log.jsonl every N steps")
+    sample_every: int = arg(500, "write a sample grid to samples/ every N steps (0: only at the end)")
+    num_samples: int = arg(16, "images in a sample grid")
+    save_every: int = arg(500, "write a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = arg(2, "how many recent checkpoints to keep")
+    resume: bool = arg(False, "continue from the latest checkpoint in --out")
+    device: str = arg("auto", "auto (cuda when available), cuda or cpu")
+    precision: str = arg("auto", f"one of {PRECISIONS}; auto = bf16 autocast on CUDA, fp32 on CPU")
+    num_workers: int = arg(0, "DataLoader workers when the dataset is not cached in memory")
+    cache_limit_gb: float = arg(4.0, "decode the whole dataset into memory (uint8) when it fits in this many GB")
+    progress: bool = arg(True, "show a tqdm progress bar")
+
+    required = ("data",)
+
+    def check(self) -> None:
+        for name in self.required:
+            if getattr(self, name) in ("", None):
+                raise SystemExit(f"--{name.replace('_', '-')} is required")
+        if self.schedule not in SCHEDULES:
+            raise SystemExit(f"--schedule {self.schedule!r} is unknown; use one of {SCHEDULES}")
+        if self.precision not in PRECISIONS:
+            raise SystemExit(f"--precision {self.precision!r} is unknown; use one of {PRECISIONS}")
+        for name in ("batch_size", "max_steps", "log_every", "save_every", "image_size"):
+            if getattr(self, name) < 1:
+                raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def parse_int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4, got {text!r}")
+
+
+def build_parser(config_cls: type, prog: str) -> argparse.ArgumentParser:
+    """One --flag per dataclass field (underscores -> dashes); tuples are comma-separated ints."""
+    parser = argparse.ArgumentParser(prog=prog, description=config_cls.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        flag, kind, help_text = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(flag, type=parse_int_tuple, default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+    return parser
+
+
+def parse_config(config_cls: type, argv: list[str], prog: str):
+    config = config_cls(**vars(build_parser(config_cls, prog).parse_args(argv)))
+    config.check()
+    return config
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+@dataclass
+class Distributed:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Distributed:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; nccl on GPUs, gloo on CPU."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise SystemExit(f"--device {device!r} is unknown; use auto, cuda or cpu")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch sees no GPU")
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if world_size > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Distributed(rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step on one rank: randomness depends on (seed, step, rank) only, so --resume is exact."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+# ---------------------------------------------------------------------------------------------- optimisation
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine / linear decay to min_lr_ratio at max_steps (or constant)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+
+def build_optimizer(module: nn.Module, cfg: TrainConfig, no_decay_keywords: tuple[str, ...], fused: bool):
+    """AdamW; no weight decay on 1-D parameters and on names containing one of `no_decay_keywords`."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            skip = param.ndim < 2 or any(keyword in name for keyword in no_decay_keywords)
+            (no_decay if skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    return optimizer, scheduler
+
+
+@dataclass
+class Trainee:
+    """A trained module with its DDP wrapper, optimizer and LR schedule."""
+
+    module: nn.Module
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def step(self, loss: torch.Tensor, grad_clip: float) -> float:
+        """Backward, clip, update; returns the gradient norm before clipping (0 when not clipping)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip).item() if grad_clip > 0 else 0.0
+        self.optimizer.step()
+        self.scheduler.step()
+        return grad_norm
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+class Job:
+    """What a training job gives the loop; see tokenizer.py, var.py, gpt.py."""
+
+    find_unused_parameters = False
+
+    def trainees(self) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
+        """{name: (module, no-weight-decay name keywords)}; "model" is the one exported."""
+        raise NotImplementedError
+
+    def phases(self, step: int) -> list[str]:
+        """Names of the trainees updated at `step`, in order."""
+        return ["model"]
+
+    def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
+        """(scalar loss, {metric: float tensor}) for trainee `name`; `wrapped` holds the DDP-wrapped modules."""
+        raise NotImplementedError
+
+    def samples(self) -> tuple[torch.Tensor, int] | None:
+        """(images [N, 3, H, W] in [0, 1], images per grid row) for the sample grid, or None."""
+        return None
+
+    def export(self, out: Path, class_names: list[str]) -> None:
+        """Write the trained model(s) as save_pretrained folders under `out`."""
+        raise NotImplementedError
+
+
+def autocast_context(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def averaged(metrics: dict[str, list[float]], dist: Distributed) -> dict[str, float]:
+    """Mean of each metric over the logging window and over processes."""
+    names = sorted(metrics)
+    values = torch.tensor([sum(metrics[n]) / len(metrics[n]) for n in names], dtype=torch.float64)
+    if dist.world_size > 1:
+        torch_dist.all_reduce(values)
+        values /= dist.world_size
+    return dict(zip(names, values.tolist()))
+
+
+def save_sample_grid(job: Job, trainees: dict[str, Trainee], path: Path) -> None:
+    from torchvision.utils import save_image
+
+    for trainee in trainees.values():
+        trainee.module.eval()
+    with torch.no_grad():
+        grid = job.samples()
+    for trainee in trainees.values():
+        trainee.module.train()
+    if grid is not None:
+        images, nrow = grid
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.png")
+        save_image(images.float().clamp(0, 1), tmp, nrow=nrow, padding=2, pad_value=1.0)
+        os.replace(tmp, path)
+
+
+def run_training(cfg: TrainConfig, job_cls: type) -> Path:
+    """Train `job_cls(cfg, dataset, device)` as configured; returns the output folder."""
+    dist = setup_distributed(cfg.device)
+    out = Path(cfg.out)
+    cache = fits_in_memory(cfg.data, cfg.image_size, cfg.cache_limit_gb)
+    dataset = ImageFolder(cfg.data, cfg.image_size, cache=cache)
+    order = BatchOrder(len(dataset), cfg.batch_size, cfg.seed, dist.rank, dist.world_size)
+    torch.manual_seed(cfg.seed)
+    job = job_cls(cfg, dataset, dist.device)
+
+    trainees = {}
+    for name, (module, no_decay) in job.trainees().items():
+        module.train()
+        wrapped = module
+        if dist.world_size > 1:
+            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
+                                              find_unused_parameters=job.find_unused_parameters)
+        trainees[name] = Trainee(module, wrapped, *build_optimizer(module, cfg, no_decay, dist.device.type == "cuda"))
+    modules = {name: t.module for name, t in trainees.items()}
+    optimizers = {name: t.optimizer for name, t in trainees.items()}
+    schedulers = {name: t.scheduler for name, t in trainees.items()}
+
+    start_step = 0
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume_from is None and dist.is_main:
+        print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, modules, optimizers, schedulers)
+        if (state["world_size"], state["batch_size"]) != (dist.world_size, cfg.batch_size):
+            raise SystemExit(
+                f"{resume_from} was written by {state['world_size']} process(es) with --batch-size "
+                f"{state['batch_size']}; resume with the same (now {dist.world_size}, {cfg.batch_size}) to keep the data order"
+            )
+        start_step = state["step"]
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    progress = None
+    if dist.is_main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.max_steps, initial=start_step, desc=type(job).__name__, dynamic_ncols=True)
+
+    window: dict[str, list[float]] = {}
+    window_start = time.perf_counter()
+    batches = iterate_batches(dataset, order, start_step, cfg.num_workers)
+    wrapped = {name: t.wrapped for name, t in trainees.items()}
+    for step in range(start_step, cfg.max_steps):
+        torch.manual_seed(step_seed(cfg.seed, step, dist.rank))
+        batch = next(batches)
+        batch = Batch(batch.indices, batch.images.to(dist.device, non_blocking=True).float() / 255,
+                      batch.labels.to(dist.device, non_blocking=True))
+        for name in job.phases(step):
+            with autocast_context(dist.device, cfg.precision):
+                loss, metrics = job.loss(name, wrapped, batch, step)
+            grad_norm = trainees[name].step(loss, cfg.grad_clip)
+            prefix = "" if name == "model" else f"{name}_"
+            for key, value in {"loss": loss.detach(), **metrics, "grad_norm": grad_norm}.items():
+                window.setdefault(prefix + key, []).append(float(value))
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            record = averaged(window, dist)
+            elapsed = time.perf_counter() - window_start
+            record.update(step=step, lr=trainees["model"].scheduler.get_last_lr()[0],
+                          steps_per_s=len(window["loss"]) / elapsed)
+            if dist.is_main:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            window, window_start = {}, time.perf_counter()
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(loss):.4f}")
+        if dist.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.max_steps):
+            save_sample_grid(job, trainees, out / "samples" / f"step_{done:07d}.png")
+        if dist.is_main and (done % cfg.save_every == 0 or done == cfg.max_steps):
+            epoch, batch_in_epoch = divmod(done, order.batches_per_epoch)
+            state = dict(epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=dist.world_size,
+                         batch_size=cfg.batch_size, seed=cfg.seed, config=dataclasses.asdict(cfg))
+            save_checkpoint(out, done, modules, optimizers, schedulers, state, cfg.keep_checkpoints)
+    if progress is not None:
+        progress.close()
+    if dist.is_main:
+        job.export(out, dataset.class_names)
+    if dist.world_size > 1:
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+    return out

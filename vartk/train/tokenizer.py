@@ -1,0 +1,165 @@
+"""Train a MultiScaleVQVAE tokenizer (multi-scale, or single-scale with --patch-nums 16).
+
+    vartk train tokenizer --data DIR --out runs/tokenizer --patch-nums 1,2,3,4,5,6,8,10,13,16
+
+Loss = vq_weight * quantiser loss (from the model's forward) + l2_weight * MSE + l1_weight * L1
+     [+ gan_weight * hinge generator loss against a PatchGAN, from --gan-start on]
+The discriminator is trained in a second phase of the same step (hinge loss). A perceptual (LPIPS)
+loss needs pretrained VGG weights, which vartk cannot fetch offline: --lpips-weights is refused.
+Export: <out>/tokenizer (save_pretrained).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..tokenizers.msvq import MultiScaleVQVAE
+from .data import Batch
+from .loop import Job, TrainConfig, arg, parse_config, run_training
+
+
+@dataclass
+class TokenizerTrainConfig(TrainConfig):
+    """Train a multi-scale residual VQ-VAE (VAR tokenizer); one scale (--patch-nums 16) gives a
+    single-scale tokenizer for next-token models."""
+
+    out: str = arg("runs/tokenizer", "output folder")
+    lr: float = arg(2e-4, "peak learning rate")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    warmup_steps: int = arg(200, "linear warm-up steps")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this value (0: no clipping)")
+    ch: int = arg(64, "base channels of the encoder / decoder")
+    ch_mult: tuple[int, ...] = arg((1, 2, 2), "channel multipliers; downsampling = 2 ** (len - 1)")
+    num_res_blocks: int = arg(1, "ResNet blocks per resolution")
+    z_channels: int = arg(32, "latent (codebook vector) channels")
+    vocab_size: int = arg(1024, "codebook size")
+    patch_nums: tuple[int, ...] = arg((1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+                                      "token-map sides, small to large; the last = image_size / downsampling")
+    beta: float = arg(0.25, "commitment loss weight")
+    quant_resi: float = arg(0.5, "phi conv ratio")
+    share_quant_resi: int = arg(4, "number of shared phi convs")
+    norm_groups: int = arg(32, "GroupNorm groups (must divide the channels)")
+    vq_weight: float = arg(1.0, "weight of the quantiser loss")
+    l2_weight: float = arg(1.0, "weight of the pixel MSE")
+    l1_weight: float = arg(0.0, "weight of the pixel L1")
+    lpips_weights: str = arg("", "perceptual loss weights file (not available offline; leave empty)")
+    gan_weight: float = arg(0.0, "weight of the PatchGAN hinge generator loss (0: no GAN)")
+    gan_start: int = arg(0, "step at which the GAN losses start")
+    disc_channels: int = arg(64, "PatchGAN base channels")
+    disc_layers: int = arg(3, "PatchGAN stride-2 layers")
+
+    def check(self) -> None:
+        super().check()
+        if self.lpips_weights:
+            raise SystemExit(
+                f"--lpips-weights {self.lpips_weights}: the perceptual loss is not available in vartk (it needs "
+                "pretrained VGG weights that cannot be fetched offline); train with --l2-weight/--l1-weight and --gan-weight"
+            )
+        latent = self.image_size // 2 ** (len(self.ch_mult) - 1)
+        if self.patch_nums[-1] != latent:
+            raise SystemExit(
+                f"--patch-nums ends at {self.patch_nums[-1]} but --image-size {self.image_size} with --ch-mult "
+                f"{','.join(map(str, self.ch_mult))} gives a {latent}x{latent} latent; make them agree"
+            )
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix): 4x4 convs (stride 2, then 1) -> a map of real/fake logits [B, 1, h, w].
+    GroupNorm instead of BatchNorm keeps it independent of the batch split across processes."""
+
+    def __init__(self, channels: int = 64, num_layers: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(3, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(1, num_layers + 1):
+            out = channels * min(2**i, 8)
+            layers += [nn.Conv2d(width, out, 4, stride=2 if i < num_layers else 1, padding=1, bias=False),
+                       nn.GroupNorm(min(32, out), out), nn.LeakyReLU(0.2)]
+            width = out
+        layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images * 2 - 1)
+
+
+@contextmanager
+def frozen(module: nn.Module):
+    """Run `module` without parameter gradients (the generator phase reads the discriminator)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+class TokenizerJob(Job):
+    find_unused_parameters = True  # phi convs that no scale picks stay unused
+
+    def __init__(self, cfg: TokenizerTrainConfig, dataset, device: torch.device):
+        self.cfg = cfg
+        self.model = MultiScaleVQVAE(
+            ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks, z_channels=cfg.z_channels,
+            vocab_size=cfg.vocab_size, patch_nums=cfg.patch_nums, beta=cfg.beta, quant_resi=cfg.quant_resi,
+            share_quant_resi=cfg.share_quant_resi, norm_groups=cfg.norm_groups,
+        ).to(device)
+        self.discriminator = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(device) if cfg.gan_weight > 0 else None
+        preview = torch.linspace(0, len(dataset) - 1, min(cfg.num_samples, len(dataset))).round().long().tolist()
+        self.preview = torch.stack([dataset[i][0] for i in preview]).to(device).float() / 255  # [N, 3, H, W]
+        self.reconstruction = None  # the generator phase's output, read by the discriminator phase
+
+    def trainees(self):
+        parts = {"model": (self.model, ())}
+        if self.discriminator is not None:
+            parts["discriminator"] = (self.discriminator, ())
+        return parts
+
+    def gan_active(self, step: int) -> bool:
+        return self.discriminator is not None and step >= self.cfg.gan_start
+
+    def phases(self, step: int) -> list[str]:
+        return ["model", "discriminator"] if self.gan_active(step) else ["model"]
+
+    def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
+        if name == "discriminator":
+            return self.discriminator_loss(wrapped[name], batch.images)
+        cfg = self.cfg
+        recon, vq_loss, stats = wrapped["model"](batch.images)  # [B, 3, H, W]
+        recon = recon.float()
+        l2, l1 = F.mse_loss(recon, batch.images), F.l1_loss(recon, batch.images)
+        loss = cfg.vq_weight * vq_loss + cfg.l2_weight * l2 + cfg.l1_weight * l1
+        metrics = {"l2": l2.detach(), "l1": l1.detach(), "vq": vq_loss.detach()}
+        metrics.update({k: v for k, v in stats.items() if v is not None})
+        if self.gan_active(step):
+            with frozen(self.discriminator):
+                generator_loss = -self.discriminator(recon).float().mean()
+            loss = loss + cfg.gan_weight * generator_loss
+            metrics["gan_g"] = generator_loss.detach()
+        self.reconstruction = recon.detach()
+        return loss, metrics
+
+    def discriminator_loss(self, discriminator: nn.Module, real: torch.Tensor):
+        """Hinge loss on real images and the generator phase's reconstructions."""
+        logits_real = discriminator(real).float()
+        logits_fake = discriminator(self.reconstruction).float()
+        loss = 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+        return loss, {"real_logit": logits_real.mean().detach(), "fake_logit": logits_fake.mean().detach()}
+
+    def samples(self) -> tuple[torch.Tensor, int]:
+        """A row of originals above a row of their reconstructions."""
+        recon = self.model.decode(self.model.encode(self.preview))
+        return torch.cat([self.preview, recon.float()]), len(self.preview)
+
+    def export(self, out: Path, class_names: list[str]) -> None:
+        self.model.save_pretrained(out / "tokenizer")
+
+
+def main(argv: list[str]) -> Path:
+    return run_training(parse_config(TokenizerTrainConfig, argv, "vartk train tokenizer"), TokenizerJob)

@@ -1,0 +1,85 @@
+"""Train a next-scale (VAR) transformer on the tokens of a frozen multi-scale tokenizer.
+
+    vartk train var --data DIR --tokenizer runs/tokenizer/tokenizer --out runs/var --depth 6
+
+Loss: cross-entropy over all L = sum(pn^2) tokens of the pyramid (token mean), teacher-forced with
+`tokenizer.teacher_forcing_input`; labels are dropped to the null class with --label-dropout.
+AdamW skips weight decay on 1-D parameters and the position / level embeddings (official recipe).
+Export: <out>/transformer, <out>/pipeline (VARPipeline).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.var import VARTransformer
+from ..tokenizers.msvq import MultiScaleVQVAE
+from .conditional import ConditionalJob, ConditionalTrainConfig, import_sampler
+from .data import Batch
+from .loop import arg, parse_config, run_training
+
+
+@dataclass
+class VARTrainConfig(ConditionalTrainConfig):
+    """Train a next-scale (VAR) transformer on a frozen multi-scale tokenizer's tokens."""
+
+    out: str = arg("runs/var", "output folder")
+    depth: int = arg(6, "transformer blocks")
+    width: int = arg(0, "model width (0: 64 * depth)")
+    num_heads: int = arg(0, "attention heads (0: depth)")
+    mlp_ratio: float = arg(4.0, "MLP hidden size / width")
+    drop_path_rate: float = arg(0.0, "stochastic depth rate of the last block")
+    init_adaln_gamma: float = arg(1e-3, "initial scale of the AdaLN residual gates (official: 1e-3 for d16/d20)")
+
+
+class VARJob(ConditionalJob):
+    official_tokenizer_cls = MultiScaleVQVAE
+    pipeline_name = "VARPipeline"
+    no_weight_decay = ("pos_start", "pos_1LC", "lvl_embed")
+
+    def __init__(self, cfg: VARTrainConfig, dataset, device: torch.device):
+        super().__init__(cfg, dataset, device)
+        if not isinstance(self.tokenizer, MultiScaleVQVAE):
+            raise SystemExit(f"--tokenizer {cfg.tokenizer} is a {type(self.tokenizer).__name__}; "
+                             "next-scale training needs a MultiScaleVQVAE")
+        self.patch_nums = self.tokenizer.patch_nums
+        self.model = VARTransformer(
+            depth=cfg.depth, width=cfg.width or None, num_heads=cfg.num_heads or None, mlp_ratio=cfg.mlp_ratio,
+            vocab_size=self.tokenizer.vocab_size, latent_channels=self.tokenizer.latent_channels,
+            num_classes=dataset.num_classes, patch_nums=self.patch_nums, drop_path_rate=cfg.drop_path_rate,
+        ).to(device)
+        self.model.init_weights(init_adaln_gamma=cfg.init_adaln_gamma)
+        self.sampler_cls = import_sampler("next_scale", "NextScaleSampler")
+
+    @torch.no_grad()
+    def teacher_forcing_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Flat pyramid tokens [B, L] -> transformer input [B, L - 1, Cz] (float32, no autocast)."""
+        sizes = [pn * pn for pn in self.patch_nums]
+        maps = [t.view(-1, pn, pn) for t, pn in zip(tokens.split(sizes, dim=1), self.patch_nums)]
+        with torch.autocast(tokens.device.type, enabled=False):
+            return self.tokenizer.teacher_forcing_input(maps)
+
+    def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
+        tokens = self.batch_tokens(batch)  # [B, L]
+        logits = wrapped["model"](self.drop_labels(batch.labels), self.teacher_forcing_input(tokens))  # [B, L, V]
+        token_losses = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none").view_as(tokens)
+        last = self.patch_nums[-1] ** 2
+        accuracy = (logits.argmax(-1) == tokens).float()  # [B, L]
+        metrics = {"acc": accuracy.mean(), "tail_loss": token_losses[:, -last:].mean().detach(),
+                   "tail_acc": accuracy[:, -last:].mean()}
+        return token_losses.mean(), metrics
+
+    def generate(self, class_labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        if self.sampler_cls is None:
+            return None
+        maps = self.sampler_cls()(self.model, self.tokenizer, class_labels, guidance_scale=self.cfg.guidance_scale,
+                                  top_k=self.cfg.top_k, top_p=self.cfg.top_p, generator=generator, progress=False)
+        return self.tokenizer.decode(maps)
+
+
+def main(argv: list[str]) -> Path:
+    return run_training(parse_config(VARTrainConfig, argv, "vartk train var"), VARJob)
