@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -96,5 +97,6 @@ def load_fid_script():
     """eval/fid.py as a module (eval/ is not a package)."""
     spec = importlib.util.spec_from_file_location("vartk_eval_fid", REPO / "eval" / "fid.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module

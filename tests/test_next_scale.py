@@ -63,7 +63,7 @@ def test_guidance_ramps_linearly_over_scales(models, monkeypatch):
     raw, guided = [], []
     real_forward_scale, real_filter = transformer.forward_scale, next_scale.filter_logits
     monkeypatch.setattr(transformer, "forward_scale", lambda *a: raw.append(real_forward_scale(*a)) or raw[-1])
-    monkeypatch.setattr(next_scale, "filter_logits", lambda logits, *a: guided.append(logits) or real_filter(logits, *a))
+    monkeypatch.setattr(next_scale, "filter_logits", lambda x, *a: guided.append(x) or real_filter(x, *a))
     sample(models, guidance_scale=2.0)
     for si, (both, mixed) in enumerate(zip(raw, guided)):
         t = 2.0 * si / (len(PATCH_NUMS) - 1)

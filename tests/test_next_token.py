@@ -24,7 +24,7 @@ def reference_loop(model, labels, guidance_scale, cfg_interval=-1, draw=lambda l
     guide = guidance_scale is not None
     with torch.no_grad():
         for index in range(model.num_tokens):
-            if cfg_interval > -1 and index - 1 > cfg_interval:  # decode step index - 1; the first token is always guided
+            if cfg_interval > -1 and index - 1 > cfg_interval:  # token `index` comes from decode step index - 1
                 guide = False
             cond = model(labels, tokens)[:, -1]
             uncond = model(null, tokens)[:, -1]

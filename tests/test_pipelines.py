@@ -76,6 +76,16 @@ def test_save_pretrained_round_trip_gives_identical_images(converted, tmp_path):
     assert not torch.equal(sample(pipe, seed=0), sample(pipe, seed=1))
 
 
+def test_more_smooth_decodes_the_soft_latent(converted):
+    from vartk.samplers import NextScaleSampler
+
+    pipe = load(str(converted))
+    hard = sample(pipe)
+    smooth = sample(pipe, sampler=NextScaleSampler(more_smooth=True))
+    assert smooth.shape == hard.shape and not torch.allclose(smooth, hard)
+    assert torch.equal(smooth, sample(pipe, sampler=NextScaleSampler(more_smooth=True)))
+
+
 def test_output_types_and_num_images_per_label(converted):
     pipe = load(str(converted))
     pil = sample(pipe, class_labels=[2], num_images_per_label=3, output_type="pil")

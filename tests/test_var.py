@@ -101,7 +101,8 @@ def test_official_d36_layout_is_inferred():
     assert config["shared_aln"] is True and config["patch_nums"] == PATCH_NUMS_512
     with torch.device("meta"):
         model = VARTransformer(**config)
-    assert {k: (tuple(v.shape), str(v.dtype)[6:]) for k, v in model.state_dict().items()} == load_fixture("var_d36.json")
+    layout = {k: (tuple(v.shape), str(v.dtype)[6:]) for k, v in model.state_dict().items()}
+    assert layout == load_fixture("var_d36.json")
     assert sum(p.numel() for p in model.parameters()) == 2_353_893_904
 
 
@@ -149,6 +150,11 @@ def test_init_weights_follows_the_official_recipe():
     fc2 = model.blocks[0].ffn.fc2.weight
     assert abs(fc2.std().item() - std / 8 ** 0.5) < 0.1 * std
     assert model.head.bias.abs().max() == 0 and model.blocks[0].attn.q_bias.abs().max() == 0
+    shared = VARTransformer(depth=2, vocab_size=32, latent_channels=8, num_classes=NUM_CLASSES, patch_nums=PATCH_NUMS,
+                            shared_aln=True)
+    shared.init_weights(init_adaln_gamma=1e-3)  # a second call re-draws, it does not compound
+    gss = shared.blocks[1].ada_gss[0, 0]  # [6, C]
+    assert abs(gss[:2].std().item() - 1e-3 / 128 ** 0.5) < 0.15e-3 / 128 ** 0.5
 
 
 def test_drop_path_only_in_training():

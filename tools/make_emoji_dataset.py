@@ -106,7 +106,7 @@ def composite_on_white(png: Path) -> Image.Image:
 
 def build_dataset(packages: dict[str, Path], out: Path, test_fraction: float) -> list[dict]:
     """Write the ImageFolder tree, metadata.csv and classes.json from unpacked packages {vendor: folder}."""
-    rows = []
+    rows, names = [], {}
     for vendor, package in sorted(packages.items()):
         table = json.loads((package / "emoji.json").read_text())
         for image in emoji_images(table, vendor):
@@ -119,18 +119,19 @@ def build_dataset(packages: dict[str, Path], out: Path, test_fraction: float) ->
             composite_on_white(source).save(out / path)
             rows.append({"path": path.as_posix(), "split": split, "vendor": vendor,
                          "category": category_folder(image.category), "code": image.code,
-                         "base_code": image.base_code, "skin_tone": image.skin_tone, "name": image.category})
-    write_metadata(rows, out)
+                         "base_code": image.base_code, "skin_tone": image.skin_tone})
+            names[category_folder(image.category)] = image.category
+    write_metadata(rows, names, out)
     return rows
 
 
-def write_metadata(rows: list[dict], out: Path) -> None:
-    names = dict(sorted({row["category"]: row["name"] for row in rows}.items()))
-    classes = [{"index": i, "folder": folder, "name": name} for i, (folder, name) in enumerate(names.items())]
+def write_metadata(rows: list[dict], names: dict[str, str], out: Path) -> None:
+    """metadata.csv (sorted by path) and classes.json ({folder: display name} in sorted-folder order)."""
+    classes = [{"index": i, "folder": folder, "name": names[folder]} for i, folder in enumerate(sorted(names))]
     (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
     columns = ["path", "split", "vendor", "category", "code", "base_code", "skin_tone"]
     with open(out / "metadata.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda row: row["path"]))
 

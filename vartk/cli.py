@@ -52,7 +52,7 @@ def _parse_object(spec: str | None, kind: str):
     if spec is None:
         return None
     name, _, arg_text = spec.partition(":")
-    classes = {n.lower(): getattr(samplers, n) for n in samplers.__all__}
+    classes = {n.lower(): getattr(samplers, n) for n in samplers.__all__ if n[0].isupper()}
     if name.lower() not in classes:
         raise SystemExit(f"vartk: unknown {kind} {name!r}; available: {sorted(classes)}")
     kwargs = {}

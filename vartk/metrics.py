@@ -317,38 +317,17 @@ def _statistics_mismatch(path: Path, meta: dict, extractor: FeatureExtractor, la
     return None
 
 
-def reference_statistics(
-    reference, layers: dict[str, bool], extractor: FeatureExtractor, cache: bool = True
-) -> dict[str, LayerStatistics]:
-    """Statistics of `reference` at each layer in `layers` ({layer: features needed?}).
-
-    Statistics files are used where they describe (extractor, layer) and hold the features asked for;
-    everything else is extracted from the reference's images, through the cache when it is a path."""
-    out = {}
+def _image_statistics(reference, layers: list[str], extractor: FeatureExtractor, cache: bool) -> dict:
+    """Statistics and features of the reference's images at `layers`, through the cache when it is a path."""
     path = Path(reference) if isinstance(reference, (str, os.PathLike)) else None
-    if path is not None and not (path.is_dir() or (path.is_file() and path.suffix == ".npz")):
-        raise FileNotFoundError(f"reference {path} is neither an image folder nor an .npz file")
-    has_images = path is None or path.is_dir() or "arr_0" in _npz_keys(path)
-    if path is not None and path.suffix == ".npz" and {"mu", "sigma"} <= _npz_keys(path):
-        stats, meta = read_statistics(path)
-        for layer, needs_features in layers.items():
-            reason = _statistics_mismatch(path, meta, extractor, layer)
-            if reason is None and needs_features and stats.features is None:
-                reason = "it holds no features (KID and precision/recall need them)"
-            if reason is None:
-                out[layer] = stats
-            elif not has_images:
-                raise ValueError(f"reference {path} cannot be used for {extractor.name} layer {layer}: {reason}")
-    missing = [layer for layer in layers if layer not in out]
-    if not missing:
-        return out
-    digest = content_hash(path) if cache and path else None
-    cache_files = {layer: _cache_files(path, digest, extractor, layer) for layer in missing} if digest else {}
+    digest = content_hash(path) if cache and path is not None else None
+    cache_files = {layer: _cache_files(path, digest, extractor, layer) for layer in layers} if digest else {}
+    out = {}
     for layer, files in cache_files.items():
         found = next((f for f in files if f.is_file()), None)
         if found is not None:
             out[layer] = read_statistics(found)[0]
-    missing = [layer for layer in missing if layer not in out]
+    missing = [layer for layer in layers if layer not in out]
     if missing:
         features = extractor.extract(reference, missing)
         for layer in missing:
@@ -359,6 +338,42 @@ def reference_statistics(
                     "source": str(path.resolve()), "num_images": len(features[layer]),
                 }
                 _write_cache(cache_files[layer], out[layer], meta)
+    return out
+
+
+def reference_statistics(
+    reference, layers: dict[str, bool], extractor: FeatureExtractor, cache: bool = True
+) -> dict[str, LayerStatistics]:
+    """Statistics of `reference` at each layer in `layers` ({layer: features needed?}).
+
+    A statistics file gives mu / sigma (and features, if it has them) where it describes (extractor,
+    layer); everything else comes from the reference's images."""
+    path = Path(reference) if isinstance(reference, (str, os.PathLike)) else None
+    if path is not None and not (path.is_dir() or (path.is_file() and path.suffix == ".npz")):
+        raise FileNotFoundError(f"reference {path} is neither an image folder nor an .npz file")
+    has_images = path is None or path.is_dir() or "arr_0" in _npz_keys(path)
+    from_file = {}
+    if path is not None and path.suffix == ".npz" and {"mu", "sigma"} <= _npz_keys(path):
+        stats, meta = read_statistics(path)
+        for layer, needs_features in layers.items():
+            reason = _statistics_mismatch(path, meta, extractor, layer)
+            if reason is None and needs_features and stats.features is None and not has_images:
+                reason = "it holds no features or images (KID and precision/recall need them)"
+            if reason is None:
+                from_file[layer] = stats
+            elif not has_images:
+                raise ValueError(f"reference {path} cannot be used for {extractor.name} layer {layer}: {reason}")
+    from_images = [
+        layer for layer, needs_features in layers.items()
+        if layer not in from_file or (needs_features and from_file[layer].features is None)
+    ]
+    images = _image_statistics(reference, from_images, extractor, cache) if from_images else {}
+    out = {}
+    for layer in layers:
+        if layer in from_file and layer in images:  # the file's mu / sigma with the images' features
+            out[layer] = LayerStatistics(from_file[layer].mu, from_file[layer].sigma, images[layer].features)
+        else:
+            out[layer] = from_file.get(layer) or images[layer]
     return out
 
 

@@ -141,11 +141,11 @@ class VARPipeline(_AutoregressivePipeline):
         labels = self._class_tensor(class_labels, num_images_per_label)
         sampler = sampler or NextScaleSampler()
         with eval_mode(self.tokenizer, self.transformer):
-            tokens = sampler(
+            _, latent = sampler(
                 self.transformer, self.tokenizer, labels, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
-                generator=generator, kv_cache=kv_cache, progress=progress,
-            )
-            images = self.tokenizer.decode(tokens)
+                generator=generator, kv_cache=kv_cache, progress=progress, return_latent=True,
+            )  # the running latent, not the tokens: `more_smooth` mixes soft embeddings into it
+            images = self.tokenizer.decode_latent(latent)
         return self._finish(images, output_type, return_dict)
 
     @torch.inference_mode()

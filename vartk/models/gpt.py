@@ -263,7 +263,9 @@ class GPTTransformer(ModelMixin, ConfigMixin):
         """
         x = self.embed(class_labels, tokens)  # [B, T, C]
         if positions.shape != x.shape[:2]:
-            raise ValueError(f"positions has shape {tuple(positions.shape)}, expected {tuple(x.shape[:2])} (rows, entries)")
+            raise ValueError(
+                f"positions has shape {tuple(positions.shape)}, expected {tuple(x.shape[:2])} (rows, entries)"
+            )
         if len(caches) != self.config.n_layer:
             raise ValueError(f"got {len(caches)} KV caches, the model has {self.config.n_layer} layers")
         return self.run_layers(x, positions, caches)
@@ -277,24 +279,17 @@ class GPTTransformer(ModelMixin, ConfigMixin):
         `model` names the preset (the head count is not visible in the weights) and `image_size` the
         grid (image_size // 16 tokens a side). A file name carrying _256/_384/_512 must agree with
         `image_size`. DDP files (weights under "model", "module" or "state_dict") and bare FSDP
-        state dicts both load; a stale `freqs_cis` or KV-cache buffer is ignored.
+        state dicts both load; a stale `freqs_cis` or KV-cache buffer is ignored. `overrides` are
+        config fields to change (e.g. dropout probabilities for fine-tuning).
         """
         if model not in GPT_CONFIGS:
             raise ValueError(f"unknown LlamaGen model {model!r}; choose one of {sorted(GPT_CONFIGS)}")
         if image_size <= 0 or image_size % TOKENIZER_DOWNSAMPLE:
-            raise ValueError(f"image_size={image_size} must be a positive multiple of {TOKENIZER_DOWNSAMPLE} (256 or 384)")
-        if isinstance(path_or_state_dict, (str, os.PathLike)):
-            path = Path(path_or_state_dict)
-            check_file_resolution(path.name, image_size)
-            state_dict = read_official_file(path, containers=OFFICIAL_CONTAINERS)
-            source = f"checkpoint {str(path)!r}"
-        else:
-            state_dict = next(
-                (path_or_state_dict[name] for name in OFFICIAL_CONTAINERS if isinstance(path_or_state_dict.get(name), dict)),
-                path_or_state_dict,
+            raise ValueError(
+                f"image_size={image_size} must be a positive multiple of {TOKENIZER_DOWNSAMPLE} (256 or 384)"
             )
-            source = "state dict"
-        config = dict(GPT_CONFIGS[model], grid_size=image_size // TOKENIZER_DOWNSAMPLE, **overrides)
+        state_dict, source = official_state_dict(path_or_state_dict, image_size)
+        config = {**GPT_CONFIGS[model], "grid_size": image_size // TOKENIZER_DOWNSAMPLE, **overrides}
         with torch.device("meta"):
             transformer = cls(**config)
         transformer.to_empty(device="cpu")
@@ -311,3 +306,16 @@ def check_file_resolution(file_name: str, image_size: int) -> None:
             f"{file_name} is a {named} px checkpoint ({named // TOKENIZER_DOWNSAMPLE}x{named // TOKENIZER_DOWNSAMPLE} "
             f"tokens) but image_size={image_size}; pass image_size={named}"
         )
+
+
+def official_state_dict(path_or_state_dict, image_size: int) -> tuple[dict[str, torch.Tensor], str]:
+    """The flat state dict of an official file or in-memory dict (unwrapping a training container)
+    and a description of where it came from for error messages."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        path = Path(path_or_state_dict)
+        check_file_resolution(path.name, image_size)
+        return read_official_file(path, containers=OFFICIAL_CONTAINERS), f"checkpoint {str(path)!r}"
+    for name in OFFICIAL_CONTAINERS:
+        if isinstance(path_or_state_dict.get(name), dict):
+            return path_or_state_dict[name], f"state dict[{name!r}]"
+    return path_or_state_dict, "state dict"

@@ -27,8 +27,7 @@ from diffusers.configuration_utils import register_to_config
 from vartk.checkpoints import CheckpointError, load_state_dict_strict, read_official_file
 from vartk.models.attention import KVCache, attention
 
-PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 680 tokens, 256 px with the f16 tokenizer
-PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # 2240 tokens, 512 px
+from vartk.tokenizers.msvq import PATCH_NUMS_256, PATCH_NUMS_512  # 680 tokens at 256 px, 2240 at 512 px
 
 VAR_CONFIGS = {
     "var-d16": dict(depth=16),
@@ -231,9 +230,10 @@ class VARTransformer(ModelMixin, ConfigMixin):
     def init_weights(self, init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1.0):
         """Initialise for training from scratch (the official recipe). `init_std < 0` means
         sqrt(1 / (3 * width)); residual gates start near zero (`init_adaln_gamma`)."""
-        std = math.sqrt(1 / (3 * self.width)) if init_std < 0 else init_std
+        auto_std = math.sqrt(1 / (3 * self.width))
+        std = auto_std if init_std < 0 else init_std
         for tensor in (self.pos_start, self.pos_1LC):
-            nn.init.trunc_normal_(tensor, std=std)
+            nn.init.trunc_normal_(tensor, std=auto_std)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(module.weight, std=std)
@@ -244,11 +244,16 @@ class VARTransformer(ModelMixin, ConfigMixin):
         for block in self.blocks:
             block.attn.proj.weight.div_(math.sqrt(2 * len(self.blocks)))
             block.ffn.fc2.weight.div_(math.sqrt(2 * len(self.blocks)))
-            gates_then_scales = block.ada_gss[0, 0] if hasattr(block, "ada_gss") else block.ada_lin[-1].weight.view(
-                6, self.width, -1
-            )
-            gates_then_scales[:2].mul_(init_adaln_gamma)
-            gates_then_scales[2:].mul_(init_adaln)
+            block.attn.q_bias.zero_()
+            block.attn.v_bias.zero_()
+            if block.attn.l2_norm:
+                block.attn.scale_mul_1H11.fill_(math.log(4.0))
+            if hasattr(block, "ada_gss"):
+                modulation = block.ada_gss.normal_(0, 1 / math.sqrt(self.width))[0, 0]  # [6, C]
+            else:
+                modulation = block.ada_lin[-1].weight.view(6, self.width, -1)  # [6, C, C]
+            modulation[:2].mul_(init_adaln_gamma)  # the gates gamma1, gamma2
+            modulation[2:].mul_(init_adaln)  # scales and shifts
 
     # ------------------------------------------------------------------ forward passes
     def condition(self, class_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ _EXPORTS = {
     "FullKVCache": "..models.attention",
     "NextScaleSampler": ".next_scale",
     "NextTokenSampler": ".next_token",
+    "edit_next_scale": ".next_scale",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -176,6 +176,7 @@ def keep_mask_at(mask: torch.Tensor, pn: int) -> torch.Tensor:
     return F.interpolate(mask, size=(pn, pn), mode="bilinear", align_corners=False) > 0.5
 
 
+@torch.no_grad()
 def edit_next_scale(
     transformer,
     tokenizer,

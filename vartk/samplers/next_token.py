@@ -87,7 +87,9 @@ class NextTokenSampler:
     def _check_labels(class_labels, transformer) -> torch.Tensor:
         labels = torch.as_tensor(class_labels, device=transformer.device)
         if labels.ndim != 1 or labels.is_floating_point() or labels.is_complex():
-            raise ValueError(f"class_labels must be a 1-D integer tensor of class ids, got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(
+                f"class_labels must be a 1-D integer tensor of class ids, got {labels.dtype} {tuple(labels.shape)}"
+            )
         num_classes = transformer.config.num_classes
         bad = labels[(labels < 0) | (labels >= num_classes)]
         if len(bad):

@@ -146,14 +146,14 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
 
     # ---------------------------------------------------------------- image <-> latent
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, C, H, W] in [0, 1] -> latent f [B, Cz, H/16, W/16] (after quant_conv)."""
+        """Images [B, C, H, W] in [0, 1] -> latent f [B, Cz, H/f, W/f] (f = downsample_factor, after quant_conv)."""
         if images.ndim != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(f"images must be [B, {self.config.in_channels}, H, W], got {tuple(images.shape)}")
         x = images.to(self.quant_conv.weight.dtype) * 2 - 1
         return self.quant_conv(self.encoder(x))
 
     def decode_latent(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """Running latent f_hat [B, Cz, h, w] -> images [B, C, 16h, 16w] in [0, 1]."""
+        """Running latent f_hat [B, Cz, h, w] -> images [B, C, h * downsample_factor, w * downsample_factor] in [0, 1]."""
         x = self.decoder(self.post_quant_conv(f_hat.to(self.post_quant_conv.weight.dtype)))
         return (x.clamp(-1, 1) + 1) / 2
 
@@ -172,7 +172,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         return self.quantize.quant_resi(h, scale_index)
 
     def fold_scale(self, f_hat: torch.Tensor, scale_index: int, h: torch.Tensor) -> torch.Tensor:
-        """Add scale `scale_index`'s codes h [B, Cz, pn, pn] to f_hat [B, Cz, h, w]; returns a new tensor."""
+        """Add scale `scale_index`'s codes h [B, Cz, pn, pn] to f_hat [B, Cz, H, W]; returns a new tensor."""
         return f_hat + self.scale_contribution(scale_index, h)
 
     def next_scale_input(self, f_hat: torch.Tensor, scale_index: int) -> torch.Tensor:

@@ -1,0 +1,60 @@
+"""The benchmark script's code path (tiny models, CPU) and the Gradio demo end to end on loopback."""
+import math
+import socket
+
+import pytest
+import torch
+
+from vartk.bench import main as bench_main
+from vartk.models.var import VARTransformer
+from vartk.pipelines import VARPipeline
+from vartk.tokenizers.msvq import MultiScaleVQVAE
+
+
+def test_bench_tiny_runs_every_model_and_batch(capsys):
+    rows = bench_main(["--tiny", "--device", "cpu", "--dtype", "float32", "--batches", "1", "2", "--repeats", "1"])
+    assert [(r.model, r.batch) for r in rows] == [("VAR-tiny", 1), ("VAR-tiny", 2), ("GPT-tiny", 1), ("GPT-tiny", 2)]
+    assert all(r.seconds > 0 and math.isclose(r.images_per_second, r.batch / r.seconds) for r in rows)
+    printed = capsys.readouterr().out
+    assert "| model | mode | batch |" in printed and printed.count("| VAR-tiny | eager |") == 2
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    pipe = VARPipeline(
+        tokenizer=MultiScaleVQVAE(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32,
+                                  patch_nums=(1, 2, 4), norm_groups=8),
+        transformer=VARTransformer(depth=2, width=64, num_heads=2, vocab_size=32, latent_channels=8, num_classes=3,
+                                   patch_nums=(1, 2, 4)),
+        class_names=["cat", "dog", "fox"],
+    )
+    folder = tmp_path_factory.mktemp("demo") / "tiny"
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def test_demo_backend_generates_named_classes(demo_folder):
+    from vartk.demo import DemoBackend
+
+    backend = DemoBackend([demo_folder], "cpu")
+    assert backend.class_choices(demo_folder) == ["cat", "dog", "fox"]
+    images = backend.generate(demo_folder, "dog", 3, 1.5, 10, 0.9, 0)
+    assert len(images) == 3 and images[0].size == (8, 8)
+
+
+def test_demo_serves_on_loopback(demo_folder):
+    gradio_client = pytest.importorskip("gradio_client")
+    from vartk.demo import DemoBackend, build_demo
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_demo(DemoBackend([demo_folder], "cpu"))
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        gallery = client.predict(demo_folder, "fox", 2, 1.5, 10, 0.9, 0, api_name="/generate")
+        assert len(gallery) == 2
+    finally:
+        demo.close()

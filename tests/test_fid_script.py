@@ -1,0 +1,152 @@
+"""eval/fid.py: resumable sharded sampling, torchrun shards, scoring output, compare mode."""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers.configuration_utils import FrozenDict
+
+from _fid_helpers import REPO, load_fid_script, random_images, register_stubs, write_folder
+from vartk.metrics import read_image
+from vartk.models.var import VARTransformer
+from vartk.pipelines import VARPipeline
+from vartk.tokenizers.msvq import MultiScaleVQVAE
+
+fid = load_fid_script()
+RUN = dict(num_images=10, batch_size=2, sample_only=True)  # 5 batches of 2 tiny 8x8 images
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE(
+        ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32, patch_nums=(1, 2, 4), norm_groups=8
+    )
+    transformer = VARTransformer(
+        depth=2, width=64, num_heads=2, vocab_size=32, latent_channels=8, num_classes=10, patch_nums=(1, 2, 4)
+    )
+    transformer.init_weights(init_adaln_gamma=0.5, init_head=1.0)  # samples depend on seed and label
+    folder = tmp_path_factory.mktemp("pipe") / "tiny-var"
+    VARPipeline(tokenizer=tokenizer, transformer=transformer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "plain"
+    fid.evaluate(str(tiny_pipeline), out, **RUN)
+    return out
+
+
+def images_of(run) -> dict:
+    return {p.name: read_image(p) for p in sorted((run / "samples").glob("batch_*/*.png"))}
+
+
+def batch_metas(run) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run / "samples").glob("batch_*/meta.json"))]
+
+
+def test_killed_run_resumes_to_exactly_the_planned_images(tiny_pipeline, uninterrupted, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv(fid.STOP_AFTER_ENV, "2")
+    with pytest.raises(RuntimeError, match="test hook"):
+        fid.evaluate(str(tiny_pipeline), out, **RUN)
+    assert len(batch_metas(out)) == 2
+    assert len(list((out / "samples").glob(".batch_000002.tmp/*.png"))) == 1  # the batch it died in
+
+    monkeypatch.delenv(fid.STOP_AFTER_ENV)
+    result = fid.evaluate(str(tiny_pipeline), out, **RUN)
+    assert result["resumed_batches"] == 2
+    everything = [p.relative_to(out / "samples") for p in (out / "samples").rglob("*")]
+    assert not [p for p in everything if p.name.startswith(".") or p.parent.name.startswith(".")]
+    metas = batch_metas(out)
+    assert sorted(i for m in metas for i in m["indices"]) == list(range(10))
+    assert len({m["seed"] for m in metas}) == 5
+    assert [label for m in metas for label in m["labels"]] == [i % 10 for i in range(10)]  # class-balanced
+    resumed, plain = images_of(out), images_of(uninterrupted)
+    assert sorted(resumed) == [f"{i:08d}.png" for i in range(10)]
+    assert all(np.array_equal(resumed[name], plain[name]) for name in plain)
+    assert len({image.tobytes() for image in plain.values()}) == 10  # seeds and labels differ per image
+
+
+def test_resuming_with_other_settings_is_refused(tiny_pipeline, uninterrupted):
+    with pytest.raises(ValueError, match="guidance_scale: 1.5 -> 3.0"):
+        fid.evaluate(str(tiny_pipeline), uninterrupted, guidance_scale=3.0, **RUN)
+
+
+def test_torchrun_ranks_write_disjoint_complete_shards(tiny_pipeline, uninterrupted, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "eval" / "fid.py"),
+        "--model", str(tiny_pipeline), "--out", str(out), "--num-images", "8", "--batch-size", "2", "--sample-only",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metas = batch_metas(out)
+    assert [m["batch"] for m in metas] == [0, 1, 2, 3]
+    assert [m["rank"] for m in metas] == [0, 1, 0, 1]  # batch b on rank b % 2
+    shards, plain = images_of(out), images_of(uninterrupted)
+    assert sorted(shards) == [f"{i:08d}.png" for i in range(8)]
+    assert all(np.array_equal(shards[name], plain[name]) for name in shards)  # same images as one process
+
+
+def test_scored_run_writes_results_json(tiny_pipeline, uninterrupted, tmp_path, capsys):
+    register_stubs()
+    reference = write_folder(tmp_path / "ref", random_images(6, seed=0, size=8))
+    result = fid.main([
+        "--model", str(tiny_pipeline), "--out", str(uninterrupted), "--num-images", "10", "--batch-size", "2",
+        "--reference", str(reference), "--metrics", "fid,is,kid,prc", "--feature-extractor", "stub-classifier",
+    ])
+    saved = json.loads((uninterrupted / "results.json").read_text())
+    assert saved["metrics"] == pytest.approx(result["metrics"])
+    assert {"fid", "is", "kid", "precision", "recall"} <= saved["metrics"].keys()
+    assert saved["metrics"]["num_generated"] == 10 and saved["metrics"]["num_reference"] == 6
+    assert saved["settings"]["guidance_scale"] == 1.5 and saved["settings"]["top_k"] == 900
+    assert saved["settings"]["top_p"] == 0.96 and saved["resumed_batches"] == 5
+    assert {"torch", "torch_fidelity", "vartk"} <= saved["versions"].keys() and "scoring" in saved["time_s"]
+    assert "FID" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_compare_mode_psnr_matches_independent_computation(tiny_pipeline, uninterrupted, tmp_path):
+    register_stubs()
+    other = tmp_path / "seed1"
+    fid.evaluate(str(tiny_pipeline), other, seed=1, **RUN)
+    result = fid.main([
+        "--compare", str(uninterrupted), str(other), "--out", str(tmp_path / "compare.json"),
+        "--feature-extractor", "stub-classifier", "--metrics", "fid",
+    ])
+    a, b = images_of(uninterrupted), images_of(other)
+    expected = {}
+    for name in a:
+        mse = ((torch.tensor(a[name], dtype=torch.float64) - torch.tensor(b[name], dtype=torch.float64)) ** 2).mean()
+        expected[name] = (20 * torch.log10(torch.tensor(255.0, dtype=torch.float64)) - 10 * torch.log10(mse)).item()
+    per_image = result["metrics"]["per_image"]
+    assert per_image.keys() == expected.keys()
+    assert all(per_image[name] == pytest.approx(expected[name], rel=1e-9) for name in expected)
+    assert result["metrics"]["psnr_mean"] == pytest.approx(np.mean(list(expected.values())), rel=1e-9)
+    assert json.loads((tmp_path / "compare.json").read_text())["metrics"]["num_pairs"] == 10
+
+
+def test_sampler_specs_are_parsed_by_name(tiny_pipeline, tmp_path):
+    result = fid.evaluate(str(tiny_pipeline), tmp_path / "smooth", sampler="nextscalesampler:more_smooth=1", **RUN)
+    assert result["settings"]["sampler"] == "nextscalesampler:more_smooth=1"
+    with pytest.raises(SystemExit, match="available.*nextscalesampler"):
+        fid.evaluate(str(tiny_pipeline), tmp_path / "bad", sampler="nosuch:window=16", **RUN)
+
+
+def test_llamagen_protocol_follows_the_model_size():
+    def gpt(dim, n_layer, n_head, grid_size=24):
+        config = FrozenDict(dim=dim, n_layer=n_layer, n_head=n_head, grid_size=grid_size)  # as diffusers' .config
+        return SimpleNamespace(family="llamagen", transformer=SimpleNamespace(config=config),
+                               tokenizer=SimpleNamespace(downsample_factor=16))
+
+    assert fid.protocol_settings(gpt(768, 12, 12), "b")["guidance_scale"] == 2.0
+    assert fid.protocol_settings(gpt(1280, 36, 20), "xl") == {"guidance_scale": 1.75, "top_k": 0, "top_p": 1.0}
+    assert fid.protocol_settings(gpt(1, 1, 1), "llamagen-3b")["guidance_scale"] == 1.65
+    assert fid.resolve_eval_size(gpt(768, 12, 12, grid_size=24), "auto") == 256  # 384 px -> 256 for FID
+    assert fid.resolve_eval_size(gpt(768, 12, 12, grid_size=16), "auto") is None
