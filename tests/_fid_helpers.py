@@ -1,8 +1,7 @@
 """Shared pieces of the metric tests: a random torch-fidelity Inception, tiny extractors, image sets."""
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 from unittest import mock
 
@@ -94,9 +93,5 @@ def write_folder(folder: Path, images: np.ndarray) -> Path:
 
 
 def load_fid_script():
-    """eval/fid.py as a module (eval/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("vartk_eval_fid", REPO / "eval" / "fid.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """The module behind eval/fid.py and `vartk fid`."""
+    return importlib.import_module("vartk.evaluation")

@@ -82,8 +82,9 @@ def test_torchrun_ranks_write_disjoint_complete_shards(tiny_pipeline, uninterrup
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "eval" / "fid.py"),
-        "--model", str(tiny_pipeline), "--out", str(out), "--num-images", "8", "--batch-size", "2", "--sample-only",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(REPO / "eval" / "fid.py"), "--model", str(tiny_pipeline), "--out", str(out),
+        "--num-images", "8", "--batch-size", "2", "--sample-only",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

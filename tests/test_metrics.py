@@ -40,7 +40,9 @@ def test_frechet_distance_of_1d_gaussians_is_closed_form():
 
 
 def test_fid_of_a_set_with_itself_is_zero(inception, image_sets):
-    result = compute_metrics(image_sets["a"], image_sets["a"], ["fid"], feature_extractor_weights=inception, cache=False, **FAST)
+    result = compute_metrics(
+        image_sets["a"], image_sets["a"], ["fid"], feature_extractor_weights=inception, cache=False, **FAST
+    )
     assert abs(result["fid"]) < 1e-3
     assert result["num_generated"] == 12
 
@@ -50,7 +52,9 @@ def test_fid_equals_independent_frechet_distance(inception, image_sets):
     features_a = extractor.extract(image_sets["a"], ["64"])["64"]
     features_b = extractor.extract(image_sets["b"], ["64"])["64"]
     expected = independent_fid(features_a, features_b)
-    result = compute_metrics(image_sets["a"], image_sets["b"], ["fid"], feature_extractor_weights=inception, cache=False, **FAST)
+    result = compute_metrics(
+        image_sets["a"], image_sets["b"], ["fid"], feature_extractor_weights=inception, cache=False, **FAST
+    )
     assert expected > 1.0
     assert result["fid"] == pytest.approx(expected, rel=1e-4)
 
@@ -122,9 +126,12 @@ def test_adm_statistics_are_used_for_fid_and_images_for_kid(inception, image_set
     generated = metrics.feature_statistics(extractor.extract(image_sets["a"], ["64"])["64"])
     assert result["fid"] == pytest.approx(frechet_distance(*generated, mu, sigma), rel=1e-9)
     assert result["kid"] == pytest.approx(from_images["kid"], rel=1e-9)
+    np.savez(tmp_path / "stats_only.npz", mu=mu, sigma=sigma)
     with pytest.raises(ValueError, match="ADM"):  # statistics of another layer, and no images to fall back on
-        np.savez(tmp_path / "stats_only.npz", mu=mu, sigma=sigma)
-        compute_metrics(image_sets["a"], tmp_path / "stats_only.npz", ["fid"], feature_extractor_weights=inception, feature_layer="192", device="cpu")
+        compute_metrics(
+            image_sets["a"], tmp_path / "stats_only.npz", ["fid"], feature_extractor_weights=inception,
+            feature_layer="192", device="cpu",
+        )
 
 
 def test_statistics_of_another_layer_are_refused(inception, image_sets, tmp_path):
@@ -132,7 +139,9 @@ def test_statistics_of_another_layer_are_refused(inception, image_sets, tmp_path
     compute_metrics(image_sets["a"], reference, ["fid"], feature_extractor_weights=inception, **FAST)
     stats_file = next(tmp_path.glob("ref.*.stats.npz"))
     with pytest.raises(ValueError, match="layer 64"):
-        compute_metrics(image_sets["a"], stats_file, ["fid"], feature_extractor_weights=inception, feature_layer="192", device="cpu")
+        compute_metrics(
+            image_sets["a"], stats_file, ["fid"], feature_extractor_weights=inception, feature_layer="192", device="cpu"
+        )
 
 
 def test_missing_inception_weights_offline_names_the_file(tmp_path, monkeypatch, image_sets):
@@ -154,7 +163,9 @@ def test_bad_arguments_say_what_is_allowed(inception, image_sets):
     with pytest.raises(ValueError, match="need a reference"):
         compute_metrics(image_sets["a"], None, ["fid"])
     with pytest.raises(ValueError, match="'4096' is not provided"):
-        compute_metrics(image_sets["a"], image_sets["b"], ["fid"], feature_extractor_weights=inception, feature_layer="4096")
+        compute_metrics(
+            image_sets["a"], image_sets["b"], ["fid"], feature_extractor_weights=inception, feature_layer="4096"
+        )
 
 
 def test_psnr_matches_definition():

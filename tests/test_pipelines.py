@@ -147,7 +147,7 @@ def test_cli_inpaint(converted, tmp_path):
     (["--top-p", "0"], "top_p must be in"),
     (["--top-k", "-1"], "top_k must be"),
     (["--class", "cat"], "unknown class 'cat'"),
-    (["--sampler", "nope"], "unknown sampler 'nope'"),
+    (["--sampler", "nope"], "unknown sampler or KV-cache policy 'nope'"),
 ])
 def test_bad_cli_arguments(converted, tmp_path, argv, match):
     with pytest.raises(SystemExit, match=match):

@@ -152,7 +152,8 @@ def test_loss_decreases_on_a_fixed_batch(job, images, tmp_path):
 @pytest.mark.parametrize("job", ["tokenizer", "gpt"])
 def test_resume_gives_the_uninterrupted_losses(job, images, tmp_path):
     """Kill after step 3 (keep only that checkpoint), resume in a fresh run: steps 3..5 match exactly."""
-    extra = ["--gan-weight", "0.1", "--gan-start", "2", "--disc-layers", "1"] if job == "tokenizer" else []  # two optimizers, dropout
+    # the tokenizer with a GAN has two optimizers; the GPT has dropout and label dropout
+    extra = ["--gan-weight", "0.1", "--gan-start", "2", "--disc-layers", "1"] if job == "tokenizer" else []
     common = ["--batch-size", "4", "--max-steps", "6", "--log-every", "1", "--save-every", "3",
               "--keep-checkpoints", "5", *FAST, *job_args(job, images, tmp_path), *extra]
     full, killed = tmp_path / "full", tmp_path / "killed"

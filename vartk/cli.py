@@ -46,26 +46,13 @@ def _resolve_classes(pipe, classes: list[str]) -> list[int]:
 
 
 def _parse_object(spec: str | None, kind: str):
-    """'name:key=value,key=value' -> an instance of the class `name` from vartk.samplers."""
-    from . import samplers
+    """A `--sampler` / `--kv-cache` spec -> an object from vartk.samplers (None stays None)."""
+    from .samplers import from_spec
 
-    if spec is None:
-        return None
-    name, _, arg_text = spec.partition(":")
-    classes = {n.lower(): getattr(samplers, n) for n in samplers.__all__ if n[0].isupper()}
-    if name.lower() not in classes:
-        raise SystemExit(f"vartk: unknown {kind} {name!r}; available: {sorted(classes)}")
-    kwargs = {}
-    for item in filter(None, arg_text.split(",")):
-        key, _, value = item.partition("=")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        kwargs[key] = value
-    return classes[name.lower()](**kwargs)
+    try:
+        return None if spec is None else from_spec(spec)
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"vartk: bad --{kind} {spec!r}: {err}")
 
 
 def cmd_sample(args) -> None:

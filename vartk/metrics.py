@@ -31,9 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch.utils.data import Dataset
+
+try:
+    import scipy.linalg
+    from torch_fidelity import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
+    from torch_fidelity.datasets import ImagesPathDataset
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+except ImportError as err:
+    raise ImportError(f"vartk.metrics needs the [eval] extra: pip install 'vartk[eval]' ({err})") from err
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -83,8 +94,6 @@ def _npz_keys(path: Path) -> set[str]:
 def image_dataset(images) -> Dataset:
     """A folder, an .npz with `arr_0`, a list of image paths, a uint8 [N, H, W, 3] array or a Dataset
     of uint8 [3, H, W] tensors -> a Dataset of uint8 [3, H, W] tensors."""
-    from torch_fidelity.datasets import ImagesPathDataset
-
     if isinstance(images, Dataset):
         return images
     if isinstance(images, np.ndarray):
@@ -127,20 +136,18 @@ def file_sha256(path: str | os.PathLike) -> str:
 @functools.lru_cache(maxsize=4)
 def _torch_fidelity_module(name: str, weights: str | None, weights_id: str, layers: tuple, device: str, verbose: bool):
     """The torch-fidelity extractor module computing `layers` (built once per process and settings)."""
-    from torch_fidelity.utils import create_feature_extractor
-
     kwargs = {"feature_extractor_weights_path": weights} if weights else {}
     cuda = torch.device(device).type == "cuda"
-    default_file = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
-    if name != INCEPTION or weights or default_file.is_file():
-        return create_feature_extractor(name, list(layers), cuda=cuda, verbose=verbose, **kwargs)
     try:
-        return create_feature_extractor(name, list(layers), cuda=cuda, verbose=verbose)
-    except OSError as err:  # urllib's URLError when offline
+        return create_feature_extractor(name, list(layers), cuda=cuda, verbose=verbose, **kwargs)
+    except OSError as err:  # urllib's URLError: torch-fidelity could not download the Inception weights
+        if name != INCEPTION or weights:
+            raise
+        folder = Path(torch.hub.get_dir()) / "checkpoints"
         raise FileNotFoundError(
-            f"torch-fidelity's Inception weights {INCEPTION_WEIGHTS_FILE} are not in {default_file.parent} and "
-            f"could not be downloaded ({err}). Fetch {INCEPTION_WEIGHTS_URL} into $TORCH_HOME/hub/checkpoints/ "
-            "or pass its path with --inception-weights (feature_extractor_weights=...)"
+            f"torch-fidelity's Inception weights {INCEPTION_WEIGHTS_FILE} are not in {folder} and could not be "
+            f"downloaded ({err}). Fetch {INCEPTION_WEIGHTS_URL} into $TORCH_HOME/hub/checkpoints/ or pass its "
+            "path with --inception-weights (feature_extractor_weights=...)"
         ) from err
 
 
@@ -155,8 +162,6 @@ class FeatureExtractor:
     verbose: bool = False
 
     def __post_init__(self):
-        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
         if self.name not in FEATURE_EXTRACTORS_REGISTRY:
             raise ValueError(
                 f"feature extractor {self.name!r} is not registered with torch-fidelity; "
@@ -183,8 +188,6 @@ class FeatureExtractor:
     def extract(self, images, layers) -> dict[str, torch.Tensor]:
         """Features {layer: float [N, D]} (on the CPU) of an image set; the network runs only as deep as
         the deepest layer asked for."""
-        from torch_fidelity.utils import get_featuresdict_from_dataset
-
         module = _torch_fidelity_module(
             self.name, self.weights, self.weights_id, tuple(sorted(set(layers))), self.device, self.verbose
         )
@@ -413,11 +416,6 @@ def compute_metrics(
     Inception); IS always reads the extractor's class logits. KID's subset size and IS's number of
     splits shrink to the number of images when there are fewer. Returns a flat dict of floats: fid, is,
     is_std, kid, kid_std, precision, recall, plus num_generated / num_reference."""
-    from torch_fidelity import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
-    from torch_fidelity.metric_isc import isc_features_to_metric
-    from torch_fidelity.metric_kid import kid_features_to_metric
-    from torch_fidelity.metric_prc import prc_features_to_metric
-
     metrics = _check_metrics(metrics)
     if reference is None and set(metrics) - {"is"}:
         raise ValueError(f"metrics {[m for m in metrics if m != 'is']} need a reference; only 'is' works without one")

@@ -14,3 +14,23 @@ def __getattr__(name):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'vartk.samplers' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+def from_spec(spec: str):
+    """'name:key=value,key=value' -> an instance of the sampler / KV-cache class `name` (case-insensitive),
+    e.g. "nextscalesampler:more_smooth=1". Values are cast to int or float where they parse."""
+    classes = {n.lower(): n for n in __all__ if n[0].isupper()}
+    name, _, arg_text = spec.partition(":")
+    if name.lower() not in classes:
+        raise ValueError(f"unknown sampler or KV-cache policy {name!r}; available: {sorted(classes)}")
+    kwargs = {}
+    for item in filter(None, arg_text.split(",")):
+        key, _, value = item.partition("=")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        kwargs[key] = value
+    return __getattr__(classes[name.lower()])(**kwargs)

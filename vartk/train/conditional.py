@@ -49,8 +49,8 @@ def load_tokenizer(path: str, official_cls: type) -> nn.Module:
         config_file = location / "config.json"
         class_name = json.loads(config_file.read_text()).get("_class_name") if config_file.is_file() else None
         if class_name not in TOKENIZER_CLASSES:
-            raise SystemExit(f"--tokenizer {path}: expected a save_pretrained folder of one of {sorted(TOKENIZER_CLASSES)}, "
-                             f"found class {class_name!r}")
+            raise SystemExit(f"--tokenizer {path}: expected a save_pretrained folder of one of "
+                             f"{sorted(TOKENIZER_CLASSES)}, found class {class_name!r}")
         return TOKENIZER_CLASSES[class_name].from_pretrained(location)
     if location.is_file():
         return official_cls.from_official(location)
@@ -58,7 +58,8 @@ def load_tokenizer(path: str, official_cls: type) -> nn.Module:
 
 
 def flatten_tokens(encoded: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    """tokenizer.encode output (a list of maps [B, pn, pn] or one map [B, h, w]) -> [B, L], scales in order, row-major."""
+    """tokenizer.encode output (a list of maps [B, pn, pn] or one map [B, h, w]) -> [B, L]: scales in
+    order, each row-major."""
     maps = encoded if isinstance(encoded, list) else [encoded]
     return torch.cat([m.flatten(1) for m in maps], dim=1)
 
@@ -77,10 +78,12 @@ class ConditionalJob(Job):
 
     official_tokenizer_cls: type = MultiScaleVQVAE
     pipeline_name = ""  # "VARPipeline" / "GPTPipeline" in vartk.pipelines
+    no_weight_decay: tuple[str, ...] = ()  # parameter-name keywords AdamW does not decay
 
     def __init__(self, cfg: ConditionalTrainConfig, dataset, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.tokenizer = load_tokenizer(cfg.tokenizer, self.official_tokenizer_cls).to(device).eval().requires_grad_(False)
+        tokenizer = load_tokenizer(cfg.tokenizer, self.official_tokenizer_cls)
+        self.tokenizer = tokenizer.to(device).eval().requires_grad_(False)
         self.grid_side = self.token_grid_side()
         self.num_classes = dataset.num_classes
         self.token_table = None  # [N, L] tokens of the whole dataset
@@ -92,8 +95,9 @@ class ConditionalJob(Job):
         """Side of the (last) token map at --image-size."""
         side, tokenizer = self.cfg.image_size // self.tokenizer.downsample_factor, self.tokenizer
         if isinstance(tokenizer, MultiScaleVQVAE) and tokenizer.latent_size != side:
-            raise SystemExit(f"--tokenizer {self.cfg.tokenizer} encodes {tokenizer.latent_size * tokenizer.downsample_factor} "
-                             f"px images (patch_nums {tokenizer.patch_nums}); set --image-size to that")
+            size = tokenizer.latent_size * tokenizer.downsample_factor
+            raise SystemExit(f"--tokenizer {self.cfg.tokenizer} encodes {size} px images "
+                             f"(patch_nums {tokenizer.patch_nums}); set --image-size {size}")
         return side
 
     @torch.no_grad()
@@ -126,7 +130,8 @@ class ConditionalJob(Job):
         return None if images is None else (images, math.ceil(math.sqrt(len(labels))))
 
     def export(self, out: Path, class_names: list[str]) -> None:
-        """<out>/transformer and, when vartk.pipelines imports, <out>/pipeline (tokenizer + transformer + class names)."""
+        """<out>/transformer and, when vartk.pipelines imports, <out>/pipeline (tokenizer, transformer
+        and class names)."""
         self.model.save_pretrained(out / "transformer")
         (out / "class_names.json").write_text(json.dumps(class_names, indent=1) + "\n")
         try:
@@ -135,4 +140,5 @@ class ConditionalJob(Job):
             print(f"no pipeline export: vartk.pipelines is unavailable ({err})", file=sys.stderr)
             return
         pipeline_cls = getattr(pipelines, self.pipeline_name)
-        pipeline_cls(tokenizer=self.tokenizer, transformer=self.model, class_names=class_names).save_pretrained(out / "pipeline")
+        pipeline = pipeline_cls(tokenizer=self.tokenizer, transformer=self.model, class_names=class_names)
+        pipeline.save_pretrained(out / "pipeline")

@@ -44,7 +44,6 @@ class GPTTrainConfig(ConditionalTrainConfig):
 class GPTJob(ConditionalJob):
     official_tokenizer_cls = VQModel
     pipeline_name = "GPTPipeline"
-    no_weight_decay = ()
 
     def __init__(self, cfg: GPTTrainConfig, dataset, device: torch.device):
         super().__init__(cfg, dataset, device)

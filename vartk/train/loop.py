@@ -286,7 +286,8 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         if (state["world_size"], state["batch_size"]) != (dist.world_size, cfg.batch_size):
             raise SystemExit(
                 f"{resume_from} was written by {state['world_size']} process(es) with --batch-size "
-                f"{state['batch_size']}; resume with the same (now {dist.world_size}, {cfg.batch_size}) to keep the data order"
+                f"{state['batch_size']}; resume with the same (now {dist.world_size}, {cfg.batch_size}) "
+                "to keep the data order"
             )
         start_step = state["step"]
 

@@ -110,7 +110,9 @@ class TokenizerJob(Job):
             vocab_size=cfg.vocab_size, patch_nums=cfg.patch_nums, beta=cfg.beta, quant_resi=cfg.quant_resi,
             share_quant_resi=cfg.share_quant_resi, norm_groups=cfg.norm_groups,
         ).to(device)
-        self.discriminator = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(device) if cfg.gan_weight > 0 else None
+        self.discriminator = None
+        if cfg.gan_weight > 0:
+            self.discriminator = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(device)
         preview = torch.linspace(0, len(dataset) - 1, min(cfg.num_samples, len(dataset))).round().long().tolist()
         self.preview = torch.stack([dataset[i][0] for i in preview]).to(device).float() / 255  # [N, 3, H, W]
         self.reconstruction = None  # the generator phase's output, read by the discriminator phase

@@ -1,0 +1,472 @@
+"""Sample with the standard protocol and score FID / IS / KID / precision-recall (`vartk fid`, eval/fid.py); resumable.
+
+    python eval/fid.py --model var-d16 --reference VIRTUAL_imagenet256_labeled.npz --out runs/var-d16
+    torchrun --nproc_per_node=8 eval/fid.py --model llamagen-xl --reference ref.npz --out runs/llamagen-xl
+    python eval/fid.py --model var-d16 --kv-cache scalekv:budget=0.1 --reference ... --out runs/var-d16-scalekv
+    python eval/fid.py --compare runs/var-d16 runs/var-d16-scalekv --out runs/scalekv-vs-plain.json
+
+Protocol (defaults; every flag overrides):
+- VAR: cfg 1.5, top-k 900, top-p 0.96 (the VAR README's FID settings).
+- LlamaGen: top-k 0, top-p 1, cfg 2.0 for B / L, 1.75 for XL / XXL, 1.65 for 3B (GETTING_STARTED);
+  384-px models are resized to 256 (bicubic) before writing, as the official FID script does.
+- 50 images per class with class-balanced labels (image i has class i % num_classes); `--labels random`
+  draws them uniformly per batch like LlamaGen's script.
+- Batch b draws from its own seed, SeedSequence([seed, b]), so the images do not depend on the number
+  of GPUs or on restarts. Images are written as PNG, uint8 = round(255 x) (ADM's truncation not used).
+
+Layout of --out: samples/batch_000123/00006150.png (file name = global image index) plus meta.json
+(labels, seed, rank); a batch is written into a hidden temporary folder and renamed into place when
+complete, so a killed run leaves only whole batches, and a rerun of the same command redoes only the
+missing ones. settings.json pins the sampling settings (a rerun with other settings is refused) and
+results.json holds metrics, settings, software versions and wall times.
+
+Under torchrun each rank samples the batches b with b % world_size == rank; rank 0 scores after a
+barrier (gloo on CPU, nccl on GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from vartk.metrics import INCEPTION, compute_metrics, list_images, paired_psnr
+
+VAR_PROTOCOL = {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96}
+LLAMAGEN_CFG = {"GPT-B": 2.0, "GPT-L": 2.0, "GPT-XL": 1.75, "GPT-XXL": 1.75, "GPT-3B": 1.65}
+LLAMAGEN_EVAL_SIZE = 256  # the official script resizes 384-px samples to this before scoring
+IMAGES_PER_CLASS = 50
+LABEL_MODES = ("balanced", "random")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STOP_AFTER_ENV = "VARTK_FID_STOP_AFTER"  # test hook: die inside the batch after this many finished batches
+
+
+# ----------------------------------------------------------------------------------------------------
+# Protocol
+
+
+def _llamagen_preset(pipe, model: str) -> str | None:
+    """'GPT-B' ... 'GPT-3B' from an official model name or the transformer config, else None."""
+    from vartk.checkpoints import KNOWN_MODELS
+    from vartk.models.gpt import GPT_CONFIGS
+
+    if model in KNOWN_MODELS:
+        return KNOWN_MODELS[model].options["model"]
+    config = pipe.transformer.config
+    for name, preset in GPT_CONFIGS.items():
+        if all(config.get(key) == value for key, value in preset.items()):
+            return name
+    return None
+
+
+def protocol_settings(pipe, model: str) -> dict:
+    """The published FID sampling settings for this pipeline: guidance_scale, top_k, top_p."""
+    if pipe.family == "var":
+        return dict(VAR_PROTOCOL)
+    preset = _llamagen_preset(pipe, model)
+    return {"guidance_scale": LLAMAGEN_CFG.get(preset, LLAMAGEN_CFG["GPT-B"]), "top_k": 0, "top_p": 1.0}
+
+
+def native_image_size(pipe) -> int:
+    if pipe.family == "var":
+        return pipe.tokenizer.latent_size * pipe.tokenizer.downsample_factor
+    return pipe.transformer.config.grid_size * pipe.tokenizer.downsample_factor
+
+
+def resolve_eval_size(pipe, image_size_eval: int | str | None) -> int | None:
+    """'auto': 256 for LlamaGen models sampled above 256 px (official protocol), else native (None)."""
+    if image_size_eval != "auto":
+        return None if image_size_eval is None else int(image_size_eval)
+    native = native_image_size(pipe)
+    return LLAMAGEN_EVAL_SIZE if pipe.family == "llamagen" and native > LLAMAGEN_EVAL_SIZE else None
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Which images exist, in which batch, with which label and seed."""
+
+    num_images: int
+    batch_size: int
+    num_classes: int
+    seed: int = 0
+    labels: str = "balanced"
+
+    def __post_init__(self):
+        if self.num_images < 1 or self.batch_size < 1:
+            raise ValueError(f"num_images and batch_size must be >= 1, got {self.num_images}, {self.batch_size}")
+        if self.labels not in LABEL_MODES:
+            raise ValueError(f"labels {self.labels!r} is unknown; use one of {LABEL_MODES}")
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.num_images // self.batch_size)
+
+    def indices(self, batch: int) -> range:
+        return range(batch * self.batch_size, min((batch + 1) * self.batch_size, self.num_images))
+
+    def seed_of(self, batch: int) -> int:
+        return int(np.random.SeedSequence([self.seed, batch]).generate_state(1)[0])
+
+    def labels_of(self, batch: int) -> list[int]:
+        if self.labels == "balanced":
+            return [i % self.num_classes for i in self.indices(batch)]
+        rng = np.random.default_rng([self.seed, batch, 1])
+        return rng.integers(0, self.num_classes, len(self.indices(batch))).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shards on disk
+
+
+def batch_folder(samples: Path, batch: int) -> Path:
+    return samples / f"batch_{batch:06d}"
+
+
+def is_complete(samples: Path, batch: int) -> bool:
+    return (batch_folder(samples, batch) / "meta.json").is_file()
+
+
+def remove_unfinished(samples: Path) -> None:
+    """Delete temporary batch folders that a killed run left behind."""
+    for leftover in samples.glob(".batch_*"):
+        shutil.rmtree(leftover)
+
+
+def _stop_after() -> int | None:
+    value = os.environ.get(STOP_AFTER_ENV)
+    return int(value) if value else None
+
+
+def write_batch(samples: Path, batch: int, images: np.ndarray, meta: dict, batches_done: int) -> None:
+    """Write uint8 [B, H, W, 3] images into a temporary folder, then rename it into place."""
+    tmp = samples / f".batch_{batch:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for index, image in zip(meta["indices"], images):
+        Image.fromarray(image).save(tmp / f"{index:08d}.png", compress_level=1)  # lossless; fast to write
+        if _stop_after() == batches_done:
+            raise RuntimeError(f"{STOP_AFTER_ENV}={batches_done}: stopping inside batch {batch} (test hook)")
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    os.rename(tmp, batch_folder(samples, batch))
+
+
+def to_uint8(images: torch.Tensor, size: int | None) -> np.ndarray:
+    """float [B, 3, H, W] in [0, 1] -> uint8 [B, size, size, 3] (bicubic resize when size is given)."""
+    images = images.float()
+    if size is not None and images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sample_batches(pipe, plan: SamplingPlan, samples: Path, batches: list[int], options: dict, eval_size, rank=0):
+    """Sample and write `batches`; a tqdm bar on rank 0."""
+    device = pipe.device
+    with tqdm(total=sum(len(plan.indices(b)) for b in batches), unit="img", disable=rank != 0, desc="sampling") as bar:
+        for done, batch in enumerate(batches):
+            labels = plan.labels_of(batch)
+            generator = torch.Generator(device).manual_seed(plan.seed_of(batch))
+            out = pipe(class_labels=labels, generator=generator, output_type="pt", progress=False, **options)
+            meta = {
+                "batch": batch, "seed": plan.seed_of(batch), "indices": list(plan.indices(batch)), "labels": labels,
+                "rank": rank,
+            }
+            write_batch(samples, batch, to_uint8(out.images, eval_size), meta, done)
+            bar.update(len(labels))
+
+
+def collect_samples(samples: Path, plan: SamplingPlan) -> list[Path]:
+    """The plan's image files, checking that every batch is complete and no image is missing or extra."""
+    missing = [b for b in range(plan.num_batches) if not is_complete(samples, b)]
+    if missing:
+        raise RuntimeError(f"{len(missing)} batches are not written yet (first: {missing[:5]}); rerun the command")
+    files = [f for b in range(plan.num_batches) for f in list_images(batch_folder(samples, b))]
+    expected = {f"{i:08d}.png" for i in range(plan.num_images)}
+    if sorted(f.name for f in files) != sorted(expected):
+        raise RuntimeError(f"{samples} holds {len(files)} images, not the {plan.num_images} planned; use a new --out")
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        json.dump(data, f, indent=2)
+    os.replace(f.name, path)
+
+
+def pin_settings(out: Path, settings: dict, write: bool) -> None:
+    """Refuse to resume a run sampled with other settings; record them on the first run."""
+    path = out / "settings.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+        if changed:
+            raise ValueError(
+                f"{out} was sampled with other settings ({', '.join(changed)}); "
+                "use a new --out or the original settings"
+            )
+    elif write:
+        _atomic_write_json(path, settings)
+
+
+def software_versions() -> dict:
+    import scipy
+    import torch_fidelity
+
+    import vartk
+
+    versions = {
+        "vartk": vartk.__version__, "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__,
+        "numpy": np.__version__, "scipy": scipy.__version__, "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        versions["cuda"] = torch.version.cuda
+        versions["gpu"] = torch.cuda.get_device_name()
+    return versions
+
+
+def _as_object(spec, kind: str):
+    """A sampler / KV-cache policy given as an object or as 'name:key=value,...' (vartk.samplers)."""
+    from vartk.samplers import from_spec
+
+    if spec is None or not isinstance(spec, str):
+        return spec
+    try:
+        return from_spec(spec)
+    except (ValueError, TypeError) as err:
+        raise SystemExit(f"bad --{kind} {spec!r}: {err}")
+
+
+def _init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); starts a process group under torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # a resumed run can leave one rank with far fewer batches than another: wait long at the barrier
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=24))
+    return (dist.get_rank() if world_size > 1 else 0), world_size, device
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def _default_metrics(reference) -> tuple[str, ...]:
+    """fid, is, prc against a reference with images; fid, is against statistics only; is without one."""
+    if reference is None:
+        return ("is",)
+    path = Path(reference)
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path) as npz:
+            if "arr_0" not in npz.files and "features" not in npz.files:
+                return ("fid", "is")
+    return ("fid", "is", "prc")
+
+
+def summary_line(name: str, metrics: dict, times: dict, where: Path) -> str:
+    labels = {"fid": "FID", "is": "IS", "kid": "KID", "precision": "P", "recall": "R", "psnr_mean": "PSNR"}
+    scores = " ".join(f"{label} {metrics[key]:.4g}" for key, label in labels.items() if metrics.get(key) is not None)
+    timing = " ".join(f"{key} {value:.0f}s" for key, value in times.items())
+    return f"{name}: {scores} | {metrics.get('num_generated', metrics.get('num_pairs'))} images | {timing} | {where}"
+
+
+def evaluate(
+    model="default",
+    out: str | os.PathLike = "fid_run",
+    reference=None,
+    *,
+    num_images: int | None = None,
+    labels: str = "balanced",
+    batch_size: int = 50,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    sampler=None,
+    kv_cache=None,
+    dtype: str = "float32",
+    image_size_eval: int | str | None = "auto",
+    metrics=None,
+    feature_extractor: str = INCEPTION,
+    feature_extractor_weights=None,
+    feature_layer: str | None = None,
+    score_batch_size: int = 64,
+    cache_reference: bool = True,
+    sample_only: bool = False,
+    json_path=None,
+) -> dict | None:
+    """Sample `model` (a name, folder or pipeline) into `out`/samples, resuming, and score it on rank 0.
+
+    Returns the results dict on rank 0 (also written to `json_path`, default `out`/results.json) and
+    None on other ranks. sampler / kv_cache: objects or 'name:key=value' specs from vartk.samplers.
+    guidance_scale, top_k, top_p: None = the protocol's values (see the module docstring)."""
+    import vartk
+
+    rank, world_size, device = _init_distributed()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is unknown; use one of {list(DTYPES)}")
+    model_name = model if isinstance(model, str) else type(model).__name__
+    pipe = vartk.load(model, device=device, torch_dtype=DTYPES[dtype]) if isinstance(model, str) else model.to(device)
+    plan = SamplingPlan(num_images or IMAGES_PER_CLASS * pipe.num_classes, batch_size, pipe.num_classes, seed, labels)
+    given = {"guidance_scale": guidance_scale, "top_k": top_k, "top_p": top_p}
+    options = {**protocol_settings(pipe, model_name), **{k: v for k, v in given.items() if v is not None}}
+    eval_size = resolve_eval_size(pipe, image_size_eval)
+    settings = {
+        "model": model_name, "family": pipe.family, "num_classes": plan.num_classes, "num_images": plan.num_images,
+        "batch_size": batch_size, "seed": seed, "labels": labels, **options,
+        "sampler": sampler if isinstance(sampler, str) or sampler is None else repr(sampler),
+        "kv_cache": kv_cache if isinstance(kv_cache, str) or kv_cache is None else repr(kv_cache),
+        "dtype": dtype, "image_size_eval": eval_size, "png": "uint8 = round(255 x)",
+    }
+    options.update(sampler=_as_object(sampler, "sampler"), kv_cache=_as_object(kv_cache, "kv-cache"))
+
+    out = Path(out)
+    samples = out / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    pin_settings(out, settings, write=rank == 0)
+    if rank == 0:
+        remove_unfinished(samples)
+    resumed = sum(is_complete(samples, b) for b in range(plan.num_batches))
+    _barrier(world_size)
+
+    start = time.perf_counter()
+    todo = [b for b in range(rank, plan.num_batches, world_size) if not is_complete(samples, b)]
+    sample_batches(pipe, plan, samples, todo, options, eval_size, rank)
+    _barrier(world_size)
+    times = {"sampling": time.perf_counter() - start}
+    if world_size > 1:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+
+    files = collect_samples(samples, plan)
+    results = {"settings": settings, "resumed_batches": resumed}
+    if sample_only:
+        print(f"{model_name}: {len(files)} images in {samples} | sampling {times['sampling']:.0f}s")
+        return {**results, "metrics": {}, "time_s": times}
+    start = time.perf_counter()
+    scores = compute_metrics(
+        files, reference, metrics or _default_metrics(reference), feature_extractor=feature_extractor,
+        feature_extractor_weights=feature_extractor_weights, feature_layer=feature_layer, device=str(device),
+        batch_size=score_batch_size, cache=cache_reference, verbose=True,
+    )
+    times["scoring"] = time.perf_counter() - start
+    results.update(
+        metrics=scores, time_s=times, versions=software_versions(), world_size=world_size,
+        scoring={
+            "reference": str(reference) if reference is not None else None, "feature_extractor": feature_extractor,
+            "feature_extractor_weights": str(feature_extractor_weights) if feature_extractor_weights else None,
+            "feature_layer": feature_layer,
+        },
+    )
+    json_path = Path(json_path) if json_path else out / "results.json"
+    _atomic_write_json(json_path, results)
+    print(summary_line(model_name, scores, times, json_path))
+    return results
+
+
+def compare(
+    a, b, *, json_path=None, metrics=("fid", "kid"), feature_extractor: str = INCEPTION,
+    feature_extractor_weights=None, feature_layer: str | None = None, device: str | None = None,
+    score_batch_size: int = 64,
+) -> dict:
+    """FID / KID between two generated sets and per-image PSNR between images of the same file name
+    (same index, hence same seed and label, in runs of this script). A run folder means its samples/."""
+    a, b = (Path(p) / "samples" if (Path(p) / "samples").is_dir() else Path(p) for p in (a, b))
+    start = time.perf_counter()
+    scores = compute_metrics(
+        a, b, metrics, feature_extractor=feature_extractor, feature_extractor_weights=feature_extractor_weights,
+        feature_layer=feature_layer, device=device, batch_size=score_batch_size, cache=False,
+    )
+    scores.update(paired_psnr(a, b))
+    results = {
+        "compare": [str(a), str(b)], "metrics": scores, "time_s": {"scoring": time.perf_counter() - start},
+        "versions": software_versions(),
+    }
+    if json_path is not None:
+        _atomic_write_json(Path(json_path), results)
+    print(summary_line(f"{a} vs {b}", scores, results["time_s"], json_path or "-"))
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vartk fid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="default", help="built-in, official (var-d16, llamagen-xl) or folder")
+    parser.add_argument("--out", help="run folder (samples/, settings.json, results.json); a .json file with --compare")
+    parser.add_argument("--reference", help="image folder, ADM .npz (arr_0 and/or mu, sigma) or our statistics .npz")
+    parser.add_argument("--num-images", type=int, default=None, help="default: 50 per class")
+    parser.add_argument("--labels", choices=LABEL_MODES, default="balanced", help="balanced (i %% classes) or random")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per batch (= per shard folder)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed; batch b uses SeedSequence([seed, b])")
+    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the protocol's)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--sampler", default=None, help="e.g. gsd:window=16 (a class in vartk.samplers)")
+    parser.add_argument("--kv-cache", default=None, help="e.g. scalekv:budget=0.1 (a class in vartk.samplers)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--image-size-eval", default="auto", help="resize samples to this size; auto = protocol")
+    parser.add_argument("--metrics", default=None, help="fid,is,kid,prc (default: what the reference allows)")
+    parser.add_argument("--feature-extractor", default=INCEPTION, help="a torch-fidelity registered extractor")
+    parser.add_argument(
+        "--inception-weights", "--feature-extractor-weights", dest="weights", default=None, metavar="FILE",
+        help="weights file for the extractor (default: torch-fidelity's cache, $TORCH_HOME/hub/checkpoints/)",
+    )
+    parser.add_argument("--feature-layer", default=None, help="layer for FID / KID / PRC (default: the extractor's)")
+    parser.add_argument("--score-batch-size", type=int, default=64)
+    parser.add_argument("--no-reference-cache", action="store_true", help="do not cache reference statistics")
+    parser.add_argument("--sample-only", action="store_true", help="sample (resuming) without scoring")
+    parser.add_argument("--json", default=None, help="results file (default: OUT/results.json)")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="score two sample folders against each other")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else None
+    scoring = dict(
+        feature_extractor=args.feature_extractor, feature_extractor_weights=args.weights,
+        feature_layer=args.feature_layer, score_batch_size=args.score_batch_size,
+    )
+    try:
+        if args.compare:
+            return compare(*args.compare, json_path=args.out or args.json, metrics=metrics or ("fid", "kid"), **scoring)
+        if args.out is None:
+            raise ValueError("--out is required: the run folder for samples and results")
+        size = args.image_size_eval
+        return evaluate(
+            args.model, args.out, args.reference, num_images=args.num_images, labels=args.labels,
+            batch_size=args.batch_size, seed=args.seed, guidance_scale=args.cfg, top_k=args.top_k, top_p=args.top_p,
+            sampler=args.sampler, kv_cache=args.kv_cache, dtype=args.dtype,
+            image_size_eval=size if size in ("auto", None) else int(size), metrics=metrics,
+            cache_reference=not args.no_reference_cache, sample_only=args.sample_only, json_path=args.json, **scoring,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"vartk fid: {err}")
+
+
+if __name__ == "__main__":
+    main()
