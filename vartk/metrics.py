@@ -37,7 +37,9 @@ from torch.utils.data import Dataset
 try:
     import scipy.linalg
     from torch_fidelity import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
+    from torch_fidelity import register_feature_extractor
     from torch_fidelity.datasets import ImagesPathDataset
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
@@ -151,6 +153,51 @@ def _torch_fidelity_module(name: str, weights: str | None, weights_id: str, laye
         ) from err
 
 
+class ClassifierExtractor(FeatureExtractorBase):
+    """torch-fidelity extractor around a `vartk.classifier.ImageClassifier`: uint8 [B, 3, H, W] ->
+    "features" (pooled, for FID / KID / PRC) and "logits" (for IS). `feature_extractor_weights_path`
+    is a folder written by `save_pretrained`; default: the emoji classifier shipped in the package."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        from .classifier import SHIPPED_WEIGHTS, ImageClassifier
+
+        super().__init__(name, features_list)
+        folder = Path(feature_extractor_weights_path or SHIPPED_WEIGHTS)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"classifier folder {folder} has no config.json; train one with `python -m vartk.classifier` "
+                "or reinstall vartk for the shipped emoji classifier"
+            )
+        self.net = ImageClassifier.from_pretrained(folder, low_cpu_mem_usage=False).eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("features", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "logits" if metric == "isc" else "features"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+
+    def forward(self, x):
+        with torch.no_grad():
+            features = self.net.features(x.float() / 255)
+            outputs = {"features": features, "logits": self.net.head(features)}
+        return tuple(outputs[name] for name in self.features_list)
+
+
+EMOJI_CLASSIFIER = "vartk-emoji"
+if EMOJI_CLASSIFIER not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(EMOJI_CLASSIFIER, ClassifierExtractor)
+
+
 @dataclass
 class FeatureExtractor:
     """A torch-fidelity feature extractor by registered name and the settings it runs with."""
@@ -167,7 +214,7 @@ class FeatureExtractor:
                 f"feature extractor {self.name!r} is not registered with torch-fidelity; "
                 f"known: {sorted(FEATURE_EXTRACTORS_REGISTRY)}"
             )
-        if self.weights is not None and not Path(self.weights).is_file():
+        if self.weights is not None and not Path(self.weights).exists():
             raise FileNotFoundError(f"feature extractor weights {self.weights} do not exist")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cls = FEATURE_EXTRACTORS_REGISTRY[self.name]
@@ -175,7 +222,10 @@ class FeatureExtractor:
     @property
     def weights_id(self) -> str:
         """What identifies the weights in cache keys: the file's sha256, or 'default'."""
-        return file_sha256(self.weights) if self.weights else "default"
+        if not self.weights:
+            return "default"
+        files = sorted(Path(self.weights).rglob("*")) if Path(self.weights).is_dir() else [Path(self.weights)]
+        return hashlib.sha256("".join(file_sha256(f) for f in files if f.is_file()).encode()).hexdigest()
 
     def layer_for(self, metric: str, layer: str | None = None) -> str:
         """The layer `metric` ('fid', 'is', 'kid', 'prc') reads: `layer` if given, else the extractor's default."""

@@ -1,0 +1,59 @@
+"""The in-domain classifier: trains, predicts, and serves as the "vartk-emoji" feature extractor."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vartk.classifier import ImageClassifier, accuracy, load_folder, train_classifier
+from vartk.metrics import EMOJI_CLASSIFIER, compute_metrics, frechet_distance
+
+
+def write_colour_folder(root, per_class: int, seed: int):
+    """Two classes, red-ish and blue-ish squares with noise, 16 px."""
+    rng = np.random.default_rng(seed)
+    for name, channel in (("blue", 2), ("red", 0)):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = rng.integers(0, 90, (16, 16, 3), dtype=np.uint8)
+            image[..., channel] = rng.integers(160, 256, (16, 16))
+            Image.fromarray(image).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls")
+    train, test = write_colour_folder(root / "train", 12, 0), write_colour_folder(root / "test", 6, 1)
+    model = train_classifier(str(train), str(root / "model"), steps=40, batch_size=16, lr=3e-3, width=8, image_size=16)
+    return model, root
+
+
+def test_classifier_learns_and_round_trips(trained):
+    model, root = trained
+    images, labels, names = load_folder(root / "test", 16)
+    assert names == ["blue", "red"]
+    assert accuracy(model, images, labels) == 1.0
+    again = ImageClassifier.from_pretrained(root / "model", low_cpu_mem_usage=False)
+    assert again.config.class_names == ["blue", "red"]
+    assert torch.allclose(again(images), model(images), atol=1e-6)
+
+
+def test_classifier_as_feature_extractor(trained):
+    model, root = trained
+    images, _, _ = load_folder(root / "test", 16)
+    generated = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    kwargs = dict(feature_extractor=EMOJI_CLASSIFIER, feature_extractor_weights=str(root / "model"), device="cpu",
+                  cache=False, isc_splits=1)
+    same = compute_metrics(generated, generated, ["fid", "is"], **kwargs)
+    assert abs(same["fid"]) < 1e-3
+    with torch.no_grad():
+        features = model.features(images).double().numpy()
+        probs = model(images).softmax(-1).double().numpy()
+    half = len(generated) // 2
+    split = compute_metrics(generated[:half], generated[half:], ["fid"], **kwargs)
+    expected = frechet_distance(features[:half].mean(0), np.cov(features[:half], rowvar=False),
+                                features[half:].mean(0), np.cov(features[half:], rowvar=False))
+    assert split["fid"] == pytest.approx(expected, rel=1e-3)
+    marginal = probs.mean(0)
+    expected_is = np.exp(np.mean(np.sum(probs * (np.log(probs) - np.log(marginal)), axis=1)))
+    assert same["is"] == pytest.approx(expected_is, rel=1e-3)
