@@ -1,0 +1,109 @@
+"""Score the shipped emoji models on the held-out split and write the README's results table.
+
+    python tools/eval_default_models.py --data /path/to/emoji --per-class 50 --out runs/default-eval
+
+Measures: tokenizer reconstruction PSNR on held-out images; the in-domain classifier's accuracy on real
+held-out images; for each generator (50 samples per class), the classifier's accuracy on the requested
+class, and in-domain FID (vs the held-out images) and IS on the classifier's features / logits
+(`vartk-emoji`; not comparable with ImageNet FID). Writes results.json, results.md and a sample grid.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier, accuracy, load_folder
+from vartk.metrics import EMOJI_CLASSIFIER, compute_metrics
+from vartk.pipelines import load
+
+SETTINGS = {"default": dict(guidance_scale=2.0, top_k=0, top_p=1.0),
+            "default-gpt": dict(guidance_scale=2.0, top_k=0, top_p=1.0)}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean per-image PSNR in dB of images in [0, 1]."""
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return (10 * torch.log10(1 / mse)).mean().item()
+
+
+@torch.no_grad()
+def reconstruction_psnr(tokenizer, images: torch.Tensor, batch_size: int = 64) -> float:
+    recon = torch.cat([tokenizer.decode(tokenizer.encode(chunk)) for chunk in images.split(batch_size)])
+    return psnr(recon.clamp(0, 1), images)
+
+
+@torch.no_grad()
+def generate(pipe, per_class: int, seed: int, settings: dict, batch_size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_class images of every class: images [N, 3, H, W], labels [N]; batch b uses seed + b."""
+    labels = torch.arange(pipe.num_classes).repeat_interleave(per_class)
+    images = [
+        pipe(class_labels=chunk.tolist(), generator=torch.Generator().manual_seed(seed + b), output_type="pt",
+             progress=False, **settings).images
+        for b, chunk in enumerate(labels.split(batch_size))
+    ]
+    return torch.cat(images), labels
+
+
+def to_uint8(images: torch.Tensor):
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="the emoji dataset root (with test/)")
+    parser.add_argument("--per-class", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/default-eval")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    test_images, test_labels, _ = load_folder(Path(args.data) / "test", 64)
+    classifier = ImageClassifier.from_pretrained(SHIPPED_WEIGHTS, low_cpu_mem_usage=False).eval()
+    results = {"device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "held_out_images": len(test_labels),
+               "classifier_accuracy_real_held_out": accuracy(classifier, test_images, test_labels), "models": {}}
+    for name, settings in SETTINGS.items():
+        pipe = load(name)
+        start = time.perf_counter()
+        images, labels = generate(pipe, args.per_class, args.seed, settings)
+        seconds = time.perf_counter() - start
+        scores = compute_metrics(to_uint8(images), to_uint8(test_images), ("fid", "is"),
+                                 feature_extractor=EMOJI_CLASSIFIER, device="cpu", cache=False, isc_splits=1)
+        results["models"][name] = {
+            "family": pipe.family, "sampling": settings, "images": len(labels),
+            "sampling_seconds_per_image": seconds / len(labels),
+            "tokenizer_psnr_held_out": reconstruction_psnr(pipe.tokenizer, test_images),
+            "classifier_accuracy_generated": accuracy(classifier, images, labels),
+            "fid_in_domain": scores["fid"], "is_in_domain": scores["is"],
+        }
+        grid = torch.cat([images[labels == c][:8] for c in range(pipe.num_classes)])
+        save_image(grid, out / f"{name}-grid.png", nrow=8, padding=2, pad_value=1.0)
+        print(name, json.dumps(results["models"][name]), flush=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / "results.json")
+    (out / "results.md").write_text(markdown_table(results))
+    print(markdown_table(results))
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    rows = ["| model | tokenizer PSNR (held-out) | class accuracy of samples | in-domain FID | in-domain IS | "
+            "CPU s / image |", "|---|---|---|---|---|---|"]
+    for name, r in results["models"].items():
+        rows.append(f"| `{name}` ({r['family']}) | {r['tokenizer_psnr_held_out']:.2f} dB | "
+                    f"{r['classifier_accuracy_generated']:.3f} | {r['fid_in_domain']:.2f} | {r['is_in_domain']:.2f} | "
+                    f"{r['sampling_seconds_per_image']:.3f} |")
+    rows.append(f"| real held-out images ({results['held_out_images']}) | - | "
+                f"{results['classifier_accuracy_real_held_out']:.3f} | - | - | - |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    main()
