@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,15 +63,6 @@ def flatten_tokens(encoded: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     return torch.cat([m.flatten(1) for m in maps], dim=1)
 
 
-def import_sampler(module: str, name: str):
-    """The sampler class, or None (with a notice) when vartk.samplers.<module> is not importable."""
-    try:
-        return getattr(__import__(f"vartk.samplers.{module}", fromlist=[name]), name)
-    except ImportError as err:
-        print(f"sample grids are off: vartk.samplers.{module}.{name} is unavailable ({err})", file=sys.stderr)
-        return None
-
-
 class ConditionalJob(Job):
     """Base of the transformer jobs; subclasses build `self.model` and define loss() and generate()."""
 
@@ -119,26 +109,21 @@ class ConditionalJob(Job):
     def trainees(self):
         return {"model": (self.model, self.no_weight_decay)}
 
-    def generate(self, class_labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
-        """Sampled images [B, 3, H, W] in [0, 1] for class_labels [B], or None without a sampler."""
+    def generate(self, class_labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Sampled images [B, 3, H, W] in [0, 1] for class_labels [B]."""
         raise NotImplementedError
 
     def samples(self):
         labels = torch.arange(self.cfg.num_samples, device=self.device) % self.num_classes  # [N]
         generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
-        images = self.generate(labels, generator)
-        return None if images is None else (images, math.ceil(math.sqrt(len(labels))))
+        return self.generate(labels, generator), math.ceil(math.sqrt(len(labels)))
 
     def export(self, out: Path, class_names: list[str]) -> None:
-        """<out>/transformer and, when vartk.pipelines imports, <out>/pipeline (tokenizer, transformer
-        and class names)."""
+        """<out>/transformer and <out>/pipeline (tokenizer, transformer and class names)."""
+        from .. import pipelines
+
         self.model.save_pretrained(out / "transformer")
         (out / "class_names.json").write_text(json.dumps(class_names, indent=1) + "\n")
-        try:
-            from .. import pipelines
-        except ImportError as err:
-            print(f"no pipeline export: vartk.pipelines is unavailable ({err})", file=sys.stderr)
-            return
         pipeline_cls = getattr(pipelines, self.pipeline_name)
         pipeline = pipeline_cls(tokenizer=self.tokenizer, transformer=self.model, class_names=class_names)
         pipeline.save_pretrained(out / "pipeline")

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from ..models.gpt import GPTTransformer
 from ..tokenizers.msvq import MultiScaleVQVAE
 from ..tokenizers.vq import VQModel
-from .conditional import ConditionalJob, ConditionalTrainConfig, import_sampler
+from ..samplers.next_token import NextTokenSampler
+from .conditional import ConditionalJob, ConditionalTrainConfig
 from .data import Batch
 from .loop import arg, parse_config, run_training
 
@@ -55,7 +56,6 @@ class GPTJob(ConditionalJob):
             num_classes=dataset.num_classes, grid_size=self.grid_side, multiple_of=cfg.multiple_of,
             token_dropout_p=cfg.token_dropout, resid_dropout_p=cfg.resid_dropout, ffn_dropout_p=cfg.ffn_dropout,
         ).to(device)
-        self.sampler_cls = import_sampler("next_token", "NextTokenSampler")
 
     def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
         tokens = self.batch_tokens(batch)  # [B, N]
@@ -63,10 +63,8 @@ class GPTJob(ConditionalJob):
         loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
         return loss, {"acc": (logits.argmax(-1) == tokens).float().mean()}
 
-    def generate(self, class_labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
-        if self.sampler_cls is None:
-            return None
-        tokens = self.sampler_cls(temperature=self.cfg.temperature)(
+    def generate(self, class_labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        tokens = NextTokenSampler(temperature=self.cfg.temperature)(
             self.model, class_labels, guidance_scale=self.cfg.guidance_scale, top_k=self.cfg.top_k,
             top_p=self.cfg.top_p, generator=generator, progress=False,
         )  # [B, N]

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ..models.var import VARTransformer
 from ..tokenizers.msvq import MultiScaleVQVAE
-from .conditional import ConditionalJob, ConditionalTrainConfig, import_sampler
+from ..samplers.next_scale import NextScaleSampler
+from .conditional import ConditionalJob, ConditionalTrainConfig
 from .data import Batch
 from .loop import arg, parse_config, run_training
 
@@ -53,7 +54,6 @@ class VARJob(ConditionalJob):
             num_classes=dataset.num_classes, patch_nums=self.patch_nums, drop_path_rate=cfg.drop_path_rate,
         ).to(device)
         self.model.init_weights(init_adaln_gamma=cfg.init_adaln_gamma)
-        self.sampler_cls = import_sampler("next_scale", "NextScaleSampler")
 
     @torch.no_grad()
     def teacher_forcing_input(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -73,10 +73,8 @@ class VARJob(ConditionalJob):
                    "tail_acc": accuracy[:, -last:].mean()}
         return token_losses.mean(), metrics
 
-    def generate(self, class_labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
-        if self.sampler_cls is None:
-            return None
-        maps = self.sampler_cls()(self.model, self.tokenizer, class_labels, guidance_scale=self.cfg.guidance_scale,
+    def generate(self, class_labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        maps = NextScaleSampler()(self.model, self.tokenizer, class_labels, guidance_scale=self.cfg.guidance_scale,
                                   top_k=self.cfg.top_k, top_p=self.cfg.top_p, generator=generator, progress=False)
         return self.tokenizer.decode(maps)
 
