@@ -1,0 +1,46 @@
+"""The models shipped inside the package load offline and sample on CPU."""
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import vartk
+from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier
+from vartk.cli import main as cli_main
+from vartk.pipelines import BUILTIN_MODELS
+
+CATEGORIES = ["activities", "animals_nature", "flags", "food_drink", "objects", "people_body", "smileys_emotion",
+              "symbols", "travel_places"]
+
+
+def test_shipped_assets_are_small_half_precision_safetensors():
+    folders = [*BUILTIN_MODELS.values(), SHIPPED_WEIGHTS]
+    files = [f for folder in folders for f in folder.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < 40 * 2**20
+    weights = [f for f in files if f.suffix == ".safetensors"]
+    assert len(weights) == 5 and not [f for f in files if f.suffix in (".bin", ".pt", ".pth")]
+    from safetensors import safe_open
+
+    with safe_open(str(BUILTIN_MODELS["default"] / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor("head.weight").dtype == torch.float16
+
+
+def test_default_models_sample_every_category():
+    for name, family in (("default", "var"), ("default-gpt", "llamagen")):
+        pipe = vartk.load(name)
+        assert pipe.family == family and pipe.class_names == CATEGORIES
+        images = pipe(class_labels=list(range(9)), generator=torch.Generator().manual_seed(0), output_type="pt",
+                      progress=False).images
+        assert images.shape == (9, 3, 64, 64) and images.dtype == torch.float32
+        assert images.std() > 0.05, f"{name} produced flat images"
+
+
+def test_cli_sample_without_model_uses_the_default(tmp_path):
+    out = tmp_path / "smileys.png"
+    cli_main(["sample", "--class", "smileys_emotion", "--n", "4", "--out", str(out), "--device", "cpu"])
+    assert Image.open(out).size == (2 * 66 + 2, 2 * 66 + 2)
+
+
+def test_shipped_classifier_knows_the_categories():
+    classifier = ImageClassifier.from_pretrained(Path(SHIPPED_WEIGHTS), low_cpu_mem_usage=False)
+    assert classifier.config.class_names == CATEGORIES

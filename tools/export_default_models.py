@@ -1,0 +1,59 @@
+"""Copy trained emoji models into the package (vartk/assets) as half-precision safetensors.
+
+    python tools/export_default_models.py --var runs/var/pipeline --gpt runs/gpt/pipeline --classifier runs/classifier
+
+Each folder is written next to its destination first and then renamed over it, so an interrupted
+export never leaves a half-written model. Fails if the assets would exceed --max-mb.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier
+from vartk.pipelines import BUILTIN_MODELS, load
+
+
+def replace_folder(write, destination: Path) -> None:
+    """`write(tmp_folder)`, then move the result to `destination` in one rename."""
+    tmp = destination.with_name(destination.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if destination.exists():
+        old = destination.with_name(destination.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(destination, old)
+        os.replace(tmp, destination)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, destination)
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--var", required=True, help="pipeline folder of the next-scale model (vartk train var)")
+    parser.add_argument("--gpt", required=True, help="pipeline folder of the next-token model (vartk train gpt)")
+    parser.add_argument("--classifier", required=True, help="folder written by python -m vartk.classifier")
+    parser.add_argument("--max-mb", type=float, default=40.0)
+    args = parser.parse_args(argv)
+    for name, source in (("default", args.var), ("default-gpt", args.gpt)):
+        pipe = load(source).to(torch.float16)
+        replace_folder(pipe.save_pretrained, BUILTIN_MODELS[name])
+    classifier = ImageClassifier.from_pretrained(args.classifier, low_cpu_mem_usage=False).to(torch.float16)
+    replace_folder(classifier.save_pretrained, SHIPPED_WEIGHTS)
+    sizes = {p.name: folder_mb(p) for p in (*BUILTIN_MODELS.values(), SHIPPED_WEIGHTS)}
+    print(", ".join(f"{name} {mb:.1f} MB" for name, mb in sizes.items()) + f"; total {sum(sizes.values()):.1f} MB")
+    if sum(sizes.values()) > args.max_mb:
+        raise SystemExit(f"the assets take {sum(sizes.values()):.1f} MB, more than --max-mb {args.max_mb}")
+
+
+if __name__ == "__main__":
+    main()
