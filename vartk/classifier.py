@@ -4,7 +4,7 @@
 
 The shipped one (vartk/assets/emoji-classifier) is trained on the emoji categories of the default
 models; `vartk.metrics` registers it as the torch-fidelity feature extractor "vartk-emoji": FID / KID /
-precision-recall on its 256-d penultimate features, IS on its logits. These numbers describe emoji
+precision-recall on its pooled features, IS on its logits. These numbers describe emoji
 images only and are not comparable with ImageNet (Inception) FID.
 """
 from __future__ import annotations
