@@ -58,3 +58,15 @@ def test_demo_serves_on_loopback(demo_folder):
         assert len(gallery) == 2
     finally:
         demo.close()
+
+
+def test_cli_passes_flags_through_to_bench_and_train(capsys):
+    from vartk.cli import main as cli_main
+
+    cli_main(["bench", "--tiny", "--device", "cpu", "--dtype", "float32", "--batches", "1", "--repeats", "1",
+              "--only", "VAR-tiny"])
+    assert "| VAR-tiny | eager | 1 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="give a job first"):
+        cli_main(["train", "--data", "x"])
+    with pytest.raises(SystemExit, match="unknown job 'nope'"):
+        cli_main(["train", "nope"])

@@ -155,34 +155,46 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", "sampling throughput and memory table (see `vartk bench --help`)"),
         ("demo", "launch the Gradio demo"),
     ):
-        passthrough = sub.add_parser(name, help=help_text, add_help=False)
-        passthrough.add_argument("rest", nargs=argparse.REMAINDER)
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def run_train(argv: list[str]) -> None:
+    from .train import train_main
+
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("vartk train: give a job first: tokenizer, var or gpt (then --help for its flags)")
+    train_main(argv[0], argv[1:])
+
+
+def run_fid(argv: list[str]) -> None:
+    from .evaluation import main as fid_main
+
+    fid_main(argv)
+
+
+def run_bench(argv: list[str]) -> None:
+    from .bench import main as bench_main
+
+    bench_main(argv)
+
+
+def run_demo(argv: list[str]) -> None:
+    from .demo import main as demo_main
+
+    demo_main(argv)
+
+
+PASSTHROUGH = {"train": run_train, "fid": run_fid, "bench": run_bench, "demo": run_demo}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:  # these parse their own flags
+        PASSTHROUGH[argv[0]](argv[1:])
+        return
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        from .train import train_main
-
-        if not args.rest:
-            raise SystemExit("vartk train: give a job: tokenizer, var or gpt")
-        train_main(args.rest[0], args.rest[1:])
-    elif args.command == "fid":
-        from .evaluation import main as fid_main
-
-        fid_main(args.rest)
-    elif args.command == "bench":
-        from .bench import main as bench_main
-
-        bench_main(args.rest)
-    elif args.command == "demo":
-        from .demo import main as demo_main
-
-        demo_main(args.rest)
-    else:
-        args.func(args)
+    args.func(args)
 
 
 if __name__ == "__main__":
