@@ -15,6 +15,15 @@ def test_reads_container_with_namespace_args(tmp_path):
     assert list(read_official_file(path, containers=("model",))) == ["w"]
 
 
+def test_reads_nested_training_checkpoint(tmp_path):
+    path = tmp_path / "ar-ckpt-last.pth"
+    torch.save({"trainer": {"var_wo_ddp": {"w": torch.ones(2)}, "optim": {}}, "epoch": 3, "iter": 7}, path)
+    assert list(read_official_file(path, containers=("trainer.var_wo_ddp",))) == ["w"]
+    flat = tmp_path / "var.pth"
+    torch.save({"w": torch.ones(2)}, flat)
+    assert list(read_official_file(flat, containers=("trainer.var_wo_ddp",))) == ["w"]
+
+
 def test_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"w": torch.ones(1), "obj": time.struct_time((2000, 1, 1, 0, 0, 0, 0, 1, 0))}, path)

@@ -22,8 +22,9 @@ class CheckpointError(ValueError):
 def read_official_file(path: str | os.PathLike, containers: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Read a .pth/.pt file without executing pickled code and return its flat state dict.
 
-    `containers` lists keys to look inside, in order (e.g. ("model",) for LlamaGen DDP files);
-    a file that is already a flat name -> tensor dict is returned as it is.
+    `containers` lists keys to look inside, in order (e.g. ("model",) for LlamaGen DDP files; a dotted
+    path such as "trainer.var_wo_ddp" descends several levels); a file that is already a flat
+    name -> tensor dict is returned as it is.
     """
     path = Path(path)
     if not path.is_file():
@@ -35,9 +36,12 @@ def read_official_file(path: str | os.PathLike, containers: tuple[str, ...] = ()
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict of tensors")
-    for name in containers:
-        if name in obj and isinstance(obj[name], dict):
-            obj = obj[name]
+    for path_in_file in containers:
+        inner = obj
+        for name in path_in_file.split("."):
+            inner = inner.get(name) if isinstance(inner, dict) else None
+        if isinstance(inner, dict):
+            obj = inner
             break
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:

@@ -321,7 +321,9 @@ class VARTransformer(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------------ official checkpoints
     @classmethod
     def from_official(cls, path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], **overrides):
-        """Build from an official `var_d*.pth` file (or its state dict), inferring the config.
+        """Build from an official `var_d*.pth` file, a training checkpoint laid out like `ar-ckpt-*.pth`
+        (weights under ["trainer"]["var_wo_ddp"]; only tensors and plain containers are unpickled) or a
+        state dict, inferring the config.
 
         Depth, width, heads, shared AdaLN, L2-normalised attention and the patch schedule are
         read from the tensors; `overrides` replace inferred config values.
@@ -329,7 +331,8 @@ class VARTransformer(ModelMixin, ConfigMixin):
         if isinstance(path_or_state_dict, Mapping):
             state_dict, source = dict(path_or_state_dict), "state dict"
         else:
-            state_dict, source = read_official_file(path_or_state_dict), str(path_or_state_dict)
+            state_dict = read_official_file(path_or_state_dict, containers=("trainer.var_wo_ddp",))
+            source = str(path_or_state_dict)
         config = {**infer_official_config(state_dict, source), **overrides}
         if config["patch_nums"] is None:
             raise CheckpointError(
