@@ -9,6 +9,8 @@ compression policy (e.g. ScaleKV) can replace the plain cache without touching t
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import functools
 
 import torch
@@ -66,20 +68,22 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
-class KVCache:
+class KVCache(ABC):
     """One layer's key/value cache. The model calls `update` with this step's keys and values
     and attends over what it returns; `observe` is called after attention with this step's
     queries so a compressing cache can decide what to keep."""
 
+    @abstractmethod
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Store this step's k, v [B, H, T, D]; return the keys and values to attend over."""
 
     def observe(self, q: torch.Tensor) -> None:
         """Hook after attention; a plain cache keeps everything."""
 
     @property
+    @abstractmethod
     def length(self) -> int:
-        raise NotImplementedError
+        """Sequence slots the cache holds (written so far, or its capacity for a static cache)."""
 
 
 class ContiguousKVCache(KVCache):
@@ -133,11 +137,12 @@ def position_mask(positions: torch.Tensor, max_len: int) -> torch.Tensor:
     return (key_pos[None, None, :] <= positions[:, :, None])[:, None]
 
 
-class KVCachePolicy:
+class KVCachePolicy(ABC):
     """Makes the per-layer caches for one sampling call. Subclass to compress the cache."""
 
+    @abstractmethod
     def new_caches(self, num_layers, batch, num_heads, max_len, head_dim, dtype, device) -> list[KVCache]:
-        raise NotImplementedError
+        """One cache per layer for a call sampling `batch` rows of at most `max_len` tokens."""
 
 
 class FullKVCache(KVCachePolicy):

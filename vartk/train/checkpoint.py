@@ -7,7 +7,7 @@
         trainer_state.json      step, epoch, batch within the epoch, world size, the job's config
     <out>/checkpoints/latest    the name of the newest complete checkpoint folder
 
-A checkpoint is written to `step_XXXXXXX.tmp` and renamed (os.replace) when complete; `latest`
+A checkpoint is written to e.g. `step_0000500.tmp` and renamed (os.replace) when complete; `latest`
 is replaced the same way, so a run killed at any moment leaves the previous checkpoint usable.
 RNG state needs no saving: every step reseeds from (seed, step, rank) (see loop.step_seed).
 """

@@ -7,6 +7,8 @@ encoded once at start-up (--precompute-tokens) instead of at every step.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import json
 import math
 from dataclasses import dataclass
@@ -109,9 +111,9 @@ class ConditionalJob(Job):
     def trainees(self):
         return {"model": (self.model, self.no_weight_decay)}
 
+    @abstractmethod
     def generate(self, class_labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Sampled images [B, 3, H, W] in [0, 1] for class_labels [B]."""
-        raise NotImplementedError
 
     def samples(self):
         labels = torch.arange(self.cfg.num_samples, device=self.device) % self.num_classes  # [N]

@@ -14,6 +14,8 @@ the dataset, names the modules it trains, and computes a loss per step. The loop
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import argparse
 import dataclasses
 import json
@@ -196,30 +198,30 @@ class Trainee:
 
 
 # ---------------------------------------------------------------------------------------------- jobs
-class Job:
+class Job(ABC):
     """What a training job gives the loop; see tokenizer.py, var.py, gpt.py."""
 
     find_unused_parameters = False
 
+    @abstractmethod
     def trainees(self) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
         """{name: (module, no-weight-decay name keywords)}; "model" is the one exported."""
-        raise NotImplementedError
 
     def phases(self, step: int) -> list[str]:
         """Names of the trainees updated at `step`, in order."""
         return ["model"]
 
+    @abstractmethod
     def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
         """(scalar loss, {metric: float tensor}) for trainee `name`; `wrapped` holds the DDP-wrapped modules."""
-        raise NotImplementedError
 
     def samples(self) -> tuple[torch.Tensor, int] | None:
         """(images [N, 3, H, W] in [0, 1], images per grid row) for the sample grid, or None."""
         return None
 
+    @abstractmethod
     def export(self, out: Path, class_names: list[str]) -> None:
         """Write the trained model(s) as save_pretrained folders under `out`."""
-        raise NotImplementedError
 
 
 def autocast_context(device: torch.device, precision: str):
