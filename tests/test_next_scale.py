@@ -124,9 +124,9 @@ def test_partial_mask_keeps_tokens_where_resized_mask_is_set(models):
 
 def test_invalid_arguments(models):
     transformer, tokenizer = models
-    with pytest.raises(ValueError, match="class label 10"):
+    with pytest.raises(ValueError, match=r"class id 10 is outside \[0, 10\)"):
         sample(models, labels=(1, NUM_CLASSES))
-    with pytest.raises(ValueError, match="class label -1"):
+    with pytest.raises(ValueError, match="class id -1 is outside"):
         sample(models, labels=(-1,))
     with pytest.raises(ValueError, match="guidance_scale.*-0.5"):
         sample(models, guidance_scale=-0.5)
@@ -139,5 +139,5 @@ def test_invalid_arguments(models):
         edit_next_scale(transformer, tokenizer, images, torch.ones(4, 4), progress=False)
     with pytest.raises(ValueError, match=r"\(1, 3, 8, 8\).*6x6"):
         edit_next_scale(transformer, tokenizer, torch.rand(1, 3, 8, 8), torch.ones(3, 3), progress=False)
-    with pytest.raises(ValueError, match="class label 11"):
+    with pytest.raises(ValueError, match=r"class id 11 is outside \[0, 10\]"):
         edit_next_scale(transformer, tokenizer, images, torch.ones(3, 3), class_labels=[11], progress=False)

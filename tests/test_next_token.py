@@ -77,9 +77,9 @@ def test_same_generator_same_tokens(model):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(class_labels=[0, NUM_CLASSES]), r"class ids must be in \[0, 10\); got \[10\]"),
-    (dict(class_labels=[-1]), r"got \[-1\]"),
-    (dict(class_labels=[[1, 2]]), "1-D integer"),
+    (dict(class_labels=[0, NUM_CLASSES]), r"class id 10 is outside \[0, 10\)"),
+    (dict(class_labels=[-1]), r"class id -1 is outside"),
+    (dict(class_labels=[[1, 2]]), r"integer class ids \(1-D\)"),
     (dict(guidance_scale=-0.5), "guidance_scale must be >= 0"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_k=-1), "top_k"),

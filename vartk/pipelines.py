@@ -25,6 +25,7 @@ from .models.gpt import GPTTransformer
 from .models.var import VARTransformer
 from .samplers.next_scale import NextScaleSampler, edit_next_scale
 from .samplers.next_token import NextTokenSampler
+from .samplers.sampling import check_class_labels
 from .tokenizers.msvq import MultiScaleVQVAE
 from .tokenizers.vq import VQModel
 
@@ -42,11 +43,16 @@ def eval_mode(*modules: torch.nn.Module):
             m.train(mode)
 
 
+def images_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounding (what every PNG vartk writes holds)."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def _images_to_output(images: torch.Tensor, output_type: str):
     """[B, 3, H, W] float in [0, 1] -> the requested output type."""
     if output_type == "pt":
         return images
-    array = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, 3]
+    array = images_to_uint8(images)  # [B, H, W, 3]
     if output_type == "np":
         return array
     return [Image.fromarray(a) for a in array]
@@ -77,14 +83,7 @@ class _AutoregressivePipeline(DiffusionPipeline):
 
     def _class_tensor(self, class_labels, num_images_per_label: int) -> torch.Tensor:
         """Validate labels and repeat each one `num_images_per_label` times -> int64 [B]."""
-        if isinstance(class_labels, int):
-            class_labels = [class_labels]
-        labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
-        if labels.numel() == 0:
-            raise ValueError("class_labels is empty; give at least one class id")
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
-        if bad.numel():
-            raise ValueError(f"class id {bad[0].item()} is outside [0, {self.num_classes}) for this model")
+        labels = check_class_labels(class_labels, self.num_classes)
         if not isinstance(num_images_per_label, int) or num_images_per_label < 1:
             raise ValueError(f"num_images_per_label must be a positive integer, got {num_images_per_label!r}")
         return labels.repeat_interleave(num_images_per_label).to(self.device)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vartk.models.attention import FullKVCache, KVCachePolicy
-from vartk.samplers.sampling import check_sampling_args, filter_logits, sample_from_logits
+from vartk.samplers.sampling import check_class_labels, check_sampling_args, filter_logits, sample_from_logits
 
 
 @dataclass
@@ -59,7 +59,7 @@ class NextScaleSampler:
             raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance), got {guidance_scale}")
         check_same_schedule(transformer, tokenizer)
         device = transformer.device
-        labels = as_class_labels(class_labels, transformer.null_class, device, allow_null=known_tokens is not None)
+        labels = check_class_labels(class_labels, transformer.null_class, device, allow_null=known_tokens is not None)
         if (known_tokens is None) != (keep_mask is None):
             raise ValueError("known_tokens and keep_mask go together: pass both (editing) or neither (sampling)")
         if known_tokens is not None:
@@ -121,19 +121,6 @@ def activation_dtype(transformer) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return transformer.dtype
-
-
-def as_class_labels(class_labels, null_class: int, device, allow_null: bool) -> torch.Tensor:
-    """Class ids as LongTensor [B]; ids must lie in [0, null_class) (or equal null_class when allowed)."""
-    labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
-    if labels.numel() == 0:
-        raise ValueError("class_labels is empty; pass at least one class id")
-    top = null_class + 1 if allow_null else null_class
-    bad = labels[(labels < 0) | (labels >= top)]
-    if bad.numel():
-        allowed = f"[0, {null_class}] ({null_class} = no class)" if allow_null else f"[0, {null_class})"
-        raise ValueError(f"class label {bad[0].item()} is out of range; class ids must be in {allowed}")
-    return labels
 
 
 def check_same_schedule(transformer, tokenizer) -> None:

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.attention import StaticKVCache
-from .sampling import check_sampling_args, sample_from_logits
+from .sampling import check_class_labels, check_sampling_args, sample_from_logits
 
 
 @dataclass
@@ -51,7 +51,7 @@ class NextTokenSampler:
         check_sampling_args(top_k, top_p, self.temperature)
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (<= 1 disables guidance), got {guidance_scale!r}")
-        labels = self._check_labels(class_labels, transformer)
+        labels = check_class_labels(class_labels, transformer.config.num_classes, transformer.device)
         use_graph = self._use_cuda_graph(labels.device)
         guided = guidance_scale > 1.0
         rows = torch.cat([labels, torch.full_like(labels, transformer.null_class)]) if guided else labels  # [R]
@@ -82,19 +82,6 @@ class NextTokenSampler:
             positions = torch.full_like(tokens, transformer.config.cls_token_num + step)  # [R, 1]
             out[:, step + 1] = pick(decode(tokens, positions), guide)
         return out
-
-    @staticmethod
-    def _check_labels(class_labels, transformer) -> torch.Tensor:
-        labels = torch.as_tensor(class_labels, device=transformer.device)
-        if labels.ndim != 1 or labels.is_floating_point() or labels.is_complex():
-            raise ValueError(
-                f"class_labels must be a 1-D integer tensor of class ids, got {labels.dtype} {tuple(labels.shape)}"
-            )
-        num_classes = transformer.config.num_classes
-        bad = labels[(labels < 0) | (labels >= num_classes)]
-        if len(bad):
-            raise ValueError(f"class ids must be in [0, {num_classes}); got {bad.tolist()}")
-        return labels.long()
 
     def _use_cuda_graph(self, device: torch.device) -> bool:
         if self.cuda_graph not in ("auto", True, False):

@@ -14,6 +14,23 @@ def check_sampling_args(top_k: int, top_p: float, temperature: float = 1.0) -> N
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")
 
 
+def check_class_labels(class_labels, num_classes: int, device=None, allow_null: bool = False) -> torch.Tensor:
+    """Class ids (int, list or tensor) -> int64 [B] on `device`. Ids must lie in [0, num_classes), or also
+    equal num_classes (the null class) when `allow_null`; anything else raises one ValueError."""
+    labels = torch.as_tensor(class_labels, device=device)
+    if labels.is_floating_point() or labels.is_complex() or labels.ndim > 1:
+        raise ValueError(f"class_labels must be integer class ids (1-D), got {labels.dtype} {tuple(labels.shape)}")
+    labels = labels.long().reshape(-1)
+    if labels.numel() == 0:
+        raise ValueError("class_labels is empty; give at least one class id")
+    top = num_classes + 1 if allow_null else num_classes
+    bad = labels[(labels < 0) | (labels >= top)]
+    if bad.numel():
+        allowed = f"[0, {num_classes}] ({num_classes} = no class)" if allow_null else f"[0, {num_classes})"
+        raise ValueError(f"class id {bad[0].item()} is outside {allowed} for this model")
+    return labels
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Top-k then top-p filtering over the last dim; removed entries become -inf (a new tensor).
 
