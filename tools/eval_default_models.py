@@ -15,27 +15,23 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.utils import save_image
 
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier, accuracy, load_folder
-from vartk.metrics import EMOJI_CLASSIFIER, compute_metrics
-from vartk.pipelines import load
+from vartk.metrics import EMOJI_CLASSIFIER, compute_metrics, psnr
+from vartk.pipelines import images_to_uint8, load
 
 SETTINGS = {"default": dict(guidance_scale=2.0, top_k=0, top_p=1.0),
             "default-gpt": dict(guidance_scale=2.0, top_k=0, top_p=1.0)}
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean per-image PSNR in dB of images in [0, 1]."""
-    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(1 / mse)).mean().item()
-
-
 @torch.no_grad()
 def reconstruction_psnr(tokenizer, images: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean per-image PSNR (dB) between uint8 images and their uint8 reconstructions."""
     recon = torch.cat([tokenizer.decode(tokenizer.encode(chunk)) for chunk in images.split(batch_size)])
-    return psnr(recon.clamp(0, 1), images)
+    return float(np.mean([psnr(a, b) for a, b in zip(images_to_uint8(recon), images_to_uint8(images))]))
 
 
 @torch.no_grad()
@@ -48,10 +44,6 @@ def generate(pipe, per_class: int, seed: int, settings: dict, batch_size: int = 
         for b, chunk in enumerate(labels.split(batch_size))
     ]
     return torch.cat(images), labels
-
-
-def to_uint8(images: torch.Tensor):
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def main(argv=None) -> dict:
@@ -70,7 +62,7 @@ def main(argv=None) -> dict:
                "classifier_accuracy_real_held_out": accuracy(classifier, test_images, test_labels), "models": {}}
     train_images, _, _ = load_folder(Path(args.data) / "train", 64)
     pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed))[: 9 * args.per_class]
-    real = compute_metrics(to_uint8(train_images[pick]), to_uint8(test_images), ("fid", "is"),
+    real = compute_metrics(images_to_uint8(train_images[pick]), images_to_uint8(test_images), ("fid", "is"),
                            feature_extractor=EMOJI_CLASSIFIER, device="cpu", cache=False, isc_splits=1)
     results["real_train_vs_held_out"] = {"images": len(pick), "fid_in_domain": real["fid"], "is_in_domain": real["is"]}
     for name, settings in SETTINGS.items():
@@ -78,7 +70,7 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         images, labels = generate(pipe, args.per_class, args.seed, settings)
         seconds = time.perf_counter() - start
-        scores = compute_metrics(to_uint8(images), to_uint8(test_images), ("fid", "is"),
+        scores = compute_metrics(images_to_uint8(images), images_to_uint8(test_images), ("fid", "is"),
                                  feature_extractor=EMOJI_CLASSIFIER, device="cpu", cache=False, isc_splits=1)
         results["models"][name] = {
             "family": pipe.family, "sampling": settings, "images": len(labels),

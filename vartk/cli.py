@@ -12,13 +12,14 @@ import torch
 
 def _save_images(images: torch.Tensor, out: Path) -> None:
     """Write [B, 3, H, W] images in [0, 1] as one PNG grid (`out` ends in .png) or a folder of PNGs."""
-    from torchvision.utils import make_grid
     from PIL import Image
+    from torchvision.utils import make_grid
+
+    from .pipelines import images_to_uint8
 
     def write_png(tensor, path: Path):
-        array = (tensor.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # [H, W, 3]
         tmp = path.with_name(path.name + ".tmp")
-        Image.fromarray(array).save(tmp, format="PNG")
+        Image.fromarray(images_to_uint8(tensor[None])[0]).save(tmp, format="PNG")
         os.replace(tmp, path)
 
     if out.suffix.lower() == ".png":

@@ -45,6 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vartk.metrics import INCEPTION, compute_metrics, list_images, paired_psnr
+from vartk.pipelines import images_to_uint8
 
 VAR_PROTOCOL = {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96}
 LLAMAGEN_CFG = {"GPT-B": 2.0, "GPT-L": 2.0, "GPT-XL": 1.75, "GPT-XXL": 1.75, "GPT-3B": 1.65}
@@ -170,7 +171,7 @@ def to_uint8(images: torch.Tensor, size: int | None) -> np.ndarray:
     images = images.float()
     if size is not None and images.shape[-1] != size:
         images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return images_to_uint8(images)
 
 
 def sample_batches(pipe, plan: SamplingPlan, samples: Path, batches: list[int], options: dict, eval_size, rank=0):
