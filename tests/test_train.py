@@ -107,6 +107,41 @@ def test_batch_order_is_a_seeded_partition_and_resumes_mid_epoch():
     assert [next(resumed) for _ in range(4)] == uninterrupted[4:]
 
 
+def test_class_balanced_order_evens_out_classes_and_is_a_function_of_the_epoch():
+    labels = torch.tensor([0] * 90 + [1] * 10)  # 90 % class 0
+    def class_one_share(balance: float) -> float:
+        order = BatchOrder(100, batch_size=10, seed=3, rank=0, world_size=1, labels=labels, class_balance=balance)
+        drawn = torch.tensor([i for e in range(40) for batch in order.epoch(e) for i in batch])  # 4000 draws
+        return (labels[drawn] == 1).float().mean().item()
+    assert abs(class_one_share(1.0) - 0.5) < 0.04  # weight 1/n: both classes equally often
+    assert abs(class_one_share(0.5) - 1 / (1 + 3)) < 0.04  # weight n^-1/2: shares 90^0.5 : 10^0.5 = 3 : 1
+    assert abs(class_one_share(0.0) - 0.1) < 1e-6  # a plain shuffle keeps the dataset's shares
+    ranks = [BatchOrder(100, 10, 3, r, 2, labels, 1.0) for r in range(2)]
+    assert ranks[0].epoch(5) == ranks[0].epoch(5) and ranks[0].epoch(5) != ranks[1].epoch(5)
+    assert ranks[0].batches_per_epoch == 5
+    with pytest.raises(ValueError, match="class_balance"):
+        BatchOrder(100, 10, 3, 0, 1, None, 0.5)
+
+
+def test_init_from_starts_from_the_given_weights(images, tmp_path):
+    """--init-from with lr 0 exports exactly the weights it started from; a wrong folder names the keys."""
+    args = ["--data", str(images), "--batch-size", "4", "--max-steps", "1", "--save-every", "1", *FAST,
+            *job_args("gpt", images, tmp_path)]
+    train_main("gpt", [*args, "--out", str(tmp_path / "first"), "--lr", "3e-3"])
+    first = tmp_path / "first" / "transformer"
+    train_main("gpt", [*args, "--out", str(tmp_path / "second"), "--lr", "0", "--seed", "5",
+                       "--init-from", str(first)])
+    from safetensors.torch import load_file
+    weights_name = "diffusion_pytorch_model.safetensors"
+    start, end = load_file(first / weights_name), load_file(tmp_path / "second" / "transformer" / weights_name)
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
+    from vartk.checkpoints import CheckpointError
+    with pytest.raises(CheckpointError, match="missing keys|unexpected keys|shape mismatch"):
+        train_main("gpt", [*args, "--out", str(tmp_path / "third"), "--init-from", str(tmp_path / "vq1")])
+    with pytest.raises(SystemExit, match="--init-from .*no diffusion_pytorch_model.safetensors"):
+        train_main("gpt", [*args, "--out", str(tmp_path / "fourth"), "--init-from", str(tmp_path)])
+
+
 # ---------------------------------------------------------------------------------------------- config / schedule
 def test_config_flags_from_dataclass_fields():
     from vartk.train.tokenizer import TokenizerTrainConfig
@@ -152,8 +187,9 @@ def test_loss_decreases_on_a_fixed_batch(job, images, tmp_path):
 @pytest.mark.parametrize("job", ["tokenizer", "gpt"])
 def test_resume_gives_the_uninterrupted_losses(job, images, tmp_path):
     """Kill after step 3 (keep only that checkpoint), resume in a fresh run: steps 3..5 match exactly."""
-    # the tokenizer with a GAN has two optimizers; the GPT has dropout and label dropout
-    extra = ["--gan-weight", "0.1", "--gan-start", "2", "--disc-layers", "1"] if job == "tokenizer" else []
+    # the tokenizer with a GAN has two optimizers and restarts codes; the GPT has dropout and label dropout
+    extra = ["--gan-weight", "0.1", "--gan-start", "2", "--disc-layers", "1", "--restart-codes-every", "3"]
+    extra = extra if job == "tokenizer" else []
     common = ["--batch-size", "4", "--max-steps", "6", "--log-every", "1", "--save-every", "3",
               "--keep-checkpoints", "5", *FAST, *job_args(job, images, tmp_path), *extra]
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -201,3 +237,36 @@ def test_torchrun_two_processes_gloo(images, tmp_path):
     state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 3
     assert (out / "tokenizer" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- codebook restarts
+def test_unused_codes_restart_on_residual_vectors():
+    """A collapsed codebook (code 0 at the origin, every other code far away): the unused codes move onto residual
+    vectors of the batch, the used code stays, and the same batch then uses most codes."""
+    from vartk.train.tokenizer import restart_unused_codes
+
+    torch.manual_seed(0)
+    model = MultiScaleVQVAE(**TOKENIZER, patch_nums=(1, 2, 4), share_quant_resi=3).train()
+    images = torch.rand(4, 3, SIZE, SIZE).round()  # [4, 3, 8, 8] black-and-white noise: varied latents
+    with torch.no_grad():
+        model.quantize.embedding.weight[0] = 0
+        model.quantize.embedding.weight[1:] = 1e3
+    f = model.encode_latent(images)  # [4, Cz, 4, 4]
+    vectors = model.residual_vectors(images)  # [4 * (1 + 4 + 16), Cz]
+    assert vectors.shape == (4 * 21, TOKENIZER["z_channels"])
+    assert torch.allclose(vectors[:4], f.mean((2, 3)), atol=1e-6)  # the 1x1 scale looks up the mean latent
+    used_code = model.quantize.embedding.weight[0].clone()
+    _, _, stats = model(images)
+    assert stats["codebook_usage"] == 1 / TOKENIZER["vocab_size"]
+    moved = restart_unused_codes(model, stats["code_hits"], images)
+    assert moved == TOKENIZER["vocab_size"] - 1
+    codebook = model.quantize.embedding.weight.detach()
+    assert torch.equal(codebook[0], used_code)
+    assert all(torch.isclose(vectors, code, atol=1e-6).all(1).any() for code in codebook[1:])
+    _, _, after = model(images)
+    assert after["codebook_usage"] >= 0.5
+    with pytest.raises(SystemExit, match="--restart-codes-every 3 must be >= 0 and divide --save-every 10"):
+        from vartk.train.tokenizer import TokenizerTrainConfig
+        parse_config(TokenizerTrainConfig, ["--data", "x", "--image-size", "8", "--patch-nums", "1,2,4",
+                                            "--ch-mult", "1,2", "--save-every", "10", "--restart-codes-every", "3"],
+                     "test")

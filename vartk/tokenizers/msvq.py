@@ -278,8 +278,21 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         if self.training:
             self._update_usage(hits)
         recon = (self.decoder(self.post_quant_conv(f_straight_through.to(f.dtype))) + 1) / 2
-        stats = {"codebook_usage": (hits.sum(0) > 0).float().mean().detach()}
+        stats = {"codebook_usage": (hits.sum(0) > 0).float().mean().detach(), "code_hits": hits.sum(0)}
         return recon, vq_loss, stats
+
+    @torch.no_grad()
+    def residual_vectors(self, images: torch.Tensor) -> torch.Tensor:
+        """The vectors the quantiser looks up for these images: every scale's residual (area-downsampled
+        to pn x pn), all positions of all scales -> [B * sum(pn^2), Cz] (float32)."""
+        with torch.autocast(images.device.type, enabled=False):
+            f = self.encode_latent(images).float()  # [B, Cz, h, w]
+            f_hat, vectors = torch.zeros_like(f), []
+            for (_, next_f_hat), pn in zip(self.iter_residual_quantize(f), self._patch_nums):
+                rest = F.interpolate(f - f_hat, size=(pn, pn), mode="area")  # [B, Cz, pn, pn]
+                vectors.append(rest.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+                f_hat = next_f_hat
+        return torch.cat(vectors)
 
     @torch.no_grad()
     def _update_usage(self, hits: torch.Tensor) -> None:

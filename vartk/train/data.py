@@ -92,23 +92,45 @@ class Batch:
 
 
 class BatchOrder:
-    """Which dataset indices each step of one rank reads; a pure function of (seed, epoch, rank)."""
+    """Which dataset indices each step of one rank reads; a pure function of (seed, epoch, rank).
 
-    def __init__(self, dataset_size: int, batch_size: int, seed: int, rank: int, world_size: int):
+    class_balance = 0: every epoch is a shuffle of the dataset (torch's DistributedSampler rule).
+    class_balance = a > 0: every epoch draws as many images as the dataset has, with replacement, an image of
+    a class with n images with weight n ** -a (a = 1: every class equally often; 0.5: in proportion to sqrt(n)).
+    """
+
+    def __init__(self, dataset_size: int, batch_size: int, seed: int, rank: int, world_size: int,
+                 labels: torch.Tensor | None = None, class_balance: float = 0.0):
         per_rank = dataset_size // world_size
         if per_rank < batch_size:
             raise ValueError(
                 f"{dataset_size} images over {world_size} process(es) give {per_rank} per process, fewer than "
                 f"--batch-size {batch_size}; use a smaller batch or more images"
             )
+        if class_balance < 0 or (class_balance > 0 and labels is None):
+            raise ValueError(f"class_balance must be >= 0 and needs the labels, got {class_balance}")
         self.sampler = DistributedSampler(range(dataset_size), world_size, rank, shuffle=True, seed=seed,
                                           drop_last=True)
+        self.seed, self.rank, self.world_size, self.per_rank = seed, rank, world_size, per_rank
+        self.image_weights = None  # [N] sampling weight of every image when class-balanced
+        if class_balance > 0:
+            class_sizes = torch.bincount(labels).double()  # [C]
+            self.image_weights = class_sizes[labels].pow(-class_balance)  # [N]
         self.batch_size = batch_size
         self.batches_per_epoch = per_rank // batch_size
 
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's dataset indices for one epoch."""
+        if self.image_weights is None:
+            self.sampler.set_epoch(epoch)
+            return list(self.sampler)
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        drawn = torch.multinomial(self.image_weights, self.per_rank * self.world_size, replacement=True,
+                                  generator=generator)  # [per_rank * world_size]
+        return drawn[self.rank::self.world_size].tolist()
+
     def epoch(self, epoch: int) -> list[list[int]]:
-        self.sampler.set_epoch(epoch)
-        indices = list(self.sampler)
+        indices = self.epoch_indices(epoch)
         return [indices[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.batches_per_epoch)]
 
     def batches(self, start_step: int):

@@ -31,8 +31,11 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME as WEIGHTS_NAME
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoints import load_state_dict_strict
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Batch, BatchOrder, ImageFolder, fits_in_memory, iterate_batches
 
@@ -73,6 +76,10 @@ class TrainConfig:
     precision: str = arg("auto", f"one of {PRECISIONS}; auto = bf16 autocast on CUDA, fp32 on CPU")
     num_workers: int = arg(0, "DataLoader workers when the dataset is not cached in memory")
     cache_limit_gb: float = arg(4.0, "decode the whole dataset into memory (uint8) when it fits in this many GB")
+    class_balance: float = arg(0.0, "draw images of a class with n images with weight n ** -a (0: plain shuffle, "
+                                    "1: every class equally often)")
+    init_from: str = arg("", "start the model from these weights (a save_pretrained folder such as an earlier "
+                             "run's transformer/ or tokenizer/) with a fresh optimizer and schedule")
     progress: bool = arg(True, "show a tqdm progress bar")
 
     required = ("data",)
@@ -85,6 +92,11 @@ class TrainConfig:
             raise SystemExit(f"--schedule {self.schedule!r} is unknown; use one of {SCHEDULES}")
         if self.precision not in PRECISIONS:
             raise SystemExit(f"--precision {self.precision!r} is unknown; use one of {PRECISIONS}")
+        if self.class_balance < 0:
+            raise SystemExit(f"--class-balance must be >= 0, got {self.class_balance}")
+        if self.init_from and not (Path(self.init_from) / WEIGHTS_NAME).is_file():
+            raise SystemExit(f"--init-from {self.init_from}: no {WEIGHTS_NAME} there; give a save_pretrained "
+                             "folder such as <run>/transformer")
         for name in ("batch_size", "max_steps", "log_every", "save_every", "image_size"):
             if getattr(self, name) < 1:
                 raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -215,6 +227,9 @@ class Job(ABC):
     def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
         """(scalar loss, {metric: float tensor}) for trainee `name`; `wrapped` holds the DDP-wrapped modules."""
 
+    def after_step(self, step: int, batch: Batch) -> None:
+        """Called once the optimizers of `step` have stepped (e.g. to restart unused codebook entries)."""
+
     def samples(self) -> tuple[torch.Tensor, int] | None:
         """(images [N, 3, H, W] in [0, 1], images per grid row) for the sample grid, or None."""
         return None
@@ -262,9 +277,13 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
     out = Path(cfg.out)
     cache = fits_in_memory(cfg.data, cfg.image_size, cfg.cache_limit_gb)
     dataset = ImageFolder(cfg.data, cfg.image_size, cache=cache)
-    order = BatchOrder(len(dataset), cfg.batch_size, cfg.seed, dist.rank, dist.world_size)
+    order = BatchOrder(len(dataset), cfg.batch_size, cfg.seed, dist.rank, dist.world_size, dataset.labels,
+                       cfg.class_balance)
     torch.manual_seed(cfg.seed)
     job = job_cls(cfg, dataset, dist.device)
+    if cfg.init_from:
+        init_weights = load_file(Path(cfg.init_from) / WEIGHTS_NAME, device=str(dist.device))
+        load_state_dict_strict(job.trainees()["model"][0], init_weights, source=cfg.init_from)
 
     trainees = {}
     for name, (module, no_decay) in job.trainees().items():
@@ -318,6 +337,7 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
             prefix = "" if name == "model" else f"{name}_"
             for key, value in {"loss": loss.detach(), **metrics, "grad_norm": grad_norm}.items():
                 window.setdefault(prefix + key, []).append(float(value))
+        job.after_step(step, batch)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             record = averaged(window, dist)

@@ -2,6 +2,8 @@
 
     vartk train tokenizer --data DIR --out runs/tokenizer --patch-nums 1,2,3,4,5,6,8,10,13,16
 
+--restart-codes-every N fights codebook collapse: codes unused for N steps move onto residual vectors.
+
 Loss = vq_weight * quantiser loss (from the model's forward) + l2_weight * MSE + l1_weight * L1
      [+ gan_weight * hinge generator loss against a PatchGAN, from --gan-start on]
 The discriminator is trained in a second phase of the same step (hinge loss). A perceptual (LPIPS)
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -52,6 +55,8 @@ class TokenizerTrainConfig(TrainConfig):
     gan_start: int = arg(0, "step at which the GAN losses start")
     disc_channels: int = arg(64, "PatchGAN base channels")
     disc_layers: int = arg(3, "PatchGAN stride-2 layers")
+    restart_codes_every: int = arg(0, "every N steps, move the codes that no scale picked in those N steps onto "
+                                      "random residual vectors of the current batch (0: never)")
 
     def check(self) -> None:
         super().check()
@@ -65,6 +70,11 @@ class TokenizerTrainConfig(TrainConfig):
             raise SystemExit(
                 f"--patch-nums ends at {self.patch_nums[-1]} but --image-size {self.image_size} with --ch-mult "
                 f"{','.join(map(str, self.ch_mult))} gives a {latent}x{latent} latent; make them agree"
+            )
+        if self.restart_codes_every < 0 or (self.restart_codes_every and self.save_every % self.restart_codes_every):
+            raise SystemExit(
+                f"--restart-codes-every {self.restart_codes_every} must be >= 0 and divide --save-every "
+                f"{self.save_every} (checkpoints fall between restart windows, so --resume stays exact)"
             )
 
 
@@ -100,6 +110,25 @@ def frozen(module: nn.Module):
             p.requires_grad_(flag)
 
 
+@torch.no_grad()
+def restart_unused_codes(model: MultiScaleVQVAE, code_hits: torch.Tensor, images: torch.Tensor) -> int:
+    """Move every code with no hits (summed over processes) onto a random residual vector of `images`,
+    so that a collapsed codebook comes back into use; returns how many codes moved. Process 0 draws the
+    vectors and every process receives its codebook."""
+    distributed = torch_dist.is_available() and torch_dist.is_initialized()
+    if distributed:
+        torch_dist.all_reduce(code_hits)
+    unused = (code_hits == 0).nonzero().flatten()  # [U]
+    codebook = model.quantize.embedding.weight  # [V, Cz]
+    if len(unused):
+        vectors = model.residual_vectors(images)  # [N, Cz]
+        picks = torch.randint(len(vectors), (len(unused),), device=vectors.device)  # [U]
+        codebook[unused] = vectors[picks].to(codebook.dtype)
+    if distributed:
+        torch_dist.broadcast(codebook, src=0)
+    return len(unused)
+
+
 class TokenizerJob(Job):
     find_unused_parameters = True  # phi convs that no scale picks stay unused
 
@@ -116,6 +145,7 @@ class TokenizerJob(Job):
         preview = torch.linspace(0, len(dataset) - 1, min(cfg.num_samples, len(dataset))).round().long().tolist()
         self.preview = torch.stack([dataset[i][0] for i in preview]).to(device).float() / 255  # [N, 3, H, W]
         self.reconstruction = None  # the generator phase's output, read by the discriminator phase
+        self.code_hits = torch.zeros(cfg.vocab_size, device=device)  # [V] hits since the last code restart
 
     def trainees(self):
         parts = {"model": (self.model, ())}
@@ -138,7 +168,8 @@ class TokenizerJob(Job):
         l2, l1 = F.mse_loss(recon, batch.images), F.l1_loss(recon, batch.images)
         loss = cfg.vq_weight * vq_loss + cfg.l2_weight * l2 + cfg.l1_weight * l1
         metrics = {"l2": l2.detach(), "l1": l1.detach(), "vq": vq_loss.detach()}
-        metrics.update({k: v for k, v in stats.items() if v is not None})
+        self.code_hits += stats.pop("code_hits")
+        metrics.update(stats)
         if self.gan_active(step):
             with frozen(self.discriminator):
                 generator_loss = -self.discriminator(recon).float().mean()
@@ -146,6 +177,11 @@ class TokenizerJob(Job):
             metrics["gan_g"] = generator_loss.detach()
         self.reconstruction = recon.detach()
         return loss, metrics
+
+    def after_step(self, step: int, batch: Batch) -> None:
+        if self.cfg.restart_codes_every and (step + 1) % self.cfg.restart_codes_every == 0:
+            restart_unused_codes(self.model, self.code_hits, batch.images)
+            self.code_hits.zero_()
 
     def discriminator_loss(self, discriminator: nn.Module, real: torch.Tensor):
         """Hinge loss on real images and the generator phase's reconstructions."""
