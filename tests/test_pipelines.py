@@ -196,3 +196,26 @@ def test_gpt_pipeline_round_trip_and_class_names(tmp_path):
     assert grid.is_file()
     with pytest.raises(ValueError, match="1 class names given for a model with 3 classes"):
         GPTPipeline(tokenizer=tokenizer, transformer=transformer, class_names=["a"])
+
+
+def test_saved_sampling_defaults_apply_when_no_setting_is_given(tmp_path):
+    from vartk.tokenizers.vq import VQModel
+
+    torch.manual_seed(0)
+    tokenizer = VQModel(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=16, codebook_size=64, codebook_embed_dim=8)
+    transformer = GPTTransformer(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=3, grid_size=4)
+    transformer.init_weights(randomize_output=True)
+    pipe = GPTPipeline(tokenizer=tokenizer, transformer=transformer, sampling_defaults={"guidance_scale": 4.0, "top_k": 3})
+    pipe.save_pretrained(tmp_path / "gpt")
+    again = load(str(tmp_path / "gpt"))
+    assert again.sampling_options() == dict(guidance_scale=4.0, top_k=3, top_p=1.0)  # top_p: the official 1.0
+    assert again.sampling_options(top_k=0) == dict(guidance_scale=4.0, top_k=0, top_p=1.0)
+    bare = dict(class_labels=[0, 1, 2], output_type="pt", progress=False)
+    saved = again(generator=torch.Generator().manual_seed(0), **bare).images
+    explicit = again(generator=torch.Generator().manual_seed(0), guidance_scale=4.0, top_k=3, top_p=1.0, **bare).images
+    official = again(generator=torch.Generator().manual_seed(0), guidance_scale=2.0, top_k=0, top_p=1.0, **bare).images
+    assert torch.equal(saved, explicit) and not torch.equal(saved, official)
+    plain = GPTPipeline(tokenizer=tokenizer, transformer=transformer)
+    assert plain.sampling_options() == dict(guidance_scale=2.0, top_k=0, top_p=1.0)
+    with pytest.raises(ValueError, match=r"sampling_defaults \['temperature'\] unknown"):
+        GPTPipeline(tokenizer=tokenizer, transformer=transformer, sampling_defaults={"temperature": 0.9})

@@ -23,8 +23,6 @@ from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier, accuracy, load_fo
 from vartk.metrics import EMOJI_CLASSIFIER, compute_metrics, psnr
 from vartk.pipelines import images_to_uint8, load
 
-SETTINGS = {"default": dict(guidance_scale=2.0, top_k=0, top_p=1.0),
-            "default-gpt": dict(guidance_scale=2.0, top_k=0, top_p=1.0)}
 
 
 @torch.no_grad()
@@ -52,6 +50,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/default-eval")
+    parser.add_argument("--models", default="default,default-gpt", help="comma-separated model names or folders")
+    parser.add_argument("--sampling", type=json.loads, default={},
+                        help='JSON overriding the models\' own sampling settings, e.g. {"guidance_scale": 4, "top_k": 50}')
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,8 +66,9 @@ def main(argv=None) -> dict:
     real = compute_metrics(images_to_uint8(train_images[pick]), images_to_uint8(test_images), ("fid", "is"),
                            feature_extractor=EMOJI_CLASSIFIER, device="cpu", cache=False, isc_splits=1)
     results["real_train_vs_held_out"] = {"images": len(pick), "fid_in_domain": real["fid"], "is_in_domain": real["is"]}
-    for name, settings in SETTINGS.items():
+    for name in args.models.split(","):
         pipe = load(name)
+        settings = pipe.sampling_options(**args.sampling)
         start = time.perf_counter()
         images, labels = generate(pipe, args.per_class, args.seed, settings)
         seconds = time.perf_counter() - start
@@ -91,14 +93,16 @@ def main(argv=None) -> dict:
 
 
 def markdown_table(results: dict) -> str:
-    rows = ["| model | tokenizer PSNR (held-out) | class accuracy of samples | in-domain FID | in-domain IS | "
-            "CPU s / image |", "|---|---|---|---|---|---|"]
+    rows = ["| model | sampling (cfg / top-k / top-p) | tokenizer PSNR (held-out) | class accuracy of samples | "
+            "in-domain FID | in-domain IS | CPU s / image |", "|---|---|---|---|---|---|---|"]
     for name, r in results["models"].items():
-        rows.append(f"| `{name}` ({r['family']}) | {r['tokenizer_psnr_held_out']:.2f} dB | "
+        sampling = r["sampling"]
+        rows.append(f"| `{name}` ({r['family']}) | {sampling['guidance_scale']:g} / {sampling['top_k']} / "
+                    f"{sampling['top_p']:g} | {r['tokenizer_psnr_held_out']:.2f} dB | "
                     f"{r['classifier_accuracy_generated']:.3f} | {r['fid_in_domain']:.2f} | {r['is_in_domain']:.2f} | "
                     f"{r['sampling_seconds_per_image']:.3f} |")
     real = results["real_train_vs_held_out"]
-    rows.append(f"| real images: {real['images']} train vs the {results['held_out_images']} held-out | - | "
+    rows.append(f"| real images: {real['images']} train vs the {results['held_out_images']} held-out | - | - | "
                 f"{results['classifier_accuracy_real_held_out']:.3f} (held-out) | {real['fid_in_domain']:.2f} | "
                 f"{real['is_in_domain']:.2f} | - |")
     return "\n".join(rows) + "\n"

@@ -1,6 +1,7 @@
 """Copy trained emoji models into the package (vartk/assets) as half-precision safetensors.
 
-    python tools/export_default_models.py --var runs/var/pipeline --gpt runs/gpt/pipeline --classifier runs/classifier
+    python tools/export_default_models.py --var runs/var/pipeline --gpt runs/gpt/pipeline --classifier runs/classifier \
+        --var-sampling '{"guidance_scale": 3.0}' --gpt-sampling '{"guidance_scale": 3.0}'
 
 Each folder is written next to its destination first and then renamed over it, so an interrupted
 export never leaves a half-written model. Fails if the assets would exceed --max-mb.
@@ -8,6 +9,7 @@ export never leaves a half-written model. Fails if the assets would exceed --max
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
@@ -42,10 +44,16 @@ def main(argv=None) -> None:
     parser.add_argument("--var", required=True, help="pipeline folder of the next-scale model (vartk train var)")
     parser.add_argument("--gpt", required=True, help="pipeline folder of the next-token model (vartk train gpt)")
     parser.add_argument("--classifier", required=True, help="folder written by python -m vartk.classifier")
+    for family in ("var", "gpt"):
+        parser.add_argument(f"--{family}-sampling", type=json.loads, default=None,
+                            help='JSON of the settings the model samples with by default, e.g. {"guidance_scale": 3.0}')
     parser.add_argument("--max-mb", type=float, default=40.0)
     args = parser.parse_args(argv)
-    for name, source in (("default", args.var), ("default-gpt", args.gpt)):
+    for name, source, sampling in (("default", args.var, args.var_sampling), ("default-gpt", args.gpt, args.gpt_sampling)):
         pipe = load(source).to(torch.float16)
+        if sampling is not None:
+            pipe.register_to_config(sampling_defaults=sampling)
+            pipe.sampling_options()  # fails on a bad value before anything is written
         replace_folder(pipe.save_pretrained, BUILTIN_MODELS[name])
     classifier = ImageClassifier.from_pretrained(args.classifier, low_cpu_mem_usage=False).to(torch.float16)
     replace_folder(classifier.save_pretrained, SHIPPED_WEIGHTS)

@@ -60,13 +60,13 @@ def cmd_sample(args) -> None:
     from .pipelines import load
 
     pipe = load(args.model, device=args.device)
-    options = {k: v for k, v in (("guidance_scale", args.cfg), ("top_k", args.top_k), ("top_p", args.top_p)) if v is not None}
     labels = _resolve_classes(pipe, args.classes)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     try:
         out = pipe(
             class_labels=labels, num_images_per_label=args.n, generator=generator, output_type="pt",
-            sampler=_parse_object(args.sampler, "sampler"), kv_cache=_parse_object(args.kv_cache, "kv-cache"), **options,
+            sampler=_parse_object(args.sampler, "sampler"), kv_cache=_parse_object(args.kv_cache, "kv-cache"),
+            guidance_scale=args.cfg, top_k=args.top_k, top_p=args.top_p,
         )
     except ValueError as err:
         raise SystemExit(f"vartk sample: {err}")
@@ -119,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--model", default="default", help="built-in name, official name (var-d16, llamagen-b) or folder")
     sample.add_argument("--class", dest="classes", nargs="+", default=["0"], help="class ids (or names)")
     sample.add_argument("--n", type=int, default=4, help="images per class")
-    sample.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the family's recipe)")
-    sample.add_argument("--top-k", type=int, default=None)
-    sample.add_argument("--top-p", type=float, default=None)
+    recipe = "(default: the model's saved setting, else the family's official one)"
+    sample.add_argument("--cfg", type=float, default=None, help=f"guidance scale {recipe}")
+    sample.add_argument("--top-k", type=int, default=None, help=f"0 = off {recipe}")
+    sample.add_argument("--top-p", type=float, default=None, help=f"1 = off {recipe}")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--sampler", default=None, help="e.g. gsd:window=16")
     sample.add_argument("--kv-cache", default=None, help="e.g. scalekv:budget=0.1")

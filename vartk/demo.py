@@ -25,6 +25,11 @@ class DemoBackend:
         names = getattr(pipe, "class_names", None)
         return list(names) if names else [str(i) for i in range(pipe.num_classes)]
 
+    def sampling_sliders(self, model_name: str) -> tuple[float, int, float]:
+        """(guidance scale, top-k, top-p) the model samples with by default."""
+        options = self.pipes[model_name].sampling_options()
+        return options["guidance_scale"], options["top_k"], options["top_p"]
+
     def generate(self, model_name: str, class_choice: str, count: int, guidance_scale: float, top_k: int,
                  top_p: float, seed: int):
         pipe = self.pipes[model_name]
@@ -46,14 +51,16 @@ def build_demo(backend: DemoBackend):
             label = gr.Dropdown(backend.class_choices(names[0]), value=backend.class_choices(names[0])[0], label="class")
         with gr.Row():
             count = gr.Slider(1, 16, value=4, step=1, label="images")
-            cfg = gr.Slider(0.0, 8.0, value=1.5, step=0.05, label="guidance scale")
-            top_k = gr.Slider(0, 4096, value=900, step=1, label="top-k (0 = off)")
-            top_p = gr.Slider(0.05, 1.0, value=0.96, step=0.01, label="top-p")
+            initial_cfg, initial_top_k, initial_top_p = backend.sampling_sliders(names[0])
+            cfg = gr.Slider(0.0, 8.0, value=initial_cfg, step=0.05, label="guidance scale")
+            top_k = gr.Slider(0, 4096, value=initial_top_k, step=1, label="top-k (0 = off)")
+            top_p = gr.Slider(0.05, 1.0, value=initial_top_p, step=0.01, label="top-p")
             seed = gr.Number(value=0, precision=0, label="seed")
         run = gr.Button("Generate", variant="primary")
         gallery = gr.Gallery(label="samples", columns=4)
-        model.change(lambda m: gr.Dropdown(choices=backend.class_choices(m), value=backend.class_choices(m)[0]),
-                     model, label)
+        model.change(lambda m: (gr.Dropdown(choices=backend.class_choices(m), value=backend.class_choices(m)[0]),
+                                *backend.sampling_sliders(m)),
+                     model, [label, cfg, top_k, top_p])
         run.click(backend.generate, [model, label, count, cfg, top_k, top_p, seed], gallery, api_name="generate")
     return demo
 

@@ -62,15 +62,31 @@ class _AutoregressivePipeline(DiffusionPipeline):
     """What both pipelines share: argument checks, label expansion, output conversion."""
 
     family: str = ""
+    official_sampling: dict = {}  # the family's published sampling settings, used when nothing else is given
 
-    def __init__(self, tokenizer, transformer, class_names: list[str] | None = None):
+    def __init__(self, tokenizer, transformer, class_names: list[str] | None = None,
+                 sampling_defaults: dict | None = None):
         super().__init__()
         self.register_modules(tokenizer=tokenizer, transformer=transformer)
         if class_names is not None and len(class_names) != transformer.config.num_classes:
             raise ValueError(
                 f"{len(class_names)} class names given for a model with {transformer.config.num_classes} classes"
             )
-        self.register_to_config(class_names=list(class_names) if class_names is not None else None)
+        unknown = sorted(set(sampling_defaults or {}) - set(self.official_sampling))
+        if unknown:
+            raise ValueError(f"sampling_defaults {unknown} unknown; allowed: {sorted(self.official_sampling)}")
+        self.register_to_config(class_names=list(class_names) if class_names is not None else None,
+                                sampling_defaults=dict(sampling_defaults) if sampling_defaults else None)
+
+    def sampling_options(self, guidance_scale=None, top_k=None, top_p=None) -> dict:
+        """The given settings; each one left as None comes from the model's saved `sampling_defaults`,
+        else from the family's official settings."""
+        saved = self.config.sampling_defaults or {}
+        given = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p)
+        options = {name: given[name] if given[name] is not None else saved.get(name, official)
+                   for name, official in self.official_sampling.items()}
+        self._check_guidance(options["guidance_scale"])
+        return options
 
     @property
     def num_classes(self) -> int:
@@ -107,6 +123,7 @@ class VARPipeline(_AutoregressivePipeline):
     """Next-scale (VAR) generation: a MultiScaleVQVAE tokenizer and a VARTransformer."""
 
     family = "var"
+    official_sampling = dict(guidance_scale=1.5, top_k=900, top_p=0.96)
 
     @classmethod
     def from_official(cls, vae, var) -> "VARPipeline":
@@ -120,9 +137,9 @@ class VARPipeline(_AutoregressivePipeline):
     def __call__(
         self,
         class_labels,
-        guidance_scale: float = 1.5,
-        top_k: int = 900,
-        top_p: float = 0.96,
+        guidance_scale: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         num_images_per_label: int = 1,
@@ -134,15 +151,16 @@ class VARPipeline(_AutoregressivePipeline):
         """Sample one image per label (times `num_images_per_label`).
 
         guidance_scale is the official VAR `cfg`: the guidance ramps linearly over the scales
-        from 1 (pure conditional) to 1 + guidance_scale at the last one."""
+        from 1 (pure conditional) to 1 + guidance_scale at the last one. Settings left as None come from
+        the model's `sampling_defaults`, else the official ones (cfg 1.5, top-k 900, top-p 0.96)."""
         self._check_output_type(output_type)
-        self._check_guidance(guidance_scale)
+        options = self.sampling_options(guidance_scale, top_k, top_p)
         labels = self._class_tensor(class_labels, num_images_per_label)
         sampler = sampler or NextScaleSampler()
         with eval_mode(self.tokenizer, self.transformer):
             _, latent = sampler(
-                self.transformer, self.tokenizer, labels, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
-                generator=generator, kv_cache=kv_cache, progress=progress, return_latent=True,
+                self.transformer, self.tokenizer, labels, **options, generator=generator, kv_cache=kv_cache,
+                progress=progress, return_latent=True,
             )  # the running latent, not the tokens: `more_smooth` mixes soft embeddings into it
             images = self.tokenizer.decode_latent(latent)
         return self._finish(images, output_type, return_dict)
@@ -195,6 +213,7 @@ class GPTPipeline(_AutoregressivePipeline):
     """Next-token (LlamaGen) generation: a single-scale tokenizer and a GPTTransformer."""
 
     family = "llamagen"
+    official_sampling = dict(guidance_scale=2.0, top_k=0, top_p=1.0)
 
     @classmethod
     def from_official(cls, vq, gpt, model: str = "GPT-B", image_size: int = 256) -> "GPTPipeline":
@@ -210,9 +229,9 @@ class GPTPipeline(_AutoregressivePipeline):
     def __call__(
         self,
         class_labels,
-        guidance_scale: float = 2.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        guidance_scale: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         num_images_per_label: int = 1,
@@ -223,19 +242,17 @@ class GPTPipeline(_AutoregressivePipeline):
     ):
         """Sample one image per label (times `num_images_per_label`).
 
-        guidance_scale is LlamaGen's `cfg_scale`: logits = u + s (c - u); s <= 1 turns CFG off."""
+        guidance_scale is LlamaGen's `cfg_scale`: logits = u + s (c - u); s <= 1 turns CFG off. Settings
+        left as None come from the model's `sampling_defaults`, else cfg 2.0, no top-k, no top-p."""
         self._check_output_type(output_type)
-        self._check_guidance(guidance_scale)
+        options = self.sampling_options(guidance_scale, top_k, top_p)
         if kv_cache is not None:
             raise ValueError("kv_cache policies apply to next-scale models; GPTPipeline uses a static cache")
         labels = self._class_tensor(class_labels, num_images_per_label)
         sampler = sampler or NextTokenSampler()
         grid = self.transformer.config.grid_size
         with eval_mode(self.tokenizer, self.transformer):
-            tokens = sampler(
-                self.transformer, labels, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
-                generator=generator, progress=progress,
-            )  # [B, N]
+            tokens = sampler(self.transformer, labels, **options, generator=generator, progress=progress)  # [B, N]
             images = self.tokenizer.decode(tokens.view(-1, grid, grid))
         return self._finish(images, output_type, return_dict)
 
