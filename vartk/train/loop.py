@@ -350,7 +350,7 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
             window, window_start = {}, time.perf_counter()
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{float(loss):.4f}")
+            progress.set_postfix(loss=f"{loss.item():.4f}")
         if dist.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.max_steps):
             save_sample_grid(job, trainees, out / "samples" / f"step_{done:07d}.png")
         if dist.is_main and (done % cfg.save_every == 0 or done == cfg.max_steps):
