@@ -1,4 +1,5 @@
 """The models shipped inside the package load offline and sample on CPU."""
+import json
 from pathlib import Path
 
 import torch
@@ -23,6 +24,13 @@ def test_shipped_assets_are_small_half_precision_safetensors():
 
     with safe_open(str(BUILTIN_MODELS["default"] / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert f.get_tensor("head.weight").dtype == torch.float16
+
+
+def test_shipped_configs_name_the_asset_not_a_local_path():
+    for folder in (*BUILTIN_MODELS.values(), SHIPPED_WEIGHTS):
+        for config in folder.rglob("*.json"):
+            origin = json.loads(config.read_text()).get("_name_or_path", "")
+            assert origin.split("/")[0] == folder.name, f"{config}: _name_or_path {origin!r}"
 
 
 def test_default_models_sample_every_category():

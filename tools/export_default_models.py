@@ -35,6 +35,14 @@ def replace_folder(write, destination: Path) -> None:
         os.replace(tmp, destination)
 
 
+def name_as_asset(model, name: str) -> None:
+    """Record the asset's name instead of the training run's local path as `_name_or_path` in the saved configs."""
+    model.register_to_config(_name_or_path=name)
+    for component in ("tokenizer", "transformer"):
+        if hasattr(model, component):
+            getattr(model, component).register_to_config(_name_or_path=f"{name}/{component}")
+
+
 def folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
@@ -54,8 +62,10 @@ def main(argv=None) -> None:
         if sampling is not None:
             pipe.register_to_config(sampling_defaults=sampling)
             pipe.sampling_options()  # fails on a bad value before anything is written
+        name_as_asset(pipe, name)
         replace_folder(pipe.save_pretrained, BUILTIN_MODELS[name])
     classifier = ImageClassifier.from_pretrained(args.classifier, low_cpu_mem_usage=False).to(torch.float16)
+    name_as_asset(classifier, SHIPPED_WEIGHTS.name)
     replace_folder(classifier.save_pretrained, SHIPPED_WEIGHTS)
     sizes = {p.name: folder_mb(p) for p in (*BUILTIN_MODELS.values(), SHIPPED_WEIGHTS)}
     print(", ".join(f"{name} {mb:.1f} MB" for name, mb in sizes.items()) + f"; total {sum(sizes.values()):.1f} MB")
