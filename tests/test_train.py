@@ -270,3 +270,29 @@ def test_unused_codes_restart_on_residual_vectors():
         parse_config(TokenizerTrainConfig, ["--data", "x", "--image-size", "8", "--patch-nums", "1,2,4",
                                             "--ch-mult", "1,2", "--save-every", "10", "--restart-codes-every", "3"],
                      "test")
+
+
+def test_export_a_pipeline_from_any_checkpoint(images, tmp_path):
+    """`vartk train export` of the last checkpoint equals the run's own export; an earlier step gives that
+    checkpoint's weights; a tokenizer run or a missing step is refused by name."""
+    from safetensors.torch import load_file
+
+    from vartk.pipelines import VARPipeline
+    out = tmp_path / "run"
+    train_main("var", ["--data", str(images), "--out", str(out), "--batch-size", "4", "--max-steps", "3",
+                       "--save-every", "1", "--keep-checkpoints", "3", *FAST, *job_args("var", images, tmp_path)])
+    final = VARPipeline.from_pretrained(out / "pipeline")
+    last = VARPipeline.from_pretrained(train_main("export", ["--run", str(out)]))
+    assert last.class_names == final.class_names == ["class_0", "class_1"]
+    for a, b in ((last.transformer, final.transformer), (last.tokenizer, final.tokenizer)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    first = VARPipeline.from_pretrained(train_main("export", ["--run", str(out), "--step", "1"]))
+    saved = load_file(out / "checkpoints" / "step_0000001" / "model" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(first.transformer.state_dict()[k], v) for k, v in saved.items())
+    assert not all(torch.equal(first.transformer.state_dict()[k], final.transformer.state_dict()[k]) for k in saved)
+    with pytest.raises(SystemExit, match="no checkpoint step 7 .* saved: \\['step_0000001'"):
+        train_main("export", ["--run", str(out), "--step", "7"])
+    train_main("tokenizer", ["--data", str(images), "--out", str(tmp_path / "tok"), "--batch-size", "4",
+                             "--max-steps", "1", "--save-every", "1", *FAST, *TOKENIZER_ARGS])
+    with pytest.raises(SystemExit, match="holds a MultiScaleVQVAE"):
+        train_main("export", ["--run", str(tmp_path / "tok")])

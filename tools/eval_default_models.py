@@ -33,6 +33,16 @@ def reconstruction_psnr(tokenizer, images: torch.Tensor, batch_size: int = 64) -
 
 
 @torch.no_grad()
+def codes_used(tokenizer, images: torch.Tensor, batch_size: int = 64) -> int:
+    """How many distinct codebook entries the tokenizer picks on these images, over all scales."""
+    hits = torch.zeros(tokenizer.config.vocab_size, dtype=torch.bool)  # [V]
+    for chunk in images.split(batch_size):
+        for index_map in tokenizer.encode(chunk):
+            hits[index_map.flatten()] = True
+    return int(hits.sum())
+
+
+@torch.no_grad()
 def generate(pipe, per_class: int, seed: int, settings: dict, batch_size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     """per_class images of every class: images [N, 3, H, W], labels [N]; batch b uses seed + b."""
     labels = torch.arange(pipe.num_classes).repeat_interleave(per_class)
@@ -75,9 +85,10 @@ def main(argv=None) -> dict:
         scores = compute_metrics(images_to_uint8(images), images_to_uint8(test_images), ("fid", "is"),
                                  feature_extractor=EMOJI_CLASSIFIER, device="cpu", cache=False, isc_splits=1)
         results["models"][name] = {
-            "family": pipe.family, "sampling": settings, "images": len(labels),
+            "family": pipe.family, "sampling": settings, "vocab_size": pipe.tokenizer.config.vocab_size, "images": len(labels),
             "sampling_seconds_per_image": seconds / len(labels),
             "tokenizer_psnr_held_out": reconstruction_psnr(pipe.tokenizer, test_images),
+            "tokenizer_codes_used_held_out": codes_used(pipe.tokenizer, test_images),
             "classifier_accuracy_generated": accuracy(classifier, images, labels),
             "fid_in_domain": scores["fid"], "is_in_domain": scores["is"],
         }
@@ -93,16 +104,17 @@ def main(argv=None) -> dict:
 
 
 def markdown_table(results: dict) -> str:
-    rows = ["| model | sampling (cfg / top-k / top-p) | tokenizer PSNR (held-out) | class accuracy of samples | "
-            "in-domain FID | in-domain IS | CPU s / image |", "|---|---|---|---|---|---|---|"]
+    rows = ["| model | sampling (cfg / top-k / top-p) | tokenizer PSNR (held-out) | codes used (held-out) | class accuracy of samples | "
+            "in-domain FID | in-domain IS | CPU s / image |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results["models"].items():
         sampling = r["sampling"]
         rows.append(f"| `{name}` ({r['family']}) | {sampling['guidance_scale']:g} / {sampling['top_k']} / "
                     f"{sampling['top_p']:g} | {r['tokenizer_psnr_held_out']:.2f} dB | "
+                    f"{r['tokenizer_codes_used_held_out']} / {r['vocab_size']} | "
                     f"{r['classifier_accuracy_generated']:.3f} | {r['fid_in_domain']:.2f} | {r['is_in_domain']:.2f} | "
                     f"{r['sampling_seconds_per_image']:.3f} |")
     real = results["real_train_vs_held_out"]
-    rows.append(f"| real images: {real['images']} train vs the {results['held_out_images']} held-out | - | - | "
+    rows.append(f"| real images: {real['images']} train vs the {results['held_out_images']} held-out | - | - | - | "
                 f"{results['classifier_accuracy_real_held_out']:.3f} (held-out) | {real['fid_in_domain']:.2f} | "
                 f"{real['is_in_domain']:.2f} | - |")
     return "\n".join(rows) + "\n"

@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.set_defaults(func=cmd_inpaint)
 
     for name, help_text in (
-        ("train", "train a tokenizer | var | gpt on an image folder (see `vartk train JOB --help`)"),
+        ("train", "train a tokenizer | var | gpt on an image folder, or export a checkpoint (`vartk train JOB --help`)"),
         ("fid", "sample with the standard protocol and score FID / IS (see `vartk fid --help`)"),
         ("bench", "sampling throughput and memory table (see `vartk bench --help`)"),
         ("demo", "launch the Gradio demo"),
@@ -165,7 +165,7 @@ def run_train(argv: list[str]) -> None:
     from .train import train_main
 
     if not argv or argv[0].startswith("-"):
-        raise SystemExit("vartk train: give a job first: tokenizer, var or gpt (then --help for its flags)")
+        raise SystemExit("vartk train: give a job first: tokenizer, var, gpt or export (then --help for its flags)")
     train_main(argv[0], argv[1:])
 
 

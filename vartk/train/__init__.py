@@ -2,13 +2,14 @@
 transformers; single process or `torchrun --nproc_per_node=K` (DDP). See vartk/train/loop.py.
 
     train_main("tokenizer", ["--data", "images/", "--out", "runs/tok"])   # = vartk train tokenizer ...
+    train_main("export", ["--run", "runs/var"])   # a pipeline from the newest checkpoint (vartk/train/export.py)
 """
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 
-JOBS = {"tokenizer": ".tokenizer", "var": ".var", "gpt": ".gpt"}
+JOBS = {"tokenizer": ".tokenizer", "var": ".var", "gpt": ".gpt", "export": ".export"}
 
 
 def train_main(job: str, argv: list[str]) -> Path:

@@ -1,0 +1,72 @@
+"""Export a pipeline from any checkpoint of a transformer run, e.g. one stopped before --max-steps:
+
+    vartk train export --run runs/var                      # newest checkpoint -> runs/var/pipeline-step_0002700
+    vartk train export --run runs/var --step 1500 --out my-pipeline
+
+The checkpoint's `model/` folder holds the transformer; the tokenizer and the class names come from the
+run's saved config (--tokenizer and --data), so the result is what the run would have exported at that step.
+A tokenizer run needs no export: its checkpoints' `model/` folders are tokenizer folders already.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..models.gpt import GPTTransformer
+from ..models.var import VARTransformer
+from .checkpoint import checkpoint_dir, latest_checkpoint
+from .conditional import load_tokenizer
+from .data import find_images
+from .gpt import GPTJob
+from .var import VARJob
+
+JOBS = {"VARTransformer": (VARTransformer, VARJob), "GPTTransformer": (GPTTransformer, GPTJob)}
+
+
+def find_checkpoint(run: Path, step: int | None) -> Path:
+    folder = latest_checkpoint(run) if step is None else checkpoint_dir(run) / f"step_{step:07d}"
+    if folder is None or not folder.is_dir():
+        saved = sorted(p.name for p in checkpoint_dir(run).glob("step_*")) if checkpoint_dir(run).is_dir() else []
+        raise SystemExit(f"vartk train export: no checkpoint {'step ' + str(step) if step else ''} in "
+                         f"{checkpoint_dir(run)}; saved: {saved or 'none'}")
+    return folder
+
+
+def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path | None = None) -> Path:
+    """Write a save_pretrained pipeline of checkpoint `step` (default: the newest) of `run`; returns its folder."""
+    from .. import pipelines
+
+    folder = find_checkpoint(Path(run), step)
+    config = json.loads((folder / "trainer_state.json").read_text())["config"]
+    class_name = json.loads((folder / "model" / "config.json").read_text()).get("_class_name")
+    if class_name not in JOBS:
+        raise SystemExit(f"vartk train export: {folder / 'model'} holds a {class_name}; only transformer runs "
+                         f"({sorted(JOBS)}) export a pipeline")
+    model_cls, job_cls = JOBS[class_name]
+    pipeline = getattr(pipelines, job_cls.pipeline_name)(
+        tokenizer=load_tokenizer(config["tokenizer"], job_cls.official_tokenizer_cls),
+        transformer=model_cls.from_pretrained(folder / "model"),
+        class_names=find_images(config["data"])[2],
+    )
+    destination = Path(out) if out else Path(run) / f"pipeline-{folder.name}"
+    tmp = destination.with_name(destination.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(tmp)
+    shutil.rmtree(destination, ignore_errors=True)
+    os.replace(tmp, destination)
+    return destination
+
+
+def main(argv: list[str]) -> Path:
+    parser = argparse.ArgumentParser(prog="vartk train export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="the --out folder of a `vartk train var|gpt` run")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    parser.add_argument("--out", default=None, help="pipeline folder to write (default: RUN/pipeline-step_N)")
+    args = parser.parse_args(argv)
+    destination = export_checkpoint(args.run, args.step, args.out)
+    print(f"wrote {destination}")
+    return destination
