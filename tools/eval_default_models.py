@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
             "fid_in_domain": scores["fid"], "is_in_domain": scores["is"],
         }
         grid = torch.cat([images[labels == c][:8] for c in range(pipe.num_classes)])
-        save_image(grid, out / f"{name}-grid.png", nrow=8, padding=2, pad_value=1.0)
+        save_image(grid, out / f"{name.strip('/').replace('/', '_')}-grid.png", nrow=8, padding=2, pad_value=1.0)
         print(name, json.dumps(results["models"][name]), flush=True)
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
