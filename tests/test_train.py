@@ -296,3 +296,25 @@ def test_export_a_pipeline_from_any_checkpoint(images, tmp_path):
                              "--max-steps", "1", "--save-every", "1", *FAST, *TOKENIZER_ARGS])
     with pytest.raises(SystemExit, match="holds a MultiScaleVQVAE"):
         train_main("export", ["--run", str(tmp_path / "tok")])
+
+
+def test_write_folder_atomic_replaces_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):
+    from vartk.train.checkpoint import write_folder_atomic
+
+    def write(text):
+        def fill(folder):
+            folder.mkdir()
+            (folder / "a.txt").write_text(text)
+            if text == "crash":
+                raise RuntimeError("killed mid-write")
+        return fill
+
+    target = tmp_path / "model"
+    write_folder_atomic(target, write("one"))
+    (target / "stale.txt").write_text("from the first write")
+    write_folder_atomic(target, write("two"))
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"] and (target / "a.txt").read_text() == "two"
+    with pytest.raises(RuntimeError, match="killed"):
+        write_folder_atomic(target, write("crash"))
+    assert (target / "a.txt").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.tmp"]

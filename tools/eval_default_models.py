@@ -85,7 +85,8 @@ def main(argv=None) -> dict:
         scores = compute_metrics(images_to_uint8(images), images_to_uint8(test_images), ("fid", "is"),
                                  feature_extractor=EMOJI_CLASSIFIER, device="cpu", cache=False, isc_splits=1)
         results["models"][name] = {
-            "family": pipe.family, "sampling": settings, "vocab_size": pipe.tokenizer.config.vocab_size, "images": len(labels),
+            "family": pipe.family, "sampling": settings, "images": len(labels),
+            "vocab_size": pipe.tokenizer.config.vocab_size,
             "sampling_seconds_per_image": seconds / len(labels),
             "tokenizer_psnr_held_out": reconstruction_psnr(pipe.tokenizer, test_images),
             "tokenizer_codes_used_held_out": codes_used(pipe.tokenizer, test_images),
@@ -104,8 +105,8 @@ def main(argv=None) -> dict:
 
 
 def markdown_table(results: dict) -> str:
-    rows = ["| model | sampling (cfg / top-k / top-p) | tokenizer PSNR (held-out) | codes used (held-out) | class accuracy of samples | "
-            "in-domain FID | in-domain IS | CPU s / image |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | sampling (cfg / top-k / top-p) | tokenizer PSNR (held-out) | codes used (held-out) | "
+            "class accuracy of samples | in-domain FID | in-domain IS | CPU s / image |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results["models"].items():
         sampling = r["sampling"]
         rows.append(f"| `{name}` ({r['family']}) | {sampling['guidance_scale']:g} / {sampling['top_k']} / "

@@ -10,29 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier
 from vartk.pipelines import BUILTIN_MODELS, load
-
-
-def replace_folder(write, destination: Path) -> None:
-    """`write(tmp_folder)`, then move the result to `destination` in one rename."""
-    tmp = destination.with_name(destination.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if destination.exists():
-        old = destination.with_name(destination.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(destination, old)
-        os.replace(tmp, destination)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, destination)
+from vartk.train.checkpoint import write_folder_atomic
 
 
 def name_as_asset(model, name: str) -> None:
@@ -63,10 +47,10 @@ def main(argv=None) -> None:
             pipe.register_to_config(sampling_defaults=sampling)
             pipe.sampling_options()  # fails on a bad value before anything is written
         name_as_asset(pipe, name)
-        replace_folder(pipe.save_pretrained, BUILTIN_MODELS[name])
+        write_folder_atomic(BUILTIN_MODELS[name], pipe.save_pretrained)
     classifier = ImageClassifier.from_pretrained(args.classifier, low_cpu_mem_usage=False).to(torch.float16)
     name_as_asset(classifier, SHIPPED_WEIGHTS.name)
-    replace_folder(classifier.save_pretrained, SHIPPED_WEIGHTS)
+    write_folder_atomic(SHIPPED_WEIGHTS, classifier.save_pretrained)
     sizes = {p.name: folder_mb(p) for p in (*BUILTIN_MODELS.values(), SHIPPED_WEIGHTS)}
     print(", ".join(f"{name} {mb:.1f} MB" for name, mb in sizes.items()) + f"; total {sum(sizes.values()):.1f} MB")
     if sum(sizes.values()) > args.max_mb:

@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.set_defaults(func=cmd_inpaint)
 
     for name, help_text in (
-        ("train", "train a tokenizer | var | gpt on an image folder, or export a checkpoint (`vartk train JOB --help`)"),
+        ("train", "train a tokenizer | var | gpt on an image folder, or export a checkpoint (`vartk train JOB -h`)"),
         ("fid", "sample with the standard protocol and score FID / IS (see `vartk fid --help`)"),
         ("bench", "sampling throughput and memory table (see `vartk bench --help`)"),
         ("demo", "launch the Gradio demo"),

@@ -36,6 +36,23 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_folder_atomic(destination: Path, write) -> Path:
+    """`write(tmp)` into `<destination>.tmp`, then swap it in by renames (the old folder is moved aside
+    first and deleted last), so `destination` is never half-written and a crash keeps one complete copy."""
+    tmp = destination.with_name(destination.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if destination.exists():
+        old = destination.with_name(destination.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(destination, old)
+        os.replace(tmp, destination)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, destination)
+    return destination
+
+
 def save_module(module: nn.Module, folder: Path, name: str) -> None:
     if isinstance(module, ModelMixin):
         module.save_pretrained(folder / name, safe_serialization=True)
@@ -58,17 +75,17 @@ def save_checkpoint(out: Path, step: int, modules: dict[str, nn.Module], optimiz
                     state: dict, keep: int) -> Path:
     """Write checkpoint `step` (modules unwrapped from DDP), point `latest` at it, keep the newest `keep`."""
     root = checkpoint_dir(out)
-    final = root / f"step_{step:07d}"
-    tmp = root / f"step_{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, module in modules.items():
-        save_module(module, tmp, name)
-    torch.save({"optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-                "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()}}, tmp / "optimizer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+
+    def write(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        for name, module in modules.items():
+            save_module(module, folder, name)
+        torch.save({"optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                    "schedulers": {name: sched.state_dict() for name, sched in schedulers.items()}},
+                   folder / "optimizer.pt")
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1) + "\n")
+
+    final = write_folder_atomic(root / f"step_{step:07d}", write)
     write_text_atomic(root / LATEST, final.name + "\n")
     for old in sorted(root.glob("step_???????"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..tokenizers.msvq import MultiScaleVQVAE
 from ..tokenizers.vq import VQModel
+from .checkpoint import write_folder_atomic
 from .data import Batch
 from .loop import Job, TrainConfig, arg
 
@@ -122,10 +123,15 @@ class ConditionalJob(Job):
 
     def export(self, out: Path, class_names: list[str]) -> None:
         """<out>/transformer and <out>/pipeline (tokenizer, transformer and class names)."""
-        from .. import pipelines
-
         self.model.save_pretrained(out / "transformer")
         (out / "class_names.json").write_text(json.dumps(class_names, indent=1) + "\n")
-        pipeline_cls = getattr(pipelines, self.pipeline_name)
-        pipeline = pipeline_cls(tokenizer=self.tokenizer, transformer=self.model, class_names=class_names)
-        pipeline.save_pretrained(out / "pipeline")
+        self.save_pipeline(self.tokenizer, self.model, class_names, out / "pipeline")
+
+    @classmethod
+    def save_pipeline(cls, tokenizer: nn.Module, transformer: nn.Module, class_names: list[str], folder: Path) -> Path:
+        """Write the job's pipeline (`pipeline_name`) of these models to `folder`, atomically."""
+        from .. import pipelines
+
+        pipeline = getattr(pipelines, cls.pipeline_name)(tokenizer=tokenizer, transformer=transformer,
+                                                          class_names=class_names)
+        return write_folder_atomic(folder, pipeline.save_pretrained)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 
 from ..models.gpt import GPTTransformer
@@ -30,15 +28,13 @@ def find_checkpoint(run: Path, step: int | None) -> Path:
     folder = latest_checkpoint(run) if step is None else checkpoint_dir(run) / f"step_{step:07d}"
     if folder is None or not folder.is_dir():
         saved = sorted(p.name for p in checkpoint_dir(run).glob("step_*")) if checkpoint_dir(run).is_dir() else []
-        raise SystemExit(f"vartk train export: no checkpoint {'step ' + str(step) if step else ''} in "
+        raise SystemExit(f"vartk train export: no checkpoint{'' if step is None else f' step {step}'} in "
                          f"{checkpoint_dir(run)}; saved: {saved or 'none'}")
     return folder
 
 
 def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path | None = None) -> Path:
     """Write a save_pretrained pipeline of checkpoint `step` (default: the newest) of `run`; returns its folder."""
-    from .. import pipelines
-
     folder = find_checkpoint(Path(run), step)
     config = json.loads((folder / "trainer_state.json").read_text())["config"]
     class_name = json.loads((folder / "model" / "config.json").read_text()).get("_class_name")
@@ -46,18 +42,12 @@ def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path 
         raise SystemExit(f"vartk train export: {folder / 'model'} holds a {class_name}; only transformer runs "
                          f"({sorted(JOBS)}) export a pipeline")
     model_cls, job_cls = JOBS[class_name]
-    pipeline = getattr(pipelines, job_cls.pipeline_name)(
-        tokenizer=load_tokenizer(config["tokenizer"], job_cls.official_tokenizer_cls),
-        transformer=model_cls.from_pretrained(folder / "model"),
-        class_names=find_images(config["data"])[2],
+    return job_cls.save_pipeline(
+        load_tokenizer(config["tokenizer"], job_cls.official_tokenizer_cls),
+        model_cls.from_pretrained(folder / "model"),
+        find_images(config["data"])[2],
+        Path(out) if out else Path(run) / f"pipeline-{folder.name}",
     )
-    destination = Path(out) if out else Path(run) / f"pipeline-{folder.name}"
-    tmp = destination.with_name(destination.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipeline.save_pretrained(tmp)
-    shutil.rmtree(destination, ignore_errors=True)
-    os.replace(tmp, destination)
-    return destination
 
 
 def main(argv: list[str]) -> Path:
