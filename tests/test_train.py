@@ -223,17 +223,89 @@ def test_checkpoint_layout_and_pruning(images, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), exported.state_dict().values()))
 
 
+def held_out_metrics(job: str, out: Path, val: Path) -> dict[str, float]:
+    """Recompute the held-out loss of a run's exported model by hand: every --val-data image in one batch."""
+    import torch.nn.functional as F
+    from vartk.pipelines import GPTPipeline, VARPipeline
+
+    data = ImageFolder(val, SIZE, cache=True)
+    images, labels = data.images.float() / 255, data.labels  # [N, 3, 8, 8], [N]
+    with torch.no_grad():
+        if job == "tokenizer":  # the loss reads the unclamped decoder output, PSNR the clamped images
+            tokenizer = MultiScaleVQVAE.from_pretrained(out / "tokenizer")
+            latent = tokenizer.tokens_to_latent(tokenizer.encode(images))  # [N, Cz, 4, 4]
+            unclamped = (tokenizer.decoder(tokenizer.post_quant_conv(latent)) + 1) / 2  # [N, 3, 8, 8]
+            image_mse = (tokenizer.decode(tokenizer.encode(images)) - images).pow(2).mean((1, 2, 3))  # [N]
+            return {"l2": F.mse_loss(unclamped, images).item(), "l1": F.l1_loss(unclamped, images).item(),
+                    "psnr": (-10 * torch.log10(image_mse)).mean().item()}
+        pipe = (VARPipeline if job == "var" else GPTPipeline).from_pretrained(out / "pipeline")
+        maps = pipe.tokenizer.encode(images)  # per-scale [N, pn, pn]
+        tokens = torch.cat([m.flatten(1) for m in maps], dim=1)  # [N, L]
+        model = pipe.transformer.eval()
+        logits = model(labels, pipe.tokenizer.teacher_forcing_input(maps) if job == "var" else tokens[:, :-1])
+        return {"loss": F.cross_entropy(logits.flatten(0, 1), tokens.flatten()).item(),
+                "acc": (logits.argmax(-1) == tokens).float().mean().item()}
+
+
+@pytest.mark.parametrize("job", ["tokenizer", "var", "gpt"])
+def test_validation_loss_equals_a_direct_computation(job, images, tmp_path):
+    """--val-data: at every checkpoint log.jsonl gets val_* metrics; at the last one they equal the exported
+    model's loss on the held-out images computed by hand; the checkpoint records them."""
+    val = write_images(tmp_path / "val", classes=2, per_class=3, seed=1)
+    out = tmp_path / "run"
+    train_main(job, ["--data", str(images), "--out", str(out), "--batch-size", "4", "--max-steps", "4",
+                     "--save-every", "2", "--lr", "3e-3", "--val-data", str(val), *FAST,
+                     *job_args(job, images, tmp_path)])
+    records = [r for r in read_log(out) if "val_loss" in r]
+    assert [r["step"] for r in records] == [1, 3]
+    expected = held_out_metrics(job, out, val)
+    for name, value in expected.items():
+        assert abs(records[-1][f"val_{name}"] - value) <= 1e-5 * max(1.0, abs(value)), (name, records[-1], expected)
+    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    assert state["validation"]["loss"] == records[-1]["val_loss"]
+
+
+def test_validation_data_must_have_the_training_classes(images, tmp_path):
+    val = write_images(tmp_path / "val", classes=3, per_class=1)
+    with pytest.raises(SystemExit, match=r"--val-data .* has classes \['class_0', 'class_1', 'class_2'\]"):
+        train_main("tokenizer", ["--data", str(images), "--out", str(tmp_path / "run"), "--batch-size", "4",
+                                 "--max-steps", "1", "--val-data", str(val), *FAST, *TOKENIZER_ARGS])
+
+
+def test_pruning_keeps_the_best_validated_checkpoint_and_export_picks_it(tmp_path):
+    """Held-out losses 0.5, 0.2, 0.9, 0.8 at steps 1-4 with keep 1: steps 2 (best) and 4 (newest) stay."""
+    from vartk.train.checkpoint import best_checkpoint, save_checkpoint
+    from vartk.train.export import find_checkpoint
+
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    for step, loss in enumerate([0.5, 0.2, 0.9, 0.8], start=1):
+        save_checkpoint(tmp_path, step, {"model": module}, {"model": optimizer}, {"model": scheduler},
+                        {"validation": {"loss": loss}}, keep=1)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert kept == ["step_0000002", "step_0000004"]
+    assert best_checkpoint(tmp_path).name == find_checkpoint(tmp_path, None, best=True).name == "step_0000002"
+    assert latest_checkpoint(tmp_path).name == "step_0000004"
+    with pytest.raises(SystemExit, match="no checkpoint in .* was validated; train with --val-data"):
+        find_checkpoint(tmp_path / "elsewhere", None, best=True)
+
+
 def test_torchrun_two_processes_gloo(images, tmp_path):
     out = tmp_path / "ddp"
+    val = write_images(tmp_path / "val", classes=2, per_class=1, seed=1)
+    shutil.copy(val / "class_0" / "0.png", val / "class_0" / "1.png")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vartk.cli",
                "train", "tokenizer", "--data", str(images), "--out", str(out), "--batch-size", "2", "--max-steps", "3",
                "--log-every", "1", "--save-every", "3", "--device", "cpu", "--gan-weight", "0.1", "--disc-layers", "1",
-               *FAST, *TOKENIZER_ARGS]
+               "--val-data", str(val), *FAST, *TOKENIZER_ARGS]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     log = read_log(out)
-    assert [r["step"] for r in log] == [0, 1, 2]
+    assert [r["step"] for r in log if "loss" in r] == [0, 1, 2]
+    held_out = [r for r in log if "val_loss" in r]  # 3 images split over the 2 processes, image-weighted
+    assert len(held_out) == 1 and abs(held_out[0]["val_l2"] - held_out_metrics("tokenizer", out, val)["l2"]) <= 1e-5
     state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 3
     assert (out / "tokenizer" / "config.json").is_file()
@@ -270,6 +342,29 @@ def test_unused_codes_restart_on_residual_vectors():
         parse_config(TokenizerTrainConfig, ["--data", "x", "--image-size", "8", "--patch-nums", "1,2,4",
                                             "--ch-mult", "1,2", "--save-every", "10", "--restart-codes-every", "3"],
                      "test")
+
+
+def test_train_decoder_only_keeps_the_tokens_and_changes_the_decoder(images, tmp_path):
+    """--train-decoder-only from a tokenizer: encoder, quant_conv and quantiser parameters stay bit-identical (so
+    the token maps do), post_quant_conv and the decoder move; combined with code restarts it is refused."""
+    start = MultiScaleVQVAE.from_pretrained(save_tokenizer(tmp_path / "start", (1, 2, 4)))
+    train_main("tokenizer", ["--data", str(images), "--out", str(tmp_path / "dec"), "--batch-size", "4",
+                             "--max-steps", "3", "--save-every", "3", "--lr", "1e-2", *FAST, *TOKENIZER_ARGS,
+                             "--share-quant-resi", "3", "--init-from", str(tmp_path / "start"), "--train-decoder-only"])
+    tuned = MultiScaleVQVAE.from_pretrained(tmp_path / "dec" / "tokenizer")
+    before, after = dict(start.named_parameters()), dict(tuned.named_parameters())  # (usage statistics are buffers)
+    frozen = [k for k in before if k.split(".")[0] in ("encoder", "quant_conv", "quantize")]
+    trained = [k for k in before if k.split(".")[0] in ("decoder", "post_quant_conv")]
+    assert len(frozen) + len(trained) == len(before) and frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert sum(not torch.equal(before[k], after[k]) for k in trained) >= len(trained) // 2
+    pixels = torch.rand(4, 3, SIZE, SIZE)
+    assert all(torch.equal(a, b) for a, b in zip(start.encode(pixels), tuned.encode(pixels)))
+    assert not torch.equal(start.decode(start.encode(pixels)), tuned.decode(tuned.encode(pixels)))
+    from vartk.train.tokenizer import TokenizerTrainConfig
+    with pytest.raises(SystemExit, match="--train-decoder-only keeps the codebook fixed"):
+        parse_config(TokenizerTrainConfig, ["--data", "x", "--image-size", "8", "--patch-nums", "1,2,4", "--ch-mult",
+                                            "1,2", "--train-decoder-only", "--restart-codes-every", "5"], "test")
 
 
 def test_export_a_pipeline_from_any_checkpoint(images, tmp_path):

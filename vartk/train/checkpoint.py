@@ -5,10 +5,13 @@
         <name>.safetensors      state of each plain nn.Module (e.g. the GAN discriminator)
         optimizer.pt            optimizer and LR-scheduler states (torch.load(weights_only=True) loads it)
         trainer_state.json      step, epoch, batch within the epoch, world size, the job's config
+                                (+ "validation": held-out metrics, with --val-data)
     <out>/checkpoints/latest    the name of the newest complete checkpoint folder
 
 A checkpoint is written to e.g. `step_0000500.tmp` and renamed (os.replace) when complete; `latest`
 is replaced the same way, so a run killed at any moment leaves the previous checkpoint usable.
+Pruning keeps the newest `keep` checkpoints and, when they were validated, the one with the lowest
+held-out loss (`best_checkpoint`).
 RNG state needs no saving: every step reseeds from (seed, step, rank) (see loop.step_seed).
 """
 from __future__ import annotations
@@ -87,9 +90,25 @@ def save_checkpoint(out: Path, step: int, modules: dict[str, nn.Module], optimiz
 
     final = write_folder_atomic(root / f"step_{step:07d}", write)
     write_text_atomic(root / LATEST, final.name + "\n")
+    best = best_checkpoint(out)
     for old in sorted(root.glob("step_???????"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != best:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def validation_loss(folder: Path) -> float | None:
+    """The held-out loss a checkpoint was written with (None: not validated)."""
+    state_file = folder / "trainer_state.json"
+    validation = json.loads(state_file.read_text()).get("validation") if state_file.is_file() else None
+    return validation["loss"] if validation else None
+
+
+def best_checkpoint(out: Path) -> Path | None:
+    """The saved checkpoint with the lowest held-out loss (the earliest on a tie), or None if none was validated."""
+    scored = [(loss, folder) for folder in sorted(checkpoint_dir(out).glob("step_???????"))
+              if (loss := validation_loss(folder)) is not None]
+    return min(scored, key=lambda pair: pair[0])[1] if scored else None
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -67,7 +67,7 @@ def flatten_tokens(encoded: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
 
 
 class ConditionalJob(Job):
-    """Base of the transformer jobs; subclasses build `self.model` and define loss() and generate()."""
+    """Base of the transformer jobs; subclasses build `self.model` and define token_loss() and generate()."""
 
     official_tokenizer_cls: type = MultiScaleVQVAE
     pipeline_name = ""  # "VARPipeline" / "GPTPipeline" in vartk.pipelines
@@ -100,9 +100,20 @@ class ConditionalJob(Job):
             return flatten_tokens(self.tokenizer.encode(images))
 
     def batch_tokens(self, batch: Batch) -> torch.Tensor:
-        if self.token_table is not None:
+        if self.token_table is not None and batch.indices is not None:
             return self.token_table[batch.indices.to(self.token_table.device)]
         return self.encode(batch.images)
+
+    @abstractmethod
+    def token_loss(self, model: nn.Module, labels: torch.Tensor, tokens: torch.Tensor):
+        """(mean cross-entropy, {metric: tensor}) of `model` on tokens [B, L] given labels [B]."""
+
+    def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
+        return self.token_loss(wrapped["model"], self.drop_labels(batch.labels), self.batch_tokens(batch))
+
+    def validation_metrics(self, batch: Batch) -> dict[str, torch.Tensor]:
+        loss, metrics = self.token_loss(self.model, batch.labels, self.batch_tokens(batch))
+        return {"loss": loss, **metrics}
 
     def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Replace each label by the null class (= num_classes) with probability label_dropout."""

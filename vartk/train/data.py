@@ -84,9 +84,14 @@ def fits_in_memory(root: str | Path, image_size: int, limit_gb: float) -> bool:
     return len(find_images(root)[0]) * 3 * image_size**2 <= limit_gb * 2**30
 
 
+def load_subset(dataset: ImageFolder, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """These images of `dataset`: uint8 [M, 3, S, S] and labels [M]."""
+    return torch.stack([dataset[i][0] for i in indices]), dataset.labels[indices]
+
+
 @dataclass
 class Batch:
-    indices: torch.Tensor  # [B] dataset indices
+    indices: torch.Tensor | None  # [B] training-set indices (None: held-out images)
     images: torch.Tensor  # [B, 3, S, S] uint8
     labels: torch.Tensor  # [B]
 

@@ -21,7 +21,6 @@ from ..tokenizers.msvq import MultiScaleVQVAE
 from ..tokenizers.vq import VQModel
 from ..samplers.next_token import NextTokenSampler
 from .conditional import ConditionalJob, ConditionalTrainConfig
-from .data import Batch
 from .loop import arg, parse_config, run_training
 
 
@@ -57,9 +56,8 @@ class GPTJob(ConditionalJob):
             token_dropout_p=cfg.token_dropout, resid_dropout_p=cfg.resid_dropout, ffn_dropout_p=cfg.ffn_dropout,
         ).to(device)
 
-    def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
-        tokens = self.batch_tokens(batch)  # [B, N]
-        logits = wrapped["model"](self.drop_labels(batch.labels), tokens[:, :-1])  # [B, N, V]
+    def token_loss(self, model: nn.Module, labels: torch.Tensor, tokens: torch.Tensor):
+        logits = model(labels, tokens[:, :-1])  # [B, N, V]
         loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
         return loss, {"acc": (logits.argmax(-1) == tokens).float().mean()}
 

@@ -9,7 +9,8 @@ the dataset, names the modules it trains, and computes a loss per step. The loop
         batch = next(batches)                              # same indices for the same step, see data.py
         for name in job.phases(step):                      # ["model"] (+ ["discriminator"] for a GAN)
             loss = job.loss(name, wrapped_modules, batch, step); backward, clip, AdamW, LR schedule
-        log / sample grid / checkpoint every N steps
+        log / sample grid every N steps
+        every --save-every steps: held-out metrics (--val-data), checkpoint
     job.export(out)                                        # save_pretrained folders
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import sys
 import time
 import typing
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoints import load_state_dict_strict
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import Batch, BatchOrder, ImageFolder, fits_in_memory, iterate_batches
+from .data import Batch, BatchOrder, ImageFolder, fits_in_memory, iterate_batches, load_subset
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -70,7 +71,10 @@ class TrainConfig:
     sample_every: int = arg(500, "write a sample grid to samples/ every N steps (0: only at the end)")
     num_samples: int = arg(16, "images in a sample grid")
     save_every: int = arg(500, "write a checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = arg(2, "how many recent checkpoints to keep")
+    keep_checkpoints: int = arg(2, "how many recent checkpoints to keep (plus the best validated one)")
+    val_data: str = arg("", "held-out image folder with the same class folders as --data: its loss is measured "
+                            "at every checkpoint (log.jsonl val_*), and the best checkpoint is kept")
+    val_images: int = arg(1024, "validate on at most this many --val-data images (evenly spaced over the folder)")
     resume: bool = arg(False, "continue from the latest checkpoint in --out")
     device: str = arg("auto", "auto (cuda when available), cuda or cpu")
     precision: str = arg("auto", f"one of {PRECISIONS}; auto = bf16 autocast on CUDA, fp32 on CPU")
@@ -97,7 +101,7 @@ class TrainConfig:
         if self.init_from and not (Path(self.init_from) / WEIGHTS_NAME).is_file():
             raise SystemExit(f"--init-from {self.init_from}: no {WEIGHTS_NAME} there; give a save_pretrained "
                              "folder such as <run>/transformer")
-        for name in ("batch_size", "max_steps", "log_every", "save_every", "image_size"):
+        for name in ("batch_size", "max_steps", "log_every", "save_every", "image_size", "val_images"):
             if getattr(self, name) < 1:
                 raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
@@ -227,6 +231,11 @@ class Job(ABC):
     def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
         """(scalar loss, {metric: float tensor}) for trainee `name`; `wrapped` holds the DDP-wrapped modules."""
 
+    @abstractmethod
+    def validation_metrics(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Mean metrics of a held-out batch ("loss" among them) from the unwrapped modules, which are in eval
+        mode; deterministic (no label dropout). `batch.indices` is None: the images are not training images."""
+
     def after_step(self, step: int, batch: Batch) -> None:
         """Called once the optimizers of `step` have stepped (e.g. to restart unused codebook entries)."""
 
@@ -254,21 +263,73 @@ def averaged(metrics: dict[str, list[float]], dist: Distributed) -> dict[str, fl
     return dict(zip(names, values.tolist()))
 
 
+@contextmanager
+def evaluating(trainees: dict[str, Trainee]):
+    """Eval mode and no gradients inside; train mode again after."""
+    for trainee in trainees.values():
+        trainee.module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for trainee in trainees.values():
+            trainee.module.train()
+
+
 def save_sample_grid(job: Job, trainees: dict[str, Trainee], path: Path) -> None:
     from torchvision.utils import save_image
 
-    for trainee in trainees.values():
-        trainee.module.eval()
-    with torch.no_grad():
+    with evaluating(trainees):
         grid = job.samples()
-    for trainee in trainees.values():
-        trainee.module.train()
     if grid is not None:
         images, nrow = grid
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.png")
         save_image(images.float().clamp(0, 1), tmp, nrow=nrow, padding=2, pad_value=1.0)
         os.replace(tmp, path)
+
+
+def load_validation_set(cfg: TrainConfig, class_names: list[str], dist: Distributed) -> Batch | None:
+    """This process's share of the --val-data images (uint8, on CPU), or None without --val-data."""
+    if not cfg.val_data:
+        return None
+    val = ImageFolder(cfg.val_data, cfg.image_size, cache=False)
+    if val.class_names != class_names:
+        raise SystemExit(f"--val-data {cfg.val_data} has classes {val.class_names}; --data {cfg.data} has "
+                         f"{class_names}: give a held-out folder with the same class folders")
+    picked = torch.linspace(0, len(val) - 1, min(cfg.val_images, len(val))).round().long()  # [M]
+    share = picked[dist.rank::dist.world_size]
+    if len(share) == 0:
+        raise SystemExit(f"--val-data {cfg.val_data}: {len(picked)} images for {dist.world_size} processes; "
+                         "give at least one per process")
+    images, labels = load_subset(val, share.tolist())
+    return Batch(None, images, labels)
+
+
+def validate(job: Job, trainees: dict[str, Trainee], held_out: Batch, cfg: TrainConfig, dist: Distributed) -> dict:
+    """Image-weighted mean of job.validation_metrics over the held-out images of every process."""
+    totals: dict[str, float] = {}
+    with evaluating(trainees):
+        for images, labels in zip(held_out.images.split(cfg.batch_size), held_out.labels.split(cfg.batch_size)):
+            batch = Batch(None, images.to(dist.device).float() / 255, labels.to(dist.device))
+            with autocast_context(dist.device, cfg.precision):
+                metrics = job.validation_metrics(batch)
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + float(value) * len(labels)
+    names = sorted(totals)
+    sums = torch.tensor([totals[n] for n in names] + [len(held_out.labels)], dtype=torch.float64)
+    if dist.world_size > 1:
+        torch_dist.all_reduce(sums)
+    return {name: value / sums[-1].item() for name, value in zip(names, sums[:-1].tolist())}
+
+
+def log_validation(out: Path, step: int, validation: dict, progress) -> None:
+    """One log.jsonl record {"step", "val_<metric>", ...} and one printed line."""
+    record = {"step": step, **{f"val_{name}": value for name, value in validation.items()}}
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    line = f"held-out at step {step + 1}: " + ", ".join(f"{name} {value:.4f}" for name, value in record.items() if name != "step")
+    (progress.write if progress is not None else print)(line)
 
 
 def run_training(cfg: TrainConfig, job_cls: type) -> Path:
@@ -279,6 +340,7 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
     dataset = ImageFolder(cfg.data, cfg.image_size, cache=cache)
     order = BatchOrder(len(dataset), cfg.batch_size, cfg.seed, dist.rank, dist.world_size, dataset.labels,
                        cfg.class_balance)
+    held_out = load_validation_set(cfg, dataset.class_names, dist)
     torch.manual_seed(cfg.seed)
     job = job_cls(cfg, dataset, dist.device)
     if cfg.init_from:
@@ -353,11 +415,16 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
             progress.set_postfix(loss=f"{loss.item():.4f}")
         if dist.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.max_steps):
             save_sample_grid(job, trainees, out / "samples" / f"step_{done:07d}.png")
-        if dist.is_main and (done % cfg.save_every == 0 or done == cfg.max_steps):
-            epoch, batch_in_epoch = divmod(done, order.batches_per_epoch)
-            state = dict(epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=dist.world_size,
-                         batch_size=cfg.batch_size, seed=cfg.seed, config=dataclasses.asdict(cfg))
-            save_checkpoint(out, done, modules, optimizers, schedulers, state, cfg.keep_checkpoints)
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            validation = validate(job, trainees, held_out, cfg, dist) if held_out is not None else None
+            if dist.is_main:
+                epoch, batch_in_epoch = divmod(done, order.batches_per_epoch)
+                state = dict(epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=dist.world_size,
+                             batch_size=cfg.batch_size, seed=cfg.seed, config=dataclasses.asdict(cfg))
+                if validation is not None:
+                    state["validation"] = validation
+                    log_validation(out, step, validation, progress)
+                save_checkpoint(out, done, modules, optimizers, schedulers, state, cfg.keep_checkpoints)
     if progress is not None:
         progress.close()
     if dist.is_main:

@@ -57,6 +57,9 @@ class TokenizerTrainConfig(TrainConfig):
     disc_layers: int = arg(3, "PatchGAN stride-2 layers")
     restart_codes_every: int = arg(0, "every N steps, move the codes that no scale picked in those N steps onto "
                                       "random residual vectors of the current batch (0: never)")
+    train_decoder_only: bool = arg(False, "freeze the encoder, quant_conv and the quantiser (codebook, phi convs) "
+                                          "and train post_quant_conv + decoder: tokens stay exactly the same, so "
+                                          "transformers trained on this tokenizer keep working (use with --init-from)")
 
     def check(self) -> None:
         super().check()
@@ -76,6 +79,9 @@ class TokenizerTrainConfig(TrainConfig):
                 f"--restart-codes-every {self.restart_codes_every} must be >= 0 and divide --save-every "
                 f"{self.save_every} (checkpoints fall between restart windows, so --resume stays exact)"
             )
+        if self.train_decoder_only and self.restart_codes_every:
+            raise SystemExit("--train-decoder-only keeps the codebook fixed; it cannot be combined with "
+                             f"--restart-codes-every {self.restart_codes_every}")
 
 
 class PatchDiscriminator(nn.Module):
@@ -139,6 +145,9 @@ class TokenizerJob(Job):
             vocab_size=cfg.vocab_size, patch_nums=cfg.patch_nums, beta=cfg.beta, quant_resi=cfg.quant_resi,
             share_quant_resi=cfg.share_quant_resi, norm_groups=cfg.norm_groups,
         ).to(device)
+        if cfg.train_decoder_only:
+            for frozen_part in (self.model.encoder, self.model.quant_conv, self.model.quantize):
+                frozen_part.requires_grad_(False)
         self.discriminator = None
         if cfg.gan_weight > 0:
             self.discriminator = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(device)
@@ -162,21 +171,32 @@ class TokenizerJob(Job):
     def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
         if name == "discriminator":
             return self.discriminator_loss(wrapped[name], batch.images)
-        cfg = self.cfg
-        recon, vq_loss, stats = wrapped["model"](batch.images)  # [B, 3, H, W]
-        recon = recon.float()
-        l2, l1 = F.mse_loss(recon, batch.images), F.l1_loss(recon, batch.images)
-        loss = cfg.vq_weight * vq_loss + cfg.l2_weight * l2 + cfg.l1_weight * l1
-        metrics = {"l2": l2.detach(), "l1": l1.detach(), "vq": vq_loss.detach()}
+        loss, metrics, recon, stats = self.reconstruction_loss(wrapped["model"], batch.images)
         self.code_hits += stats.pop("code_hits")
         metrics.update(stats)
         if self.gan_active(step):
             with frozen(self.discriminator):
                 generator_loss = -self.discriminator(recon).float().mean()
-            loss = loss + cfg.gan_weight * generator_loss
+            loss = loss + self.cfg.gan_weight * generator_loss
             metrics["gan_g"] = generator_loss.detach()
         self.reconstruction = recon.detach()
         return loss, metrics
+
+    def reconstruction_loss(self, model: nn.Module, images: torch.Tensor):
+        """(weighted quantiser + pixel loss, {l2, l1, vq}, reconstructions [B, 3, H, W], the model's stats)."""
+        cfg = self.cfg
+        recon, vq_loss, stats = model(images)  # [B, 3, H, W]
+        recon = recon.float()
+        l2, l1 = F.mse_loss(recon, images), F.l1_loss(recon, images)
+        loss = cfg.vq_weight * vq_loss + cfg.l2_weight * l2 + cfg.l1_weight * l1
+        return loss, {"l2": l2.detach(), "l1": l1.detach(), "vq": vq_loss.detach()}, recon, stats
+
+    def validation_metrics(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The training loss without the GAN term and its parts (on the unclamped decoder output, as in
+        training), and the mean per-image PSNR (dB) of the reconstructions clamped to [0, 1]."""
+        loss, metrics, recon, _ = self.reconstruction_loss(self.model, batch.images)
+        image_mse = (recon.clamp(0, 1) - batch.images).pow(2).mean((1, 2, 3))  # [B]
+        return {"loss": loss, **metrics, "psnr": (-10 * torch.log10(image_mse.clamp_min(1e-10))).mean()}
 
     def after_step(self, step: int, batch: Batch) -> None:
         if self.cfg.restart_codes_every and (step + 1) % self.cfg.restart_codes_every == 0:

@@ -20,7 +20,6 @@ from ..models.var import VARTransformer
 from ..tokenizers.msvq import MultiScaleVQVAE
 from ..samplers.next_scale import NextScaleSampler
 from .conditional import ConditionalJob, ConditionalTrainConfig
-from .data import Batch
 from .loop import arg, parse_config, run_training
 
 
@@ -63,9 +62,8 @@ class VARJob(ConditionalJob):
         with torch.autocast(tokens.device.type, enabled=False):
             return self.tokenizer.teacher_forcing_input(maps)
 
-    def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
-        tokens = self.batch_tokens(batch)  # [B, L]
-        logits = wrapped["model"](self.drop_labels(batch.labels), self.teacher_forcing_input(tokens))  # [B, L, V]
+    def token_loss(self, model: nn.Module, labels: torch.Tensor, tokens: torch.Tensor):
+        logits = model(labels, self.teacher_forcing_input(tokens))  # [B, L, V]
         token_losses = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none").view_as(tokens)
         last = self.patch_nums[-1] ** 2
         accuracy = (logits.argmax(-1) == tokens).float()  # [B, L]
