@@ -1,0 +1,79 @@
+"""GPU-only checks (skipped without CUDA): the CUDA-graph decode step against eager decoding, the samplers and
+the training jobs under bf16 on the GPU, and the CPU / GPU agreement of the teacher-forced forwards.
+
+    python -m pytest tests/test_cuda.py          # on a GPU machine; tools/gpu_checks.sh runs it first
+"""
+import copy
+
+import pytest
+import torch
+from test_next_token import NUM_CLASSES, model, reference_loop  # noqa: F401  (model: the tiny GPT fixture)
+from test_train import FAST, job_args, read_log, write_images
+from test_var import PATCH_NUMS, tiny_tokenizer, tiny_transformer
+
+from vartk.samplers.next_scale import NextScaleSampler
+from vartk.samplers.next_token import NextTokenSampler
+from vartk.train import train_main
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
+def test_cuda_graph_decode_gives_the_eager_tokens(model, guidance_scale):
+    """Same weights, same generator: the replayed graph draws exactly the eager loop's tokens, greedy and sampled;
+    greedy decoding through the graph equals the CPU reference loop (one full forward per token)."""
+    on_gpu = copy.deepcopy(model).to(CUDA)
+    labels = torch.tensor([1, 4, 9, 0])
+    for sampling in (dict(top_k=1), dict(top_k=20, top_p=0.9)):
+        eager, graph = (NextTokenSampler(cuda_graph=use_graph)(
+            on_gpu, labels.to(CUDA), guidance_scale=guidance_scale, generator=torch.Generator(CUDA).manual_seed(7),
+            progress=False, **sampling) for use_graph in (False, True))
+        assert torch.equal(eager, graph), sampling
+        if sampling["top_k"] == 1:
+            assert torch.equal(graph.cpu(), reference_loop(model, labels, guidance_scale))
+
+
+def test_cuda_graph_decode_in_bf16_is_deterministic(model):
+    on_gpu = copy.deepcopy(model).to(CUDA, torch.bfloat16)
+    labels = torch.arange(8, device=CUDA) % NUM_CLASSES
+    draws = [NextTokenSampler(cuda_graph=True)(on_gpu, labels, guidance_scale=2.0, top_k=20,
+                                               generator=torch.Generator(CUDA).manual_seed(3), progress=False)
+             for _ in range(2)]
+    assert draws[0].shape == (8, 16) and torch.equal(draws[0], draws[1])
+
+
+def test_next_scale_forward_agrees_between_cpu_and_gpu():
+    """The teacher-forced logits of the tiny VAR in fp32 on CUDA equal the CPU ones to 1e-4."""
+    transformer, tokenizer = tiny_transformer().eval(), tiny_tokenizer().eval()
+    labels = torch.tensor([1, 7])
+    maps = [torch.randint(0, tokenizer.vocab_size, (2, pn, pn)) for pn in PATCH_NUMS]
+    with torch.no_grad():
+        cpu = transformer(labels, tokenizer.teacher_forcing_input(maps))
+        gpu = transformer.to(CUDA)(labels.to(CUDA), tokenizer.to(CUDA).teacher_forcing_input([m.to(CUDA) for m in maps]))
+    assert (cpu - gpu.cpu()).abs().max() <= 1e-4
+
+
+def test_next_scale_sampling_in_bf16_on_gpu():
+    transformer, tokenizer = tiny_transformer().to(CUDA, torch.bfloat16).eval(), tiny_tokenizer().to(CUDA).eval()
+    draws = [NextScaleSampler()(transformer, tokenizer, torch.tensor([1, 7], device=CUDA), guidance_scale=1.5,
+                                top_k=8, top_p=0.9, generator=torch.Generator(CUDA).manual_seed(1), progress=False)
+             for _ in range(2)]
+    assert [tuple(t.shape) for t in draws[0]] == [(2, pn, pn) for pn in PATCH_NUMS]
+    assert all(torch.equal(a, b) for a, b in zip(*draws))
+    images = tokenizer.decode(draws[0])
+    assert images.shape[0] == 2 and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("job", ["tokenizer", "var", "gpt"])
+def test_training_on_gpu_with_bf16_autocast(job, tmp_path):
+    """A few steps of every job on the GPU (bf16 autocast, fused AdamW): finite losses, a checkpoint, an export."""
+    images = write_images(tmp_path / "images", classes=2, per_class=4)
+    out = tmp_path / "run"
+    train_main(job, ["--data", str(images), "--out", str(out), "--batch-size", "4", "--max-steps", "4",
+                     "--save-every", "4", "--log-every", "1", "--device", "cuda", "--val-data", str(images), *FAST,
+                     *job_args(job, images, tmp_path)])
+    log = read_log(out)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log if "loss" in r)
+    assert any("val_loss" in r for r in log)
+    assert (out / ("tokenizer" if job == "tokenizer" else "pipeline")).is_dir()
