@@ -27,6 +27,20 @@ def name_as_asset(model, name: str) -> None:
             getattr(model, component).register_to_config(_name_or_path=f"{name}/{component}")
 
 
+def with_tokenizer(pipe, folder: str):
+    """`pipe` with the tokenizer at `folder`, a `--train-decoder-only` fine-tune of its own: refused when any
+    parameter that decides the tokens differs, since the transformer was trained on the old tokens."""
+    tuned = type(pipe.tokenizer).from_pretrained(folder).to(pipe.tokenizer.dtype)
+    old, new = dict(pipe.tokenizer.named_parameters()), dict(tuned.named_parameters())
+    changed = [k for k in old if k.split(".")[0] in tuned.token_modules
+               and (k not in new or not torch.equal(old[k], new[k]))]
+    if changed:
+        raise SystemExit(f"{folder} encodes differently from the pipeline's tokenizer ({len(changed)} parameters "
+                         f"differ, e.g. {changed[:3]}); give a --train-decoder-only fine-tune of it")
+    pipe.register_modules(tokenizer=tuned)
+    return pipe
+
+
 def folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
@@ -39,10 +53,15 @@ def main(argv=None) -> None:
     for family in ("var", "gpt"):
         parser.add_argument(f"--{family}-sampling", type=json.loads, default=None,
                             help='JSON of the settings the model samples with by default, e.g. {"guidance_scale": 3.0}')
+        parser.add_argument(f"--{family}-tokenizer", default=None,
+                            help="replace the pipeline's tokenizer by this --train-decoder-only fine-tune of it")
     parser.add_argument("--max-mb", type=float, default=40.0)
     args = parser.parse_args(argv)
-    for name, source, sampling in (("default", args.var, args.var_sampling), ("default-gpt", args.gpt, args.gpt_sampling)):
+    for name, source, sampling, tokenizer in (("default", args.var, args.var_sampling, args.var_tokenizer),
+                                              ("default-gpt", args.gpt, args.gpt_sampling, args.gpt_tokenizer)):
         pipe = load(source).to(torch.float16)
+        if tokenizer is not None:
+            pipe = with_tokenizer(pipe, tokenizer)
         if sampling is not None:
             pipe.register_to_config(sampling_defaults=sampling)
             pipe.sampling_options()  # fails on a bad value before anything is written

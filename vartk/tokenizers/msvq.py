@@ -86,6 +86,9 @@ class MultiScaleQuantizer(nn.Module):
 class MultiScaleVQVAE(ModelMixin, ConfigMixin):
     """VAR's multi-scale residual VQ-VAE; images in [0, 1] at the API, [-1, 1] inside."""
 
+    # The submodules that decide an image's tokens (and the transformer's input latents); the rest decodes.
+    token_modules = ("encoder", "quant_conv", "quantize")
+
     @register_to_config
     def __init__(
         self,

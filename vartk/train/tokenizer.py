@@ -146,8 +146,8 @@ class TokenizerJob(Job):
             share_quant_resi=cfg.share_quant_resi, norm_groups=cfg.norm_groups,
         ).to(device)
         if cfg.train_decoder_only:
-            for frozen_part in (self.model.encoder, self.model.quant_conv, self.model.quantize):
-                frozen_part.requires_grad_(False)
+            for name in MultiScaleVQVAE.token_modules:
+                getattr(self.model, name).requires_grad_(False)
         self.discriminator = None
         if cfg.gan_weight > 0:
             self.discriminator = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(device)
