@@ -50,7 +50,8 @@ def test_next_scale_forward_agrees_between_cpu_and_gpu():
     maps = [torch.randint(0, tokenizer.vocab_size, (2, pn, pn)) for pn in PATCH_NUMS]
     with torch.no_grad():
         cpu = transformer(labels, tokenizer.teacher_forcing_input(maps))
-        gpu = transformer.to(CUDA)(labels.to(CUDA), tokenizer.to(CUDA).teacher_forcing_input([m.to(CUDA) for m in maps]))
+        inputs = tokenizer.to(CUDA).teacher_forcing_input([m.to(CUDA) for m in maps])
+        gpu = transformer.to(CUDA)(labels.to(CUDA), inputs)
     assert (cpu - gpu.cpu()).abs().max() <= 1e-4
 
 

@@ -4,8 +4,8 @@
 
 Measures: tokenizer reconstruction PSNR on held-out images, and the classifier's accuracy on those
 reconstructions (what a generator that drew the held-out emoji's own tokens would score: the tokenizer's
-ceiling); the in-domain classifier's accuracy on real held-out images; for each generator (50 samples per class), the classifier's accuracy on the requested
-class, and in-domain FID (vs the held-out images) and IS on the classifier's features / logits
+ceiling); the in-domain classifier's accuracy on real held-out images; for each generator (50 samples
+per class), the classifier's accuracy on the requested class, and in-domain FID (vs the held-out images) and IS on the classifier's features / logits
 (`vartk-emoji`; not comparable with ImageNet FID). Writes results.json, results.md and a sample grid.
 """
 from __future__ import annotations

@@ -31,10 +31,11 @@ step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, record the wall time
     echo "$name: exit $status, $((SECONDS - start)) s" | tee -a "$out/steps.txt"
 }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -c "import torch; print(torch.__version__, torch.version.cuda)"; } > "$out/device.txt" 2>&1
-step cuda-tests python -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step bench python eval/bench.py
-python - "$scratch" <<'EOF'
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch; print(torch.__version__, torch.version.cuda)"; } > "$out/device.txt" 2>&1
+step cuda-tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step bench python3 eval/bench.py
+python3 - "$scratch" <<'EOF'
 import sys
 from pathlib import Path
 
@@ -57,7 +58,7 @@ build_random_inception(scratch / "inception-random.pth")
 reference = np.random.default_rng(0).integers(0, 256, (2000, 256, 256, 3), dtype=np.uint8)  # [N, H, W, 3]
 np.savez(scratch / "reference-noise.npz", arr_0=reference)
 EOF
-step fid-10k python eval/fid.py --model "$scratch/var-d16-random" --num-images "$num_images" --batch-size 100 \
+step fid-10k python3 eval/fid.py --model "$scratch/var-d16-random" --num-images "$num_images" --batch-size 100 \
     --dtype bfloat16 --reference "$scratch/reference-noise.npz" --inception-weights "$scratch/inception-random.pth" \
     --metrics fid,is --out "$scratch/fid-10k"
 cp "$scratch/fid-10k/results.json" "$out/fid-10k-results.json"

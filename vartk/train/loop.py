@@ -328,7 +328,8 @@ def log_validation(out: Path, step: int, validation: dict, progress) -> None:
     record = {"step": step, **{f"val_{name}": value for name, value in validation.items()}}
     with open(out / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    line = f"held-out at step {step + 1}: " + ", ".join(f"{name} {value:.4f}" for name, value in record.items() if name != "step")
+    scores = ", ".join(f"{name} {value:.4f}" for name, value in record.items() if name != "step")
+    line = f"held-out at step {step + 1}: {scores}"
     (progress.write if progress is not None else print)(line)
 
 
