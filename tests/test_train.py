@@ -123,6 +123,33 @@ def test_class_balanced_order_evens_out_classes_and_is_a_function_of_the_epoch()
         BatchOrder(100, 10, 3, 0, 1, None, 0.5)
 
 
+def resized_copy(folder: Path, into: Path, mirror: bool) -> Path:
+    """The image folder at SIZE px (so loading it does not resample), each image flipped left-right by PIL if
+    `mirror`."""
+    for path in sorted(folder.rglob("*.png")):
+        image = Image.open(path).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+        (into / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else image).save(into / path.parent.name / path.name)
+    return into
+
+
+@pytest.mark.parametrize("job, tokens", [("tokenizer", []), ("var", ["--precompute-tokens"]),
+                                         ("var", ["--no-precompute-tokens"]), ("gpt", ["--precompute-tokens"]),
+                                         ("gpt", ["--no-precompute-tokens"])])
+def test_hflip_1_trains_as_on_a_mirrored_folder(job, tokens, images, tmp_path):
+    """--hflip 1 mirrors every image, so its losses equal a run's on a folder of PIL-mirrored copies."""
+    common = ["--batch-size", "4", "--max-steps", "3", "--log-every", "1", *FAST, *job_args(job, images, tmp_path),
+              *tokens]
+    upright = resized_copy(images, tmp_path / "upright", mirror=False)
+    mirrored = resized_copy(images, tmp_path / "mirrored", mirror=True)
+    losses = {}
+    for name, data, flip in [("flip", upright, "1"), ("mirrored", mirrored, "0"), ("upright", upright, "0")]:
+        train_main(job, ["--data", str(data), "--out", str(tmp_path / name), "--hflip", flip, *common])
+        losses[name] = [r["loss"] for r in read_log(tmp_path / name)]
+    assert losses["flip"] == pytest.approx(losses["mirrored"], abs=1e-6)
+    assert max(abs(a - b) for a, b in zip(losses["upright"], losses["mirrored"])) > 1e-4  # the flips matter
+
+
 def test_init_from_starts_from_the_given_weights(images, tmp_path):
     """--init-from with lr 0 exports exactly the weights it started from; a wrong folder names the keys."""
     args = ["--data", str(images), "--batch-size", "4", "--max-steps", "1", "--save-every", "1", *FAST,
@@ -187,16 +214,14 @@ def test_loss_decreases_on_a_fixed_batch(job, images, tmp_path):
 @pytest.mark.parametrize("job", ["tokenizer", "gpt"])
 def test_resume_gives_the_uninterrupted_losses(job, images, tmp_path):
     """Kill after step 3 (keep only that checkpoint), resume in a fresh run: steps 3..5 match exactly."""
-    # the tokenizer with a GAN has two optimizers and restarts codes; the GPT has dropout and label dropout
+    # the tokenizer with a GAN has two optimizers and restarts codes; the GPT has dropout, label dropout, flips
     extra = ["--gan-weight", "0.1", "--gan-start", "2", "--disc-layers", "1", "--restart-codes-every", "3"]
-    extra = extra if job == "tokenizer" else []
+    extra = extra if job == "tokenizer" else ["--hflip", "0.5"]
     common = ["--batch-size", "4", "--max-steps", "6", "--log-every", "1", "--save-every", "3",
               "--keep-checkpoints", "5", *FAST, *job_args(job, images, tmp_path), *extra]
     full, killed = tmp_path / "full", tmp_path / "killed"
     train_main(job, ["--data", str(images), "--out", str(full), *common])
-    (killed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step_0000003", killed / "checkpoints" / "step_0000003")
-    (killed / "checkpoints" / "latest").write_text("step_0000003\n")
+    kill_after(full, 3, killed)
     assert latest_checkpoint(killed).name == "step_0000003"
     train_main(job, ["--data", str(images), "--out", str(killed), "--resume", *common])
     uninterrupted, resumed = read_log(full), read_log(killed)
@@ -205,6 +230,47 @@ def test_resume_gives_the_uninterrupted_losses(job, images, tmp_path):
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
         if job == "tokenizer":
             assert abs(a["discriminator_loss"] - b["discriminator_loss"]) <= 1e-6
+
+
+def kill_after(run: Path, step: int, into: Path) -> None:
+    """A run killed right after checkpoint `step`: a fresh --out holding only that checkpoint."""
+    name = f"step_{step:07d}"
+    (into / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / name, into / "checkpoints" / name)
+    (into / "checkpoints" / "latest").write_text(name + "\n")
+
+
+def test_resume_with_more_steps_recomputes_the_decay_over_the_new_total(images, tmp_path):
+    common = ["--data", str(images), "--batch-size", "4", "--log-every", "1", "--save-every", "2", "--lr", "1e-3",
+              "--min-lr-ratio", "0.1", *FAST, *TOKENIZER_ARGS]
+    train_main("tokenizer", ["--out", str(tmp_path / "short"), "--max-steps", "4", *common])
+    kill_after(tmp_path / "short", 2, tmp_path / "longer")
+    train_main("tokenizer", ["--out", str(tmp_path / "longer"), "--max-steps", "8", "--resume", *common])
+    logged = {r["step"]: r["lr"] for r in read_log(tmp_path / "longer")}
+    assert sorted(logged) == list(range(2, 8))
+    for step, lr in logged.items():  # warm-up 2, then the cosine over the 6 steps to the new end
+        expected = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (step - 2) / 6)))
+        assert lr == pytest.approx(expected, rel=1e-6), (step, lr, expected)
+
+
+def test_resume_refuses_settings_that_change_the_run(images, tmp_path):
+    run = tmp_path / "run"
+    common = ["--data", str(images), "--out", str(run), "--batch-size", "4", "--save-every", "2", *FAST,
+              *TOKENIZER_ARGS]
+    train_main("tokenizer", [*common, "--max-steps", "2"])
+    resume = [*common, "--resume", "--max-steps", "4"]
+    with pytest.raises(SystemExit, match=r"--lr 0\.0002 -> 0\.001; --seed 0 -> 1"):
+        train_main("tokenizer", [*resume, "--lr", "1e-3", "--seed", "1"])
+    with pytest.raises(SystemExit, match=r"--vocab-size 16 -> 32"):
+        train_main("tokenizer", [*resume, "--vocab-size", "32"])
+    with pytest.raises(SystemExit, match="already at step 2; give --max-steps above that"):
+        train_main("tokenizer", [*common, "--resume", "--max-steps", "2"])
+    shutil.copy(images / "class_0" / "0.png", images / "class_0" / "copy.png")
+    with pytest.raises(SystemExit, match="holds 9 images, the run was trained on 8"):
+        train_main("tokenizer", resume)
+    (images / "class_0" / "copy.png").unlink()
+    train_main("tokenizer", [*resume, "--log-every", "1", "--keep-checkpoints", "3"])  # logging may change
+    assert latest_checkpoint(run).name == "step_0000004"
 
 
 def test_checkpoint_layout_and_pruning(images, tmp_path):

@@ -97,10 +97,14 @@ def save_checkpoint(out: Path, step: int, modules: dict[str, nn.Module], optimiz
     return final
 
 
+def read_trainer_state(folder: Path) -> dict:
+    """A checkpoint's trainer_state.json: step, data position, config, held-out metrics."""
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
 def validation_loss(folder: Path) -> float | None:
     """The held-out loss a checkpoint was written with (None: not validated)."""
-    state_file = folder / "trainer_state.json"
-    validation = json.loads(state_file.read_text()).get("validation") if state_file.is_file() else None
+    validation = read_trainer_state(folder).get("validation") if (folder / "trainer_state.json").is_file() else None
     return validation["loss"] if validation else None
 
 
@@ -121,8 +125,8 @@ def latest_checkpoint(out: Path) -> Path | None:
     return folder
 
 
-def load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizers: dict, schedulers: dict) -> dict:
-    """Restore modules, optimizers and schedulers in place; returns trainer_state.json."""
+def load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizers: dict, schedulers: dict) -> None:
+    """Restore modules, optimizers and schedulers in place."""
     for name, module in modules.items():
         load_module(module, folder, name)
     saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -130,4 +134,3 @@ def load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizers: dic
         optimizer.load_state_dict(saved["optimizers"][name])
     for name, scheduler in schedulers.items():
         scheduler.load_state_dict(saved["schedulers"][name])
-    return json.loads((folder / "trainer_state.json").read_text())

@@ -37,6 +37,7 @@ class ConditionalTrainConfig(TrainConfig):
     top_p: float = arg(1.0, "top-p of the sample grids (1: off)")
 
     required = ("data", "tokenizer")
+    may_change_on_resume = TrainConfig.may_change_on_resume + ("precompute_tokens", "guidance_scale", "top_k", "top_p")
 
     def check(self) -> None:
         super().check()
@@ -79,10 +80,11 @@ class ConditionalJob(Job):
         self.tokenizer = tokenizer.to(device).eval().requires_grad_(False)
         self.grid_side = self.token_grid_side()
         self.num_classes = dataset.num_classes
-        self.token_table = None  # [N, L] tokens of the whole dataset
+        self.token_table = self.mirrored_token_table = None  # [N, L] tokens of the dataset's images (mirrored)
         if cfg.precompute_tokens and dataset.images is not None:
-            self.token_table = torch.cat([self.encode(dataset.images[i:i + 256].to(device).float() / 255)
-                                          for i in range(0, len(dataset), 256)])
+            self.token_table = self.encode_all(dataset.images, mirrored=False)
+            if cfg.hflip > 0:
+                self.mirrored_token_table = self.encode_all(dataset.images, mirrored=True)
 
     def token_grid_side(self) -> int:
         """Side of the (last) token map at --image-size."""
@@ -99,10 +101,20 @@ class ConditionalJob(Job):
         with torch.autocast(images.device.type, enabled=False):
             return flatten_tokens(self.tokenizer.encode(images))
 
+    def encode_all(self, images: torch.Tensor, mirrored: bool) -> torch.Tensor:
+        """uint8 images [N, 3, H, W] (flipped left-right first if `mirrored`) -> tokens [N, L], 256 at a time."""
+        chunks = (images[i:i + 256].to(self.device).float() / 255 for i in range(0, len(images), 256))
+        return torch.cat([self.encode(chunk.flip(-1) if mirrored else chunk) for chunk in chunks])
+
     def batch_tokens(self, batch: Batch) -> torch.Tensor:
-        if self.token_table is not None and batch.indices is not None:
-            return self.token_table[batch.indices.to(self.token_table.device)]
-        return self.encode(batch.images)
+        """Tokens [B, L] of the batch's images as given (mirrored ones included): from the tables or encoded."""
+        if self.token_table is None or batch.indices is None:
+            return self.encode(batch.images)
+        indices = batch.indices.to(self.token_table.device)
+        tokens = self.token_table[indices]
+        if batch.mirrored is not None:
+            tokens = torch.where(batch.mirrored[:, None], self.mirrored_token_table[indices], tokens)
+        return tokens
 
     @abstractmethod
     def token_loss(self, model: nn.Module, labels: torch.Tensor, tokens: torch.Tensor):

@@ -94,6 +94,16 @@ class Batch:
     indices: torch.Tensor | None  # [B] training-set indices (None: held-out images)
     images: torch.Tensor  # [B, 3, S, S] uint8
     labels: torch.Tensor  # [B]
+    mirrored: torch.Tensor | None = None  # [B] bool: the image is flipped left-right (--hflip); None: none is
+
+
+def mirror_some(batch: Batch, probability: float, seed: int) -> Batch:
+    """Flip each image left-right with this probability, drawn from its own generator (so the flips leave the
+    step's other randomness, e.g. label dropout, as it is without them)."""
+    draws = torch.rand(len(batch.labels), generator=torch.Generator().manual_seed(seed))  # [B]
+    mirrored = (draws < probability).to(batch.images.device)
+    images = torch.where(mirrored[:, None, None, None], batch.images.flip(-1), batch.images)
+    return Batch(batch.indices, images, batch.labels, mirrored)
 
 
 class BatchOrder:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..models.gpt import GPTTransformer
 from ..models.var import VARTransformer
-from .checkpoint import best_checkpoint, checkpoint_dir, latest_checkpoint
+from .checkpoint import best_checkpoint, checkpoint_dir, latest_checkpoint, read_trainer_state
 from .conditional import load_tokenizer
 from .data import find_images
 from .gpt import GPTJob
@@ -47,7 +47,7 @@ def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path 
     """Write a save_pretrained pipeline of checkpoint `step` (default: the newest; `best`: the lowest held-out
     loss) of `run`; returns its folder."""
     folder = find_checkpoint(Path(run), step, best)
-    config = json.loads((folder / "trainer_state.json").read_text())["config"]
+    config = read_trainer_state(folder)["config"]
     class_name = json.loads((folder / "model" / "config.json").read_text()).get("_class_name")
     if class_name not in JOBS:
         raise SystemExit(f"vartk train export: {folder / 'model'} holds a {class_name}; only transformer runs "

@@ -40,6 +40,8 @@ class GPTTrainConfig(ConditionalTrainConfig):
     ffn_dropout: float = arg(0.1, "dropout in the feed-forward blocks")
     temperature: float = arg(1.0, "sampling temperature of the sample grids")
 
+    may_change_on_resume = ConditionalTrainConfig.may_change_on_resume + ("temperature",)
+
 
 class GPTJob(ConditionalJob):
     official_tokenizer_cls = VQModel

@@ -37,16 +37,22 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoints import load_state_dict_strict
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import Batch, BatchOrder, ImageFolder, fits_in_memory, iterate_batches, load_subset
+from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from .data import Batch, BatchOrder, ImageFolder, fits_in_memory, iterate_batches, load_subset, mirror_some
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+MIRROR_SEED_OFFSET = 1 << 40  # --hflip draws from seeds this far from the step's own: a separate stream
 
 
 def arg(default, help: str):
     """A config field that becomes the CLI flag --field-name with this help text."""
     return field(default=default, metadata={"help": help})
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a config field: max_steps -> --max-steps."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -82,28 +88,36 @@ class TrainConfig:
     cache_limit_gb: float = arg(4.0, "decode the whole dataset into memory (uint8) when it fits in this many GB")
     class_balance: float = arg(0.0, "draw images of a class with n images with weight n ** -a (0: plain shuffle, "
                                     "1: every class equally often)")
+    hflip: float = arg(0.0, "flip each training image left-right with this probability (0: never)")
     init_from: str = arg("", "start the model from these weights (a save_pretrained folder such as an earlier "
                              "run's transformer/ or tokenizer/) with a fresh optimizer and schedule")
     progress: bool = arg(True, "show a tqdm progress bar")
 
     required = ("data",)
+    # what --resume may change: how the run is logged, saved, validated and where it runs, paths (the data is
+    # checked by its image count), and --max-steps, whose LR decay is then recomputed over the new total
+    may_change_on_resume = ("data", "out", "max_steps", "log_every", "sample_every", "num_samples", "save_every",
+                            "keep_checkpoints", "val_data", "val_images", "resume", "device", "precision",
+                            "num_workers", "cache_limit_gb", "init_from", "progress")
 
     def check(self) -> None:
         for name in self.required:
             if getattr(self, name) in ("", None):
-                raise SystemExit(f"--{name.replace('_', '-')} is required")
+                raise SystemExit(f"{flag(name)} is required")
         if self.schedule not in SCHEDULES:
             raise SystemExit(f"--schedule {self.schedule!r} is unknown; use one of {SCHEDULES}")
         if self.precision not in PRECISIONS:
             raise SystemExit(f"--precision {self.precision!r} is unknown; use one of {PRECISIONS}")
         if self.class_balance < 0:
             raise SystemExit(f"--class-balance must be >= 0, got {self.class_balance}")
+        if not 0 <= self.hflip <= 1:
+            raise SystemExit(f"--hflip is a probability in [0, 1], got {self.hflip}")
         if self.init_from and not (Path(self.init_from) / WEIGHTS_NAME).is_file():
             raise SystemExit(f"--init-from {self.init_from}: no {WEIGHTS_NAME} there; give a save_pretrained "
                              "folder such as <run>/transformer")
         for name in ("batch_size", "max_steps", "log_every", "save_every", "image_size", "val_images"):
             if getattr(self, name) < 1:
-                raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise SystemExit(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -120,13 +134,13 @@ def build_parser(config_cls: type, prog: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
-        flag, kind, help_text = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata.get("help", "")
+        option, kind, help_text = flag(f.name), hints[f.name], f.metadata.get("help", "")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         elif typing.get_origin(kind) is tuple:
-            parser.add_argument(flag, type=parse_int_tuple, default=f.default, help=help_text)
+            parser.add_argument(option, type=parse_int_tuple, default=f.default, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+            parser.add_argument(option, type=kind, default=f.default, help=help_text)
     return parser
 
 
@@ -162,6 +176,28 @@ def setup_distributed(device: str) -> Distributed:
     if world_size > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if use_cuda else "gloo")
     return Distributed(rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+
+
+def check_resume(cfg: TrainConfig, state: dict, num_images: int, world_size: int, checkpoint: Path) -> None:
+    """Refuse a --resume whose settings would not continue the checkpoint's run (data order, optimiser, model)."""
+    if (state["world_size"], state["batch_size"]) != (world_size, cfg.batch_size):
+        raise SystemExit(
+            f"{checkpoint} was written by {state['world_size']} process(es) with --batch-size "
+            f"{state['batch_size']}; resume with the same (now {world_size}, {cfg.batch_size}) to keep the data order"
+        )
+    saved, now = state.get("config", {}), json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists
+    changed = [f"{flag(name)} {saved[name]!r} -> {now[name]!r}" for name in now
+               if name in saved and name not in cfg.may_change_on_resume and saved[name] != now[name]]
+    if changed:
+        raise SystemExit(f"--resume from {checkpoint}: these settings differ from the run's ({'; '.join(changed)}); "
+                         f"resume with the run's values, or start a new run with --init-from {checkpoint}/model. "
+                         f"Only these may change: {' '.join(map(flag, cfg.may_change_on_resume))}")
+    if state.get("num_images", num_images) != num_images:
+        raise SystemExit(f"--resume from {checkpoint}: --data {cfg.data} holds {num_images} images, the run was "
+                         f"trained on {state['num_images']}; the data order would differ")
+    if cfg.max_steps <= state["step"]:
+        raise SystemExit(f"--resume from {checkpoint}: it is already at step {state['step']}; give --max-steps "
+                         f"above that (now {cfg.max_steps})")
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -366,13 +402,9 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
     if cfg.resume and resume_from is None and dist.is_main:
         print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, modules, optimizers, schedulers)
-        if (state["world_size"], state["batch_size"]) != (dist.world_size, cfg.batch_size):
-            raise SystemExit(
-                f"{resume_from} was written by {state['world_size']} process(es) with --batch-size "
-                f"{state['batch_size']}; resume with the same (now {dist.world_size}, {cfg.batch_size}) "
-                "to keep the data order"
-            )
+        state = read_trainer_state(resume_from)
+        check_resume(cfg, state, len(dataset), dist.world_size, resume_from)
+        load_checkpoint(resume_from, modules, optimizers, schedulers)
         start_step = state["step"]
 
     if dist.is_main:
@@ -393,6 +425,9 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         batch = next(batches)
         batch = Batch(batch.indices, batch.images.to(dist.device, non_blocking=True).float() / 255,
                       batch.labels.to(dist.device, non_blocking=True))
+        if cfg.hflip > 0:
+            batch = mirror_some(batch, cfg.hflip, seed=step_seed(cfg.seed, step, dist.rank) + MIRROR_SEED_OFFSET)
+        step_lr = trainees["model"].optimizer.param_groups[0]["lr"]  # the rate this step uses
         for name in job.phases(step):
             with autocast_context(dist.device, cfg.precision):
                 loss, metrics = job.loss(name, wrapped, batch, step)
@@ -405,7 +440,7 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             record = averaged(window, dist)
             elapsed = time.perf_counter() - window_start
-            record.update(step=step, lr=trainees["model"].scheduler.get_last_lr()[0],
+            record.update(step=step, lr=step_lr,
                           steps_per_s=len(window["loss"]) / elapsed)
             if dist.is_main:
                 with open(out / "log.jsonl", "a") as f:
@@ -421,7 +456,8 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
             if dist.is_main:
                 epoch, batch_in_epoch = divmod(done, order.batches_per_epoch)
                 state = dict(epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=dist.world_size,
-                             batch_size=cfg.batch_size, seed=cfg.seed, config=dataclasses.asdict(cfg))
+                             batch_size=cfg.batch_size, seed=cfg.seed, num_images=len(dataset),
+                             config=dataclasses.asdict(cfg))
                 if validation is not None:
                     state["validation"] = validation
                     log_validation(out, step, validation, progress)
