@@ -97,10 +97,14 @@ class Batch:
     mirrored: torch.Tensor | None = None  # [B] bool: the image is flipped left-right (--hflip); None: none is
 
 
-def mirror_some(batch: Batch, probability: float, seed: int) -> Batch:
-    """Flip each image left-right with this probability, drawn from its own generator (so the flips leave the
-    step's other randomness, e.g. label dropout, as it is without them)."""
-    draws = torch.rand(len(batch.labels), generator=torch.Generator().manual_seed(seed))  # [B]
+MIRROR_SEED_OFFSET = 1 << 40  # the flips' seeds lie this far from the step's own: a stream of their own
+
+
+def mirror_some(batch: Batch, probability: float, step_seed: int) -> Batch:
+    """Flip each image left-right with this probability, drawn from a generator of its own seeded from the step's
+    seed (so the flips leave the step's other randomness, e.g. label dropout, as it is without them)."""
+    generator = torch.Generator().manual_seed(step_seed + MIRROR_SEED_OFFSET)
+    draws = torch.rand(len(batch.labels), generator=generator)  # [B]
     mirrored = (draws < probability).to(batch.images.device)
     images = torch.where(mirrored[:, None, None, None], batch.images.flip(-1), batch.images)
     return Batch(batch.indices, images, batch.labels, mirrored)

@@ -42,7 +42,6 @@ from .data import Batch, BatchOrder, ImageFolder, fits_in_memory, iterate_batche
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
-MIRROR_SEED_OFFSET = 1 << 40  # --hflip draws from seeds this far from the step's own: a separate stream
 
 
 def arg(default, help: str):
@@ -426,7 +425,7 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         batch = Batch(batch.indices, batch.images.to(dist.device, non_blocking=True).float() / 255,
                       batch.labels.to(dist.device, non_blocking=True))
         if cfg.hflip > 0:
-            batch = mirror_some(batch, cfg.hflip, seed=step_seed(cfg.seed, step, dist.rank) + MIRROR_SEED_OFFSET)
+            batch = mirror_some(batch, cfg.hflip, step_seed(cfg.seed, step, dist.rank))
         step_lr = trainees["model"].optimizer.param_groups[0]["lr"]  # the rate this step uses
         for name in job.phases(step):
             with autocast_context(dist.device, cfg.precision):
@@ -440,8 +439,7 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             record = averaged(window, dist)
             elapsed = time.perf_counter() - window_start
-            record.update(step=step, lr=step_lr,
-                          steps_per_s=len(window["loss"]) / elapsed)
+            record.update(step=step, lr=step_lr, steps_per_s=len(window["loss"]) / elapsed)
             if dist.is_main:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
