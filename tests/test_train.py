@@ -434,14 +434,17 @@ def test_train_decoder_only_keeps_the_tokens_and_changes_the_decoder(images, tmp
 
 
 def test_export_a_pipeline_from_any_checkpoint(images, tmp_path):
-    """`vartk train export` of the last checkpoint equals the run's own export; an earlier step gives that
-    checkpoint's weights; a tokenizer run or a missing step is refused by name."""
+    """`vartk train export` of the last checkpoint equals the run's own export, also once the training folder
+    is gone (the class names are in the checkpoint); an earlier step gives that checkpoint's weights; a
+    tokenizer run or a missing step is refused by name."""
     from safetensors.torch import load_file
 
     from vartk.pipelines import VARPipeline
-    out = tmp_path / "run"
-    train_main("var", ["--data", str(images), "--out", str(out), "--batch-size", "4", "--max-steps", "3",
+    out, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(images, data)
+    train_main("var", ["--data", str(data), "--out", str(out), "--batch-size", "4", "--max-steps", "3",
                        "--save-every", "1", "--keep-checkpoints", "3", *FAST, *job_args("var", images, tmp_path)])
+    shutil.rmtree(data)
     final = VARPipeline.from_pretrained(out / "pipeline")
     last = VARPipeline.from_pretrained(train_main("export", ["--run", str(out)]))
     assert last.class_names == final.class_names == ["class_0", "class_1"]

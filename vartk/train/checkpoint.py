@@ -4,7 +4,7 @@
         <name>/                 save_pretrained folder (safetensors + config.json) of each diffusers model
         <name>.safetensors      state of each plain nn.Module (e.g. the GAN discriminator)
         optimizer.pt            optimizer and LR-scheduler states (torch.load(weights_only=True) loads it)
-        trainer_state.json      step, epoch, batch within the epoch, world size, the job's config
+        trainer_state.json      step, epoch, batch within the epoch, world size, class names, the job's config
                                 (+ "validation": held-out metrics, with --val-data)
     <out>/checkpoints/latest    the name of the newest complete checkpoint folder
 

@@ -4,8 +4,8 @@
     vartk train export --run runs/var --step 1500 --out my-pipeline
     vartk train export --run runs/var --best               # the lowest held-out loss (a --val-data run)
 
-The checkpoint's `model/` folder holds the transformer; the tokenizer and the class names come from the
-run's saved config (--tokenizer and --data), so the result is what the run would have exported at that step.
+The checkpoint's `model/` folder holds the transformer and its trainer_state.json the class names; the tokenizer
+comes from the run's saved config (--tokenizer), so the result is what the run would have exported at that step.
 A tokenizer run needs no export: its checkpoints' `model/` folders are tokenizer folders already.
 """
 from __future__ import annotations
@@ -47,7 +47,8 @@ def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path 
     """Write a save_pretrained pipeline of checkpoint `step` (default: the newest; `best`: the lowest held-out
     loss) of `run`; returns its folder."""
     folder = find_checkpoint(Path(run), step, best)
-    config = read_trainer_state(folder)["config"]
+    state = read_trainer_state(folder)
+    config = state["config"]
     class_name = json.loads((folder / "model" / "config.json").read_text()).get("_class_name")
     if class_name not in JOBS:
         raise SystemExit(f"vartk train export: {folder / 'model'} holds a {class_name}; only transformer runs "
@@ -56,7 +57,7 @@ def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path 
     return job_cls.save_pipeline(
         load_tokenizer(config["tokenizer"], job_cls.official_tokenizer_cls),
         model_cls.from_pretrained(folder / "model"),
-        find_images(config["data"])[2],
+        state.get("class_names") or find_images(config["data"])[2],  # runs before class names were saved
         Path(out) if out else Path(run) / f"pipeline-{folder.name}",
     )
 

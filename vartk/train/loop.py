@@ -455,7 +455,7 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
                 epoch, batch_in_epoch = divmod(done, order.batches_per_epoch)
                 state = dict(epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=dist.world_size,
                              batch_size=cfg.batch_size, seed=cfg.seed, num_images=len(dataset),
-                             config=dataclasses.asdict(cfg))
+                             class_names=dataset.class_names, config=dataclasses.asdict(cfg))
                 if validation is not None:
                     state["validation"] = validation
                     log_validation(out, step, validation, progress)
