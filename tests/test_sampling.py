@@ -63,3 +63,16 @@ def test_sampling_distribution_matches_softmax():
 def test_bad_sampling_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
         check_sampling_args(**kwargs)
+
+
+def test_sampler_specs_build_the_named_class_with_typed_values():
+    from vartk.samplers import FullKVCache, NextScaleSampler, NextTokenSampler, from_spec
+
+    sampler = from_spec("NextTokenSampler:temperature=0.5,cfg_interval=3,cuda_graph=false")
+    assert sampler == NextTokenSampler(temperature=0.5, cfg_interval=3, cuda_graph=False)
+    assert sampler.cuda_graph is False and isinstance(sampler.cfg_interval, int)
+    assert from_spec("nexttokensampler:cuda_graph=auto").cuda_graph == "auto"
+    assert from_spec("nextscalesampler:more_smooth=TRUE") == NextScaleSampler(more_smooth=True)
+    assert isinstance(from_spec("fullkvcache"), FullKVCache)
+    with pytest.raises(ValueError, match=r"'gsd'.*available: \['fullkvcache', 'nextscalesampler', 'nexttokensampler'\]"):
+        from_spec("gsd:window=16")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .samplers import KV_CACHE_SPEC_HELP, SAMPLER_SPEC_HELP
+
 
 def _save_images(images: torch.Tensor, out: Path) -> None:
     """Write [B, 3, H, W] images in [0, 1] as one PNG grid (`out` ends in .png) or a folder of PNGs."""
@@ -124,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-k", type=int, default=None, help=f"0 = off {recipe}")
     sample.add_argument("--top-p", type=float, default=None, help=f"1 = off {recipe}")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--sampler", default=None, help="e.g. gsd:window=16")
-    sample.add_argument("--kv-cache", default=None, help="e.g. scalekv:budget=0.1")
+    sample.add_argument("--sampler", default=None, help=SAMPLER_SPEC_HELP)
+    sample.add_argument("--kv-cache", default=None, help=KV_CACHE_SPEC_HELP)
     sample.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sample.add_argument("--out", default="samples.png", help="a .png path for a grid, else a folder")
     sample.set_defaults(func=cmd_sample)

@@ -2,8 +2,8 @@
 
     python eval/fid.py --model var-d16 --reference VIRTUAL_imagenet256_labeled.npz --out runs/var-d16
     torchrun --nproc_per_node=8 eval/fid.py --model llamagen-xl --reference ref.npz --out runs/llamagen-xl
-    python eval/fid.py --model var-d16 --kv-cache scalekv:budget=0.1 --reference ... --out runs/var-d16-scalekv
-    python eval/fid.py --compare runs/var-d16 runs/var-d16-scalekv --out runs/scalekv-vs-plain.json
+    python eval/fid.py --model var-d16 --sampler nextscalesampler:more_smooth=true --reference ... --out runs/var-d16-smooth
+    python eval/fid.py --compare runs/var-d16 runs/var-d16-smooth --out runs/smooth-vs-plain.json
 
 Protocol (defaults; every flag overrides):
 - VAR: cfg 1.5, top-k 900, top-p 0.96 (the VAR README's FID settings).
@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from vartk.metrics import INCEPTION, compute_metrics, list_images, paired_psnr
 from vartk.pipelines import images_to_uint8
+from vartk.samplers import KV_CACHE_SPEC_HELP, SAMPLER_SPEC_HELP
 
 VAR_PROTOCOL = {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96}
 LLAMAGEN_CFG = {"GPT-B": 2.0, "GPT-L": 2.0, "GPT-XL": 1.75, "GPT-XXL": 1.75, "GPT-3B": 1.65}
@@ -426,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the protocol's)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--sampler", default=None, help="e.g. gsd:window=16 (a class in vartk.samplers)")
-    parser.add_argument("--kv-cache", default=None, help="e.g. scalekv:budget=0.1 (a class in vartk.samplers)")
+    parser.add_argument("--sampler", default=None, help=SAMPLER_SPEC_HELP)
+    parser.add_argument("--kv-cache", default=None, help=KV_CACHE_SPEC_HELP)
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--image-size-eval", default="auto", help="resize samples to this size; auto = protocol")
     parser.add_argument("--metrics", default=None, help="fid,is,kid,prc (default: what the reference allows)")

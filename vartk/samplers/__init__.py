@@ -16,9 +16,25 @@ def __getattr__(name):
     return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
 
 
+SAMPLER_SPEC_HELP = "NAME:key=value,... of a sampler class in vartk.samplers, e.g. nexttokensampler:temperature=0.9"
+KV_CACHE_SPEC_HELP = "NAME:key=value,... of a KV-cache policy class in vartk.samplers, e.g. fullkvcache"
+
+
+def spec_value(text: str):
+    """A spec's value: true / false (any case) -> bool, else int, else float, else the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text
+
+
 def from_spec(spec: str):
     """'name:key=value,key=value' -> an instance of the sampler / KV-cache class `name` (case-insensitive),
-    e.g. "nextscalesampler:more_smooth=1". Values are cast to int or float where they parse."""
+    e.g. "nextscalesampler:more_smooth=true" (values parsed by `spec_value`)."""
     classes = {n.lower(): n for n in __all__ if n[0].isupper()}
     name, _, arg_text = spec.partition(":")
     if name.lower() not in classes:
@@ -26,11 +42,5 @@ def from_spec(spec: str):
     kwargs = {}
     for item in filter(None, arg_text.split(",")):
         key, _, value = item.partition("=")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        kwargs[key] = value
+        kwargs[key] = spec_value(value)
     return __getattr__(classes[name.lower()])(**kwargs)
