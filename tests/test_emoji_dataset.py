@@ -1,5 +1,6 @@
 """tools/make_emoji_dataset.py on a tiny fake emoji-datasource package tree (no network)."""
 import csv
+import hashlib
 import importlib.util
 import json
 import sys
@@ -53,7 +54,7 @@ def fake_package(root: Path, vendor: str) -> Path:
 @pytest.fixture
 def dataset(tmp_path):
     packages = {vendor: fake_package(tmp_path / "npm", vendor) for vendor in ("google", "twitter")}
-    rows = tool.build_dataset(packages, tmp_path / "out", test_fraction=0.3)
+    rows = tool.build_dataset(packages, tmp_path / "out", val_fraction=0.2, test_fraction=0.2)
     return tmp_path / "out", rows
 
 
@@ -70,9 +71,9 @@ def test_one_emoji_never_in_both_splits(dataset):
         splits_of.setdefault(row["base_code"], set()).add(row["split"])
         assert row["code"].startswith(row["base_code"])
     assert all(len(splits) == 1 for splits in splits_of.values()), splits_of
-    assert {s for splits in splits_of.values() for s in splits} == {"train", "test"}  # both splits used here
+    assert {s for splits in splits_of.values() for s in splits} == {"train", "val", "test"}  # all used here
     for row in rows:
-        assert row["split"] == ("test" if tool.is_test_code(row["base_code"], 0.3) else "train")
+        assert row["split"] == tool.split_of(row["base_code"], 0.2, 0.2)
 
 
 def test_metadata_rows_cover_every_image_and_variant(dataset):
@@ -101,12 +102,26 @@ def test_classes_are_sorted_category_folders_and_images_are_rgb_on_white(dataset
     assert image.getpixel((0, 0)) == (255, 255, 255) and image.getpixel((32, 32)) == (255, 0, 0)
 
 
-def test_hash_split_is_deterministic_and_near_the_fraction():
+def sha256_fraction(code: str) -> float:
+    """The split's hash, computed here independently: sha256 of the upper-case code, first 4 bytes."""
+    return int(hashlib.sha256(code.upper().encode()).hexdigest()[:8], 16) / 2**32
+
+
+def test_hash_split_is_deterministic_and_near_the_fractions():
     codes = [f"{0x1F000 + i:X}" for i in range(4000)]
-    chosen = [tool.is_test_code(c, 0.1) for c in codes]
-    assert chosen == [tool.is_test_code(c, 0.1) for c in codes]
-    assert 0.08 < sum(chosen) / len(codes) < 0.12
-    assert tool.is_test_code("1f600", 0.1) == tool.is_test_code("1F600", 0.1)
+    splits = [tool.split_of(c, 0.05, 0.05) for c in codes]
+    assert splits == [tool.split_of(c, 0.05, 0.05) for c in codes]
+    assert 0.035 < splits.count("val") / len(codes) < 0.065 and 0.035 < splits.count("test") / len(codes) < 0.065
+    assert tool.split_of("1f600", 0.05, 0.05) == tool.split_of("1F600", 0.05, 0.05)
+    for code, split in zip(codes, splits):
+        h = sha256_fraction(code)
+        assert split == ("val" if h < 0.05 else "test" if h < 0.1 else "train")
+
+
+def test_the_training_split_is_the_one_of_a_single_ten_percent_held_out_split():
+    """The shipped models were trained on the codes with h >= 0.1; val + test must not take any of them."""
+    codes = [f"{0x1F000 + i:X}" for i in range(4000)]
+    assert [tool.split_of(c, 0.05, 0.05) == "train" for c in codes] == [sha256_fraction(c) >= 0.1 for c in codes]
 
 
 def test_non_open_vendors_are_refused(tmp_path):

@@ -10,14 +10,16 @@ emoji and skin-tone variant. Only these two art sets are open-licensed; the appl
 packages are not, and this script refuses them.
 
 Output (an ImageFolder tree; class index = position in the sorted folder names):
-  train/<category>/<vendor>_<code>.png, test/<category>/<vendor>_<code>.png  (RGB, composited on white)
+  {train,val,test}/<category>/<vendor>_<code>.png  (RGB, composited on white)
   metadata.csv   path, split, vendor, category, code, base_code, skin_tone
   classes.json   [{"index", "folder", "name"}] in class-index order
 The categories (the "Component" skin-tone swatches are dropped) and their class indices:
   0 activities, 1 animals_nature, 2 flags, 3 food_drink, 4 objects, 5 people_body,
   6 smileys_emotion, 7 symbols, 8 travel_places
-The test split is chosen by a hash of the base emoji code, so an emoji, all its skin tones and both
-vendors' drawings of it land in the same split.
+The split is chosen by a hash of the base emoji code, so an emoji, all its skin tones and both
+vendors' drawings of it land in the same split. `val` is for choosing things (sampling settings, when
+to stop), `test` only for reporting. With the defaults (0.05 + 0.05) the training split is the one the
+shipped models were trained on, and val + test together are its former 10 % test split.
 """
 from __future__ import annotations
 
@@ -55,10 +57,15 @@ def category_folder(name: str) -> str:
     return "_".join(words)
 
 
-def is_test_code(base_code: str, test_fraction: float) -> bool:
-    """Deterministic split: the first 32 bits of sha256(code) as a fraction of 2**32."""
+SPLITS = ("train", "val", "test")
+
+
+def split_of(base_code: str, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split: h = the first 32 bits of sha256(code) / 2**32; val if h < val_fraction,
+    test if h < val_fraction + test_fraction, else train."""
     digest = hashlib.sha256(base_code.upper().encode()).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32 < test_fraction
+    h = int.from_bytes(digest[:4], "big") / 2**32
+    return "val" if h < val_fraction else "test" if h < val_fraction + test_fraction else "train"
 
 
 def emoji_images(table: list[dict], vendor: str) -> list[EmojiImage]:
@@ -103,7 +110,7 @@ def composite_on_white(png: Path) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
-def build_dataset(packages: dict[str, Path], out: Path, test_fraction: float) -> list[dict]:
+def build_dataset(packages: dict[str, Path], out: Path, val_fraction: float, test_fraction: float) -> list[dict]:
     """Write the ImageFolder tree, metadata.csv and classes.json from unpacked packages {vendor: folder}."""
     rows, names = [], {}
     for vendor, package in sorted(packages.items()):
@@ -112,7 +119,7 @@ def build_dataset(packages: dict[str, Path], out: Path, test_fraction: float) ->
             source = package / "img" / vendor / "64" / image.image_file
             if not source.is_file():
                 raise FileNotFoundError(f"{source} is listed in emoji.json ({image.code}) but missing from the package")
-            split = "test" if is_test_code(image.base_code, test_fraction) else "train"
+            split = split_of(image.base_code, val_fraction, test_fraction)
             path = Path(split) / category_folder(image.category) / f"{vendor}_{image.code.lower()}.png"
             (out / path).parent.mkdir(parents=True, exist_ok=True)
             composite_on_white(source).save(out / path)
@@ -139,29 +146,31 @@ def summary(rows: list[dict]) -> str:
     counts: dict[tuple[str, str], int] = {}
     for row in rows:
         counts[row["category"], row["split"]] = counts.get((row["category"], row["split"]), 0) + 1
-    lines = [f"{'category':18s} {'train':>6s} {'test':>6s}"]
+    lines = [f"{'category':18s}" + "".join(f" {split:>6s}" for split in SPLITS)]
     for category in sorted({c for c, _ in counts}):
-        lines.append(f"{category:18s} {counts.get((category, 'train'), 0):6d} {counts.get((category, 'test'), 0):6d}")
-    totals = [sum(n for (_, s), n in counts.items() if s == split) for split in ("train", "test")]
-    lines.append(f"{'total':18s} {totals[0]:6d} {totals[1]:6d}")
+        lines.append(f"{category:18s}" + "".join(f" {counts.get((category, split), 0):6d}" for split in SPLITS))
+    totals = [sum(n for (_, s), n in counts.items() if s == split) for split in SPLITS]
+    lines.append(f"{'total':18s}" + "".join(f" {total:6d}" for total in totals))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="output folder (train/, test/, metadata.csv)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (train/, val/, test/, metadata.csv)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vartk" / "npm",
                         help="where the npm tarballs are kept")
     parser.add_argument("--vendors", nargs="+", default=list(VENDORS), help=f"any of {VENDORS}")
     parser.add_argument("--version", default=DEFAULT_VERSION, help="emoji-datasource-* package version")
-    parser.add_argument("--test-fraction", type=float, default=0.1, help="fraction of emoji codes held out")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="fraction of emoji codes for choosing settings")
+    parser.add_argument("--test-fraction", type=float, default=0.05, help="fraction of emoji codes for reporting")
     args = parser.parse_args(argv)
-    if not 0 <= args.test_fraction < 1:
-        raise SystemExit(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
+    if not (0 <= args.val_fraction and 0 <= args.test_fraction and args.val_fraction + args.test_fraction < 1):
+        raise SystemExit(f"--val-fraction and --test-fraction must be >= 0 with a sum below 1, got "
+                         f"{args.val_fraction} and {args.test_fraction}")
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"{args.out} is not empty; give a new folder")
     packages = {vendor: fetch_package(vendor, args.version, args.cache) for vendor in args.vendors}
-    rows = build_dataset(packages, args.out, args.test_fraction)
+    rows = build_dataset(packages, args.out, args.val_fraction, args.test_fraction)
     print(summary(rows))
 
 
