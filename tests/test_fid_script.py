@@ -151,3 +151,24 @@ def test_llamagen_protocol_follows_the_model_size():
     assert fid.protocol_settings(gpt(1, 1, 1), "llamagen-3b")["guidance_scale"] == 1.65
     assert fid.resolve_eval_size(gpt(768, 12, 12, grid_size=24), "auto") == 256  # 384 px -> 256 for FID
     assert fid.resolve_eval_size(gpt(768, 12, 12, grid_size=16), "auto") is None
+
+
+def test_reference_labels_follow_the_class_mix_of_the_reference_folder(tiny_pipeline, tmp_path):
+    counts = [12, 1, 1, 6, 1, 1, 1, 1, 1, 1]  # 26 reference images, unbalanced like a held-out split
+    reference = tmp_path / "reference"
+    for c, n in enumerate(counts):
+        write_folder(reference / f"class_{c}", random_images(n, seed=c, size=8))
+    out = tmp_path / "run"
+    run = dict(reference=str(reference), labels="reference", num_images=13, batch_size=5, sample_only=True)
+    fid.evaluate(str(tiny_pipeline), out, **run)
+    labels = [label for meta in batch_metas(out) for label in meta["labels"]]
+    assert len(labels) == 13
+    for c, n in enumerate(counts):  # each class within one image of its share of the 13
+        assert abs(labels.count(c) - 13 * n / 26) < 1, (c, labels.count(c))
+    plan = fid.SamplingPlan(13, 2, 10, 0, "reference", tuple(counts))  # other batch size, same image -> label
+    assert [label for b in range(plan.num_batches) for label in plan.labels_of(b)] == labels
+    fid.evaluate(str(tiny_pipeline), out, **run)  # the rerun resumes: the pinned counts compare equal
+    assert len(batch_metas(out)) == 3
+    write_folder(reference / "class_10", random_images(1, seed=10, size=8))
+    with pytest.raises(ValueError, match=r"class folders \['class_0', .*'class_10'.*10 classes"):
+        fid.evaluate(str(tiny_pipeline), tmp_path / "run2", **run)

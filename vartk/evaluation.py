@@ -10,7 +10,9 @@ Protocol (defaults; every flag overrides):
 - LlamaGen: top-k 0, top-p 1, cfg 2.0 for B / L, 1.75 for XL / XXL, 1.65 for 3B (GETTING_STARTED);
   384-px models are resized to 256 (bicubic) before writing, as the official FID script does.
 - 50 images per class with class-balanced labels (image i has class i % num_classes); `--labels random`
-  draws them uniformly per batch like LlamaGen's script.
+  draws them uniformly per batch like LlamaGen's script; `--labels reference` gives the classes in the
+  proportions of the reference folder's class subfolders (for in-domain FID against an unbalanced held-out
+  set, where a balanced sample set would be judged on its class mix more than on its images).
 - Batch b draws from its own seed, SeedSequence([seed, b]), so the images do not depend on the number
   of GPUs or on restarts. Images are written as PNG, uint8 = round(255 x) (ADM's truncation not used).
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -52,7 +55,7 @@ VAR_PROTOCOL = {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96}
 LLAMAGEN_CFG = {"GPT-B": 2.0, "GPT-L": 2.0, "GPT-XL": 1.75, "GPT-XXL": 1.75, "GPT-3B": 1.65}
 LLAMAGEN_EVAL_SIZE = 256  # the official script resizes 384-px samples to this before scoring
 IMAGES_PER_CLASS = 50
-LABEL_MODES = ("balanced", "random")
+LABEL_MODES = ("balanced", "random", "reference")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STOP_AFTER_ENV = "VARTK_FID_STOP_AFTER"  # test hook: die inside the batch after this many finished batches
 
@@ -106,12 +109,29 @@ class SamplingPlan:
     num_classes: int
     seed: int = 0
     labels: str = "balanced"
+    class_counts: tuple[int, ...] | None = None  # labels="reference": images per class in the reference
 
     def __post_init__(self):
         if self.num_images < 1 or self.batch_size < 1:
             raise ValueError(f"num_images and batch_size must be >= 1, got {self.num_images}, {self.batch_size}")
         if self.labels not in LABEL_MODES:
             raise ValueError(f"labels {self.labels!r} is unknown; use one of {LABEL_MODES}")
+        if (self.labels == "reference") != (self.class_counts is not None):
+            raise ValueError("class_counts go with labels='reference', and only with it")
+        if self.class_counts is not None and (len(self.class_counts) != self.num_classes or sum(self.class_counts) < 1):
+            raise ValueError(f"class_counts {self.class_counts} must give {self.num_classes} counts, not all 0")
+
+    @functools.cached_property
+    def reference_labels(self) -> np.ndarray:
+        """labels="reference": every image's label; class c gets its share of num_images (largest remainders),
+        in an order shuffled by the seed. [num_images]"""
+        counts = np.asarray(self.class_counts, dtype=np.float64)
+        quota = counts / counts.sum() * self.num_images  # [C]
+        per_class = np.floor(quota).astype(np.int64)
+        leftover = np.argsort(-(quota - per_class), kind="stable")[: self.num_images - per_class.sum()]
+        per_class[leftover] += 1
+        labels = np.repeat(np.arange(self.num_classes), per_class)
+        return np.random.default_rng([self.seed, 2]).permutation(labels)
 
     @property
     def num_batches(self) -> int:
@@ -126,8 +146,24 @@ class SamplingPlan:
     def labels_of(self, batch: int) -> list[int]:
         if self.labels == "balanced":
             return [i % self.num_classes for i in self.indices(batch)]
+        if self.labels == "reference":
+            return self.reference_labels[self.indices(batch).start : self.indices(batch).stop].tolist()
         rng = np.random.default_rng([self.seed, batch, 1])
         return rng.integers(0, self.num_classes, len(self.indices(batch))).tolist()
+
+
+def reference_class_counts(reference, class_names: list[str] | None, num_classes: int) -> tuple[int, ...]:
+    """Images per class in a reference folder of class subfolders, in the model's class order: subfolders named
+    after the pipeline's class names, else `num_classes` subfolders in sorted order (ImageFolder)."""
+    folder = Path(reference) if reference is not None else None
+    if folder is None or not folder.is_dir():
+        raise ValueError(f"--labels reference needs --reference to be a folder of class subfolders, got {reference}")
+    counts = {d.name: len(list_images(d)) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    names = class_names or sorted(counts)
+    if sorted(counts) != sorted(names) or len(names) != num_classes:
+        raise ValueError(f"--labels reference: {folder} has class folders {sorted(counts)}; the model's "
+                         f"{num_classes} classes are {class_names or 'unnamed (give one folder per class)'}")
+    return tuple(counts[name] for name in names)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,13 +367,17 @@ def evaluate(
         raise ValueError(f"dtype {dtype!r} is unknown; use one of {list(DTYPES)}")
     model_name = model if isinstance(model, str) else type(model).__name__
     pipe = vartk.load(model, device=device, torch_dtype=DTYPES[dtype]) if isinstance(model, str) else model.to(device)
-    plan = SamplingPlan(num_images or IMAGES_PER_CLASS * pipe.num_classes, batch_size, pipe.num_classes, seed, labels)
+    class_counts = (reference_class_counts(reference, pipe.class_names, pipe.num_classes)
+                    if labels == "reference" else None)
+    plan = SamplingPlan(num_images or IMAGES_PER_CLASS * pipe.num_classes, batch_size, pipe.num_classes, seed, labels,
+                        class_counts)
     given = {"guidance_scale": guidance_scale, "top_k": top_k, "top_p": top_p}
     options = {**protocol_settings(pipe, model_name), **{k: v for k, v in given.items() if v is not None}}
     eval_size = resolve_eval_size(pipe, image_size_eval)
     settings = {
         "model": model_name, "family": pipe.family, "num_classes": plan.num_classes, "num_images": plan.num_images,
-        "batch_size": batch_size, "seed": seed, "labels": labels, **options,
+        "batch_size": batch_size, "seed": seed, "labels": labels,
+        "class_counts": list(class_counts) if class_counts else None, **options,
         "sampler": sampler if isinstance(sampler, str) or sampler is None else repr(sampler),
         "kv_cache": kv_cache if isinstance(kv_cache, str) or kv_cache is None else repr(kv_cache),
         "dtype": dtype, "image_size_eval": eval_size, "png": "uint8 = round(255 x)",
@@ -421,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="run folder (samples/, settings.json, results.json); a .json file with --compare")
     parser.add_argument("--reference", help="image folder, ADM .npz (arr_0 and/or mu, sigma) or our statistics .npz")
     parser.add_argument("--num-images", type=int, default=None, help="default: 50 per class")
-    parser.add_argument("--labels", choices=LABEL_MODES, default="balanced", help="balanced (i %% classes) or random")
+    parser.add_argument("--labels", choices=LABEL_MODES, default="balanced",
+                        help="balanced (i %% classes), random, or reference (the class mix of the --reference folder)")
     parser.add_argument("--batch-size", type=int, default=50, help="images per batch (= per shard folder)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; batch b uses SeedSequence([seed, b])")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the protocol's)")
