@@ -147,7 +147,8 @@ class SamplingPlan:
         if self.labels == "balanced":
             return [i % self.num_classes for i in self.indices(batch)]
         if self.labels == "reference":
-            return self.reference_labels[self.indices(batch).start : self.indices(batch).stop].tolist()
+            span = self.indices(batch)
+            return self.reference_labels[span.start : span.stop].tolist()
         rng = np.random.default_rng([self.seed, batch, 1])
         return rng.integers(0, self.num_classes, len(self.indices(batch))).tolist()
 
