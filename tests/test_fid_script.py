@@ -144,13 +144,23 @@ def test_llamagen_protocol_follows_the_model_size():
     def gpt(dim, n_layer, n_head, grid_size=24):
         config = FrozenDict(dim=dim, n_layer=n_layer, n_head=n_head, grid_size=grid_size)  # as diffusers' .config
         return SimpleNamespace(family="llamagen", transformer=SimpleNamespace(config=config),
-                               tokenizer=SimpleNamespace(downsample_factor=16))
+                               tokenizer=SimpleNamespace(downsample_factor=16), config=FrozenDict())
 
     assert fid.protocol_settings(gpt(768, 12, 12), "b")["guidance_scale"] == 2.0
     assert fid.protocol_settings(gpt(1280, 36, 20), "xl") == {"guidance_scale": 1.75, "top_k": 0, "top_p": 1.0}
     assert fid.protocol_settings(gpt(1, 1, 1), "llamagen-3b")["guidance_scale"] == 1.65
     assert fid.resolve_eval_size(gpt(768, 12, 12, grid_size=24), "auto") == 256  # 384 px -> 256 for FID
     assert fid.resolve_eval_size(gpt(768, 12, 12, grid_size=16), "auto") is None
+
+
+def test_saved_sampling_defaults_replace_the_published_protocol_and_flags_replace_both(tiny_pipeline, tmp_path):
+    pipe = VARPipeline.from_pretrained(tiny_pipeline)
+    assert fid.evaluate(pipe, tmp_path / "published", **RUN)["settings"]["top_k"] == 900  # VAR's FID settings
+    pipe.register_to_config(sampling_defaults={"guidance_scale": 6.0, "top_k": 20})
+    settings = fid.evaluate(pipe, tmp_path / "saved", **RUN)["settings"]
+    assert (settings["guidance_scale"], settings["top_k"], settings["top_p"]) == (6.0, 20, 0.96)
+    settings = fid.evaluate(pipe, tmp_path / "flag", top_k=7, **RUN)["settings"]
+    assert (settings["guidance_scale"], settings["top_k"]) == (6.0, 7)
 
 
 def test_reference_labels_follow_the_class_mix_of_the_reference_folder(tiny_pipeline, tmp_path):

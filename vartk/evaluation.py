@@ -5,7 +5,8 @@
     python eval/fid.py --model var-d16 --sampler nextscalesampler:more_smooth=true --reference ... --out runs/var-d16-smooth
     python eval/fid.py --compare runs/var-d16 runs/var-d16-smooth --out runs/smooth-vs-plain.json
 
-Protocol (defaults; every flag overrides):
+Protocol (defaults; every flag overrides; a pipeline saved with `sampling_defaults`, like vartk's own
+models, is scored with those instead):
 - VAR: cfg 1.5, top-k 900, top-p 0.96 (the VAR README's FID settings).
 - LlamaGen: top-k 0, top-p 1, cfg 2.0 for B / L, 1.75 for XL / XXL, 1.65 for 3B (GETTING_STARTED);
   384-px models are resized to 256 (bicubic) before writing, as the official FID script does.
@@ -78,12 +79,19 @@ def _llamagen_preset(pipe, model: str) -> str | None:
     return None
 
 
-def protocol_settings(pipe, model: str) -> dict:
-    """The published FID sampling settings for this pipeline: guidance_scale, top_k, top_p."""
+def published_settings(pipe, model: str) -> dict:
+    """The published FID sampling settings of the pipeline's family and size: guidance_scale, top_k, top_p."""
     if pipe.family == "var":
         return dict(VAR_PROTOCOL)
     preset = _llamagen_preset(pipe, model)
     return {"guidance_scale": LLAMAGEN_CFG.get(preset, LLAMAGEN_CFG["GPT-B"]), "top_k": 0, "top_p": 1.0}
+
+
+def protocol_settings(pipe, model: str) -> dict:
+    """The sampling settings scored when no flag is given: the ones saved with the pipeline
+    (`sampling_defaults`, e.g. vartk's own models), else the published ones."""
+    saved = getattr(pipe.config, "sampling_defaults", None) or {}
+    return {**published_settings(pipe, model), **saved}
 
 
 def native_image_size(pipe) -> int:
