@@ -435,8 +435,9 @@ def test_train_decoder_only_keeps_the_tokens_and_changes_the_decoder(images, tmp
 
 def test_export_a_pipeline_from_any_checkpoint(images, tmp_path):
     """`vartk train export` of the last checkpoint equals the run's own export, also once the training folder
-    is gone (the class names are in the checkpoint); an earlier step gives that checkpoint's weights; a
-    tokenizer run or a missing step is refused by name."""
+    and the tokenizer folder are gone (the class names are in the checkpoint, the tokenizer in the run); an
+    earlier step gives that checkpoint's weights; `--tokenizer` takes a decoder fine-tune and refuses a tokenizer
+    that encodes differently; a tokenizer run or a missing step is refused by name."""
     from safetensors.torch import load_file
 
     from vartk.pipelines import VARPipeline
@@ -445,6 +446,7 @@ def test_export_a_pipeline_from_any_checkpoint(images, tmp_path):
     train_main("var", ["--data", str(data), "--out", str(out), "--batch-size", "4", "--max-steps", "3",
                        "--save-every", "1", "--keep-checkpoints", "3", *FAST, *job_args("var", images, tmp_path)])
     shutil.rmtree(data)
+    shutil.rmtree(tmp_path / "msvq")
     final = VARPipeline.from_pretrained(out / "pipeline")
     last = VARPipeline.from_pretrained(train_main("export", ["--run", str(out)]))
     assert last.class_names == final.class_names == ["class_0", "class_1"]
@@ -456,6 +458,21 @@ def test_export_a_pipeline_from_any_checkpoint(images, tmp_path):
     assert not all(torch.equal(first.transformer.state_dict()[k], final.transformer.state_dict()[k]) for k in saved)
     with pytest.raises(SystemExit, match="no checkpoint step 7 .* saved: \\['step_0000001'"):
         train_main("export", ["--run", str(out), "--step", "7"])
+    tuned = MultiScaleVQVAE.from_pretrained(out / "tokenizer")  # a decoder fine-tune replaces the run's tokenizer
+    with torch.no_grad():
+        tuned.decoder.conv_out.bias.add_(0.5)
+    tuned.save_pretrained(tmp_path / "tuned")
+    replaced = VARPipeline.from_pretrained(train_main("export", ["--run", str(out), "--tokenizer", str(tmp_path / "tuned")]))
+    assert torch.equal(replaced.transformer.head.weight, final.transformer.head.weight)
+    assert torch.equal(replaced.tokenizer.decoder.conv_out.bias, final.tokenizer.decoder.conv_out.bias + 0.5)
+    with torch.no_grad():
+        tuned.quantize.embedding.weight.mul_(2)
+    tuned.save_pretrained(tmp_path / "retrained")
+    with pytest.raises(SystemExit, match=r"encodes differently .*quantize.embedding.weight"):
+        train_main("export", ["--run", str(out), "--tokenizer", str(tmp_path / "retrained")])
+    shutil.rmtree(out / "tokenizer")  # a run from before the copy, whose tokenizer is gone
+    with pytest.raises(SystemExit, match=r"no tokenizer/ folder and its training tokenizer .*msvq is gone; pass"):
+        train_main("export", ["--run", str(out)])
     train_main("tokenizer", ["--data", str(images), "--out", str(tmp_path / "tok"), "--batch-size", "4",
                              "--max-steps", "1", "--save-every", "1", *FAST, *TOKENIZER_ARGS])
     with pytest.raises(SystemExit, match="holds a MultiScaleVQVAE"):

@@ -17,6 +17,7 @@ import torch
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier
 from vartk.pipelines import BUILTIN_MODELS, load
 from vartk.train.checkpoint import write_folder_atomic
+from vartk.train.export import encoding_differences
 
 
 def name_as_asset(model, name: str) -> None:
@@ -31,9 +32,7 @@ def with_tokenizer(pipe, folder: str):
     """`pipe` with the tokenizer at `folder`, a `--train-decoder-only` fine-tune of its own: refused when any
     parameter that decides the tokens differs, since the transformer was trained on the old tokens."""
     tuned = type(pipe.tokenizer).from_pretrained(folder).to(pipe.tokenizer.dtype)
-    old, new = dict(pipe.tokenizer.named_parameters()), dict(tuned.named_parameters())
-    changed = [k for k in old if k.split(".")[0] in tuned.token_modules
-               and (k not in new or not torch.equal(old[k], new[k]))]
+    changed = encoding_differences(pipe.tokenizer, tuned)
     if changed:
         raise SystemExit(f"{folder} encodes differently from the pipeline's tokenizer ({len(changed)} parameters "
                          f"differ, e.g. {changed[:3]}); give a --train-decoder-only fine-tune of it")

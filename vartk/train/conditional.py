@@ -67,6 +67,9 @@ def flatten_tokens(encoded: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     return torch.cat([m.flatten(1) for m in maps], dim=1)
 
 
+RUN_TOKENIZER = "tokenizer"  # the run folder's copy of --tokenizer
+
+
 class ConditionalJob(Job):
     """Base of the transformer jobs; subclasses build `self.model` and define token_loss() and generate()."""
 
@@ -85,6 +88,11 @@ class ConditionalJob(Job):
             self.token_table = self.encode_all(dataset.images, mirrored=False)
             if cfg.hflip > 0:
                 self.mirrored_token_table = self.encode_all(dataset.images, mirrored=True)
+
+    def save_inputs(self, out: Path) -> None:
+        """<out>/tokenizer: the frozen tokenizer, kept with the run for `vartk train export`."""
+        if not (out / RUN_TOKENIZER).is_dir():
+            write_folder_atomic(out / RUN_TOKENIZER, self.tokenizer.save_pretrained)
 
     def token_grid_side(self) -> int:
         """Side of the (last) token map at --image-size."""

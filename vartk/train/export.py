@@ -5,7 +5,9 @@
     vartk train export --run runs/var --best               # the lowest held-out loss (a --val-data run)
 
 The checkpoint's `model/` folder holds the transformer and its trainer_state.json the class names; the tokenizer
-comes from the run's saved config (--tokenizer), so the result is what the run would have exported at that step.
+is the run's copy (RUN/tokenizer), or for runs older than that copy the training --tokenizer, so the result is
+what the run would have exported at that step. `--tokenizer DIR|FILE` replaces it by a decoder fine-tune of it
+(`vartk train tokenizer --train-decoder-only`); one that encodes differently is refused.
 A tokenizer run needs no export: its checkpoints' `model/` folders are tokenizer folders already.
 """
 from __future__ import annotations
@@ -14,10 +16,13 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+import torch.nn as nn
+
 from ..models.gpt import GPTTransformer
 from ..models.var import VARTransformer
 from .checkpoint import best_checkpoint, checkpoint_dir, latest_checkpoint, read_trainer_state
-from .conditional import load_tokenizer
+from .conditional import RUN_TOKENIZER, load_tokenizer
 from .data import find_images
 from .gpt import GPTJob
 from .var import VARJob
@@ -42,10 +47,36 @@ def find_checkpoint(run: Path, step: int | None, best: bool = False) -> Path:
     return folder
 
 
+def encoding_differences(tokenizer: nn.Module, other: nn.Module) -> list[str]:
+    """Names of the parameters that decide the tokens (`token_modules`) and differ between two tokenizers:
+    empty for a `--train-decoder-only` fine-tune of `tokenizer`."""
+    ours, theirs = dict(tokenizer.named_parameters()), dict(other.named_parameters())
+    return [name for name in ours if name.split(".")[0] in tokenizer.token_modules
+            and (name not in theirs or not torch.equal(ours[name], theirs[name].to(ours[name].dtype)))]
+
+
+def run_tokenizer(run: Path, config: dict, tokenizer: str | None, official_cls: type) -> nn.Module:
+    """The tokenizer of an export: the run's copy, else the training --tokenizer (runs from before the copy),
+    which must still exist. `tokenizer` (a folder or file) replaces it; with the run's copy at hand it must
+    encode exactly as the copy does (a decoder fine-tune), since the transformer learned those tokens."""
+    copy = run / RUN_TOKENIZER
+    if tokenizer is None and not copy.is_dir() and not Path(config["tokenizer"]).exists():
+        raise SystemExit(f"vartk train export: {run} has no {RUN_TOKENIZER}/ folder and its training tokenizer "
+                         f"{config['tokenizer']} is gone; pass --tokenizer DIR|FILE (the one it was trained with)")
+    chosen = load_tokenizer(tokenizer or (str(copy) if copy.is_dir() else config["tokenizer"]), official_cls)
+    if tokenizer is not None and copy.is_dir():
+        changed = encoding_differences(load_tokenizer(str(copy), official_cls), chosen)
+        if changed:
+            raise SystemExit(f"vartk train export: --tokenizer {tokenizer} encodes differently from the run's "
+                             f"({len(changed)} parameters differ, e.g. {changed[:3]}); give a "
+                             "--train-decoder-only fine-tune of it")
+    return chosen
+
+
 def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path | None = None,
-                      best: bool = False) -> Path:
+                      best: bool = False, tokenizer: str | None = None) -> Path:
     """Write a save_pretrained pipeline of checkpoint `step` (default: the newest; `best`: the lowest held-out
-    loss) of `run`; returns its folder."""
+    loss) of `run`; returns its folder. `tokenizer`: a folder or official file replacing the run's."""
     folder = find_checkpoint(Path(run), step, best)
     state = read_trainer_state(folder)
     config = state["config"]
@@ -55,7 +86,7 @@ def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path 
                          f"({sorted(JOBS)}) export a pipeline")
     model_cls, job_cls = JOBS[class_name]
     return job_cls.save_pipeline(
-        load_tokenizer(config["tokenizer"], job_cls.official_tokenizer_cls),
+        run_tokenizer(Path(run), config, tokenizer, job_cls.official_tokenizer_cls),
         model_cls.from_pretrained(folder / "model"),
         state.get("class_names") or find_images(config["data"])[2],  # runs before class names were saved
         Path(out) if out else Path(run) / f"pipeline-{folder.name}",
@@ -70,7 +101,10 @@ def main(argv: list[str]) -> Path:
     parser.add_argument("--best", action="store_true",
                         help="the checkpoint with the lowest held-out loss (runs trained with --val-data)")
     parser.add_argument("--out", default=None, help="pipeline folder to write (default: RUN/pipeline-step_N)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a --train-decoder-only fine-tune of the run's tokenizer (default: the run's copy, "
+                             "RUN/tokenizer)")
     args = parser.parse_args(argv)
-    destination = export_checkpoint(args.run, args.step, args.out, args.best)
+    destination = export_checkpoint(args.run, args.step, args.out, args.best, args.tokenizer)
     print(f"wrote {destination}")
     return destination

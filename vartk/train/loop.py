@@ -271,6 +271,10 @@ class Job(ABC):
         """Mean metrics of a held-out batch ("loss" among them) from the unwrapped modules, which are in eval
         mode; deterministic (no label dropout). `batch.indices` is None: the images are not training images."""
 
+    def save_inputs(self, out: Path) -> None:
+        """Copy into the run folder what the run needs besides its checkpoints (e.g. a frozen tokenizer), so that
+        exporting a checkpoint later does not depend on files outside it."""
+
     def after_step(self, step: int, batch: Batch) -> None:
         """Called once the optimizers of `step` have stepped (e.g. to restart unused codebook entries)."""
 
@@ -409,6 +413,7 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        job.save_inputs(out)
     progress = None
     if dist.is_main and cfg.progress:
         from tqdm.auto import tqdm
