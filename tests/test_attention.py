@@ -42,6 +42,28 @@ def test_static_cache_ragged_rows_match_causal_attention():
         assert torch.allclose(out[row : row + 1], expected, atol=1e-6)
 
 
+def test_forced_xformers_backend_masks_like_sdpa(monkeypatch):
+    """A boolean mask (True = attend) reaches xformers as an additive bias of 0 / -inf. The stand-in follows
+    xformers' documented contract ([B, L, H, D] inputs, attn_bias added to the scores); xformers itself does
+    not load with our torch."""
+    import sys
+    import types
+
+    def memory_efficient_attention(q, k, v, attn_bias=None, scale=None):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+        scores = q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5) + attn_bias
+        return (scores.softmax(-1) @ v).transpose(1, 2)
+
+    ops = types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention)
+    monkeypatch.setitem(sys.modules, "xformers", types.SimpleNamespace(ops=ops))
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    allowed = torch.ones(5, 5, dtype=torch.bool).tril()
+    out = attention(q, k, v, attn_mask=allowed, backend="xformers")
+    assert torch.allclose(out, naive_attention(q, k, v, allowed), atol=1e-6)
+
+
 def test_position_mask():
     mask = position_mask(torch.tensor([[0, 2]]), 4)
     assert mask.shape == (1, 1, 2, 4)

@@ -43,6 +43,20 @@ def test_cuda_graph_decode_in_bf16_is_deterministic(model):
     assert draws[0].shape == (8, 16) and torch.equal(draws[0], draws[1])
 
 
+def test_a_cpu_generator_drives_gpu_sampling(model):
+    """As in diffusers, a CPU generator may drive a model on the GPU: the draws happen on the CPU, so the same
+    seed gives the same tokens each time (next-token with the graph, next-scale with Gumbel smoothing)."""
+    on_gpu = copy.deepcopy(model).to(CUDA)
+    labels = torch.tensor([1, 4], device=CUDA)
+    gpt = [NextTokenSampler(cuda_graph=True)(on_gpu, labels, guidance_scale=2.0, top_k=20, progress=False,
+                                             generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(*gpt)
+    transformer, tokenizer = tiny_transformer().to(CUDA), tiny_tokenizer().to(CUDA)
+    var = [NextScaleSampler(more_smooth=True)(transformer, tokenizer, labels, top_k=4, progress=False,
+                                              generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*var))
+
+
 def test_next_scale_forward_agrees_between_cpu_and_gpu():
     """The teacher-forced logits of the tiny VAR in fp32 on CUDA equal the CPU ones to 1e-4."""
     transformer, tokenizer = tiny_transformer().eval(), tiny_tokenizer().eval()

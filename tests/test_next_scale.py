@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,6 +7,7 @@ from test_var import NUM_CLASSES, PATCH_NUMS, tiny_tokenizer, tiny_transformer
 import vartk.samplers.next_scale as next_scale
 from vartk.models.attention import FullKVCache
 from vartk.samplers.next_scale import NextScaleSampler, edit_next_scale
+from vartk.tokenizers.msvq import MultiScaleVQVAE
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +132,8 @@ def test_invalid_arguments(models):
         sample(models, labels=(-1,))
     with pytest.raises(ValueError, match="guidance_scale.*-0.5"):
         sample(models, guidance_scale=-0.5)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0.*got nan"):
+        sample(models, guidance_scale=float("nan"))
     with pytest.raises(ValueError, match="top_k"):
         sample(models, top_k=-3)
     with pytest.raises(ValueError, match="top_p"):
@@ -141,3 +145,25 @@ def test_invalid_arguments(models):
         edit_next_scale(transformer, tokenizer, torch.rand(1, 3, 8, 8), torch.ones(3, 3), progress=False)
     with pytest.raises(ValueError, match=r"class id 11 is outside \[0, 10\]"):
         edit_next_scale(transformer, tokenizer, images, torch.ones(3, 3), class_labels=[11], progress=False)
+    with pytest.raises(ValueError, match="2 class labels for 3 images; give one label or one per image"):
+        edit_next_scale(transformer, tokenizer, torch.rand(3, 3, 6, 6), torch.ones(3, 3), class_labels=[1, 2],
+                        progress=False)
+
+
+def test_one_class_label_edits_every_image_and_the_mask_may_be_an_array(models):
+    transformer, tokenizer = models
+    images = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    mask = np.zeros((3, 3), dtype=np.float32)
+    mask[0] = 1
+    edited = [edit_next_scale(transformer, tokenizer, images, m, class_labels=labels, progress=False,
+                              generator=torch.Generator().manual_seed(0))
+              for m, labels in ((mask, 4), (torch.from_numpy(mask), [4, 4]))]
+    assert all(torch.equal(a, b) for a, b in zip(*edited))
+
+
+def test_a_tokenizer_with_other_codes_is_refused(models):
+    transformer, _ = models
+    other = MultiScaleVQVAE(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64,
+                            patch_nums=PATCH_NUMS, norm_groups=8)
+    with pytest.raises(ValueError, match=r"transformer vocab_size 32 differs from tokenizer vocab_size 64"):
+        NextScaleSampler()(transformer, other, [1], progress=False)

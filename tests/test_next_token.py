@@ -73,6 +73,7 @@ def test_same_generator_same_tokens(model):
         model, labels, guidance_scale=3.0, generator=torch.Generator().manual_seed(seed), progress=False
     )
     assert torch.equal(sample(0), sample(0))
+    assert not sample(0).is_inference()  # usable as training targets (inference tensors are not)
     assert not torch.equal(sample(0), sample(1))
 
 
@@ -80,7 +81,7 @@ def test_same_generator_same_tokens(model):
     (dict(class_labels=[0, NUM_CLASSES]), r"class id 10 is outside \[0, 10\)"),
     (dict(class_labels=[-1]), r"class id -1 is outside"),
     (dict(class_labels=[[1, 2]]), r"integer class ids \(1-D\)"),
-    (dict(guidance_scale=-0.5), "guidance_scale must be >= 0"),
+    (dict(guidance_scale=-0.5), "guidance_scale must be a finite number >= 0"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_k=-1), "top_k"),
 ])

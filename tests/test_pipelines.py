@@ -100,7 +100,7 @@ def test_output_types_and_num_images_per_label(converted):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(class_labels=[10]), r"class id 10 is outside \[0, 10\)"),
     (dict(class_labels=[-1]), r"class id -1"),
-    (dict(guidance_scale=-0.5), "guidance_scale must be >= 0"),
+    (dict(guidance_scale=-0.5), "guidance_scale must be a finite number >= 0"),
     (dict(top_p=0.0), "top_p must be in"),
     (dict(top_p=1.5), "top_p must be in"),
     (dict(top_k=-3), "top_k must be an integer >= 0"),
@@ -143,7 +143,7 @@ def test_cli_inpaint(converted, tmp_path):
 
 @pytest.mark.parametrize("argv,match", [
     (["--class", "12"], r"class id 12 is outside"),
-    (["--cfg", "-1"], "guidance_scale must be >= 0"),
+    (["--cfg", "-1"], "guidance_scale must be a finite number >= 0"),
     (["--top-p", "0"], "top_p must be in"),
     (["--top-k", "-1"], "top_k must be"),
     (["--class", "cat"], "unknown class 'cat'"),

@@ -59,10 +59,16 @@ def test_sampling_distribution_matches_softmax():
     (dict(top_k=-1, top_p=1.0), "top_k"), (dict(top_k=1.5, top_p=1.0), "top_k"),
     (dict(top_k=0, top_p=0.0), "top_p"), (dict(top_k=0, top_p=1.2), "top_p"),
     (dict(top_k=0, top_p=1.0, temperature=-1), "temperature"),
+    (dict(top_k=0, top_p=float("nan")), "top_p"),
+    (dict(top_k=0, top_p=1.0, temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
 ])
 def test_bad_sampling_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
         check_sampling_args(**kwargs)
+
+
+def test_numpy_integers_are_integers():
+    check_sampling_args(top_k=np.int64(5), top_p=np.float32(0.9), temperature=np.float64(1.0))
 
 
 def test_sampler_specs_build_the_named_class_with_typed_values():
@@ -73,6 +79,10 @@ def test_sampler_specs_build_the_named_class_with_typed_values():
     assert sampler.cuda_graph is False and isinstance(sampler.cfg_interval, int)
     assert from_spec("nexttokensampler:cuda_graph=auto").cuda_graph == "auto"
     assert from_spec("nextscalesampler:more_smooth=TRUE") == NextScaleSampler(more_smooth=True)
+    assert from_spec("nextscalesampler:more_smooth=no") == NextScaleSampler(more_smooth=False)
+    assert from_spec("nextscalesampler:more_smooth=On") == NextScaleSampler(more_smooth=True)
+    with pytest.raises(ValueError, match=r"'temperature' in 'nexttokensampler:temperature' is not key=value"):
+        from_spec("nexttokensampler:temperature")
     assert isinstance(from_spec("fullkvcache"), FullKVCache)
     with pytest.raises(ValueError, match=r"'gsd'.*available: \['fullkvcache', 'nextscalesampler', 'nexttokensampler'\]"):
         from_spec("gsd:window=16")

@@ -25,7 +25,7 @@ from .models.gpt import GPTTransformer
 from .models.var import VARTransformer
 from .samplers.next_scale import NextScaleSampler, edit_next_scale
 from .samplers.next_token import NextTokenSampler
-from .samplers.sampling import check_class_labels
+from .samplers.sampling import check_class_labels, check_non_negative
 from .tokenizers.msvq import MultiScaleVQVAE
 from .tokenizers.vq import VQModel
 
@@ -111,8 +111,7 @@ class _AutoregressivePipeline(DiffusionPipeline):
 
     @staticmethod
     def _check_guidance(guidance_scale: float) -> None:
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+        check_non_negative("guidance_scale", guidance_scale)
 
     def _finish(self, images: torch.Tensor, output_type: str, return_dict: bool):
         images = _images_to_output(images, output_type)
@@ -133,7 +132,7 @@ class VARPipeline(_AutoregressivePipeline):
         tokenizer = MultiScaleVQVAE.from_official(vae, patch_nums=tuple(transformer.config.patch_nums))
         return cls(tokenizer=tokenizer.eval(), transformer=transformer.eval())
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def __call__(
         self,
         class_labels,
@@ -165,7 +164,7 @@ class VARPipeline(_AutoregressivePipeline):
             images = self.tokenizer.decode_latent(latent)
         return self._finish(images, output_type, return_dict)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def inpaint(
         self,
         image,
@@ -175,6 +174,7 @@ class VARPipeline(_AutoregressivePipeline):
         top_k: int = 900,
         top_p: float = 0.95,
         generator: torch.Generator | None = None,
+        sampler: NextScaleSampler | None = None,
         output_type: str = "pil",
         progress: bool = True,
         return_dict: bool = True,
@@ -183,18 +183,18 @@ class VARPipeline(_AutoregressivePipeline):
 
         `image`: PIL image or [B, 3, H, W] tensor in [0, 1] at the tokenizer's resolution;
         `mask`: [h, w] or [B, h, w] at the last token-map resolution, 1 = keep the image's
-        token, 0 = generate."""
+        token, 0 = generate. `sampler`: e.g. `NextScaleSampler(more_smooth=True)`, as the official demo."""
         self._check_output_type(output_type)
         self._check_guidance(guidance_scale)
         images = self._image_tensor(image)
         labels = None if class_label is None else self._class_tensor([class_label], images.shape[0])
         with eval_mode(self.tokenizer, self.transformer):
-            tokens = edit_next_scale(
-                self.transformer, self.tokenizer, images, torch.as_tensor(mask, dtype=torch.float32, device=self.device),
-                class_labels=labels, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, generator=generator,
-                progress=progress,
-            )
-            images = self.tokenizer.decode(tokens)
+            _, latent = edit_next_scale(
+                self.transformer, self.tokenizer, images, mask, class_labels=labels, sampler=sampler,
+                guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, generator=generator, progress=progress,
+                return_latent=True,
+            )  # the running latent, as in __call__
+            images = self.tokenizer.decode_latent(latent)
         return self._finish(images, output_type, return_dict)
 
     def _image_tensor(self, image) -> torch.Tensor:
@@ -225,7 +225,7 @@ class GPTPipeline(_AutoregressivePipeline):
         transformer = GPTTransformer.from_official(gpt, model=model, image_size=image_size)
         return cls(tokenizer=tokenizer.eval(), transformer=transformer.eval())
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def __call__(
         self,
         class_labels,

@@ -60,6 +60,9 @@ def attention(
 
         bias = None
         if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:  # True = attend -> 0, False -> -inf
+                attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                    ~attn_mask, float("-inf"))
             bias = attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         out = xops.memory_efficient_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=scale

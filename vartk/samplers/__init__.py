@@ -20,10 +20,14 @@ SAMPLER_SPEC_HELP = "NAME:key=value,... of a sampler class in vartk.samplers, e.
 KV_CACHE_SPEC_HELP = "NAME:key=value,... of a KV-cache policy class in vartk.samplers, e.g. fullkvcache"
 
 
+SPEC_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
 def spec_value(text: str):
-    """A spec's value: true / false (any case) -> bool, else int, else float, else the string itself."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
+    """A spec's value: true / yes / on and false / no / off (any case) -> bool, else int, else float, else the
+    string itself."""
+    if text.lower() in SPEC_BOOLS:
+        return SPEC_BOOLS[text.lower()]
     for cast in (int, float):
         try:
             return cast(text)
@@ -42,5 +46,7 @@ def from_spec(spec: str):
     kwargs = {}
     for item in filter(None, arg_text.split(",")):
         key, _, value = item.partition("=")
+        if not key or not value:
+            raise ValueError(f"{item!r} in {spec!r} is not key=value; write e.g. {name}:temperature=0.9")
         kwargs[key] = spec_value(value)
     return __getattr__(classes[name.lower()])(**kwargs)

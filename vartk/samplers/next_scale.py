@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vartk.models.attention import FullKVCache, KVCachePolicy
-from vartk.samplers.sampling import check_class_labels, check_sampling_args, filter_logits, sample_from_logits
+from vartk.samplers.sampling import (
+    check_class_labels, check_non_negative, check_sampling_args, filter_logits, on_generator_device, sample_from_logits,
+)
 
 
 @dataclass
@@ -55,8 +57,7 @@ class NextScaleSampler:
         sampled code vectors built (with `more_smooth` it differs from decoding the tokens).
         """
         check_sampling_args(top_k, top_p)
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance), got {guidance_scale}")
+        check_non_negative("guidance_scale", guidance_scale, "0 = no guidance")
         check_same_schedule(transformer, tokenizer)
         device = transformer.device
         labels = check_class_labels(class_labels, transformer.null_class, device, allow_null=known_tokens is not None)
@@ -103,7 +104,8 @@ class NextScaleSampler:
         if not self.more_smooth:
             return tokens, tokenizer.embed_tokens(tokens).flatten(2).transpose(1, 2)
         tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-        gumbel = -torch.empty_like(filtered).exponential_(generator=generator).log()  # [B, l, V]
+        gumbel = -on_generator_device(
+            lambda x: torch.empty_like(x).exponential_(generator=generator), filtered, generator).log()  # [B, l, V]
         weights = ((filtered * (1 + ratio) + gumbel) / tau).softmax(dim=-1)
         codebook = tokenizer.quantize.embedding.weight.float()  # [V, Cz]
         return tokens, weights @ codebook
@@ -124,11 +126,14 @@ def activation_dtype(transformer) -> torch.dtype:
 
 
 def check_same_schedule(transformer, tokenizer) -> None:
-    if tuple(transformer.patch_nums) != tuple(tokenizer.patch_nums):
-        raise ValueError(
-            f"transformer patch_nums {tuple(transformer.patch_nums)} differ from tokenizer patch_nums "
-            f"{tuple(tokenizer.patch_nums)}; use a tokenizer built for the transformer's schedule"
-        )
+    """The transformer must predict the tokenizer's codes, scale by scale, and read its latents."""
+    sizes = {"patch_nums": (tuple(transformer.patch_nums), tuple(tokenizer.patch_nums)),
+             "vocab_size": (transformer.config.vocab_size, tokenizer.vocab_size),
+             "latent_channels": (transformer.config.latent_channels, tokenizer.latent_channels)}
+    for name, (theirs, ours) in sizes.items():
+        if theirs != ours:
+            raise ValueError(f"transformer {name} {theirs} differs from tokenizer {name} {ours}; use the tokenizer "
+                             "the transformer was trained with")
 
 
 def check_edit_inputs(tokenizer, known_tokens, keep_mask, batch_size):
@@ -177,9 +182,11 @@ def edit_next_scale(
 
     `mask` is at the final token resolution ([h, w], [B, h, w] or [B, 1, h, w]; 1 = keep the
     image's token, 0 = generate). `class_labels` None means the null class (pure in/out-painting);
-    class ids make it class-conditional editing. `sample_kwargs` go to the sampler (guidance_scale,
-    top_k, top_p, generator, ...; the official demo uses guidance 3, top_k 900, top_p 0.95 and
-    `NextScaleSampler(more_smooth=True)`). Returns the per-scale token maps [B, pn, pn].
+    one class id or B of them make it class-conditional editing. `sample_kwargs` go to the sampler
+    (guidance_scale, top_k, top_p, generator, return_latent, ...; the official demo uses guidance 3,
+    top_k 900, top_p 0.95 and `NextScaleSampler(more_smooth=True)`, whose effect lives in the running
+    latent: pass `return_latent=True` and decode it with `tokenizer.decode_latent`). Returns the
+    per-scale token maps [B, pn, pn] (and the latent with `return_latent`).
     """
     expected = tokenizer.latent_size * tokenizer.downsample_factor
     if images.ndim != 4 or images.shape[-2:] != (expected, expected):
@@ -187,8 +194,13 @@ def edit_next_scale(
             f"images of shape {tuple(images.shape)} do not match the tokenizer's {expected}x{expected} images "
             f"(final token map {tokenizer.latent_size}x{tokenizer.latent_size})"
         )
-    if class_labels is None:
-        class_labels = [transformer.null_class] * images.shape[0]
+    batch_size = images.shape[0]
+    labels = check_class_labels(transformer.null_class if class_labels is None else class_labels,
+                                transformer.null_class, allow_null=True)  # [1 or B]
+    if len(labels) not in (1, batch_size):
+        raise ValueError(f"{len(labels)} class labels for {batch_size} images; give one label or one per image")
+    mask = torch.as_tensor(mask, dtype=torch.float32, device=tokenizer.device)
     known_tokens = tokenizer.encode(images.to(tokenizer.device))
     sampler = sampler or NextScaleSampler()
-    return sampler(transformer, tokenizer, class_labels, known_tokens=known_tokens, keep_mask=mask, **sample_kwargs)
+    return sampler(transformer, tokenizer, labels.expand(batch_size), known_tokens=known_tokens, keep_mask=mask,
+                   **sample_kwargs)

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.attention import StaticKVCache
-from .sampling import check_class_labels, check_sampling_args, sample_from_logits
+from .sampling import check_class_labels, check_non_negative, check_sampling_args, sample_from_logits
 
 
 @dataclass
@@ -32,7 +32,7 @@ class NextTokenSampler:
     cfg_interval: int = -1
     cuda_graph: bool | str = "auto"
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def __call__(
         self,
         transformer,
@@ -49,8 +49,7 @@ class NextTokenSampler:
         conditional rows only (no unconditional branch, as in the official code).
         """
         check_sampling_args(top_k, top_p, self.temperature)
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (<= 1 disables guidance), got {guidance_scale!r}")
+        check_non_negative("guidance_scale", guidance_scale, "<= 1 disables guidance")
         labels = check_class_labels(class_labels, transformer.config.num_classes, transformer.device)
         use_graph = self._use_cuda_graph(labels.device)
         guided = guidance_scale > 1.0
@@ -105,15 +104,16 @@ class CUDAGraphDecodeStep:
         device = caches[0].k.device
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # [R, 1]
         self.positions = torch.full_like(self.tokens, transformer.config.cls_token_num)  # [R, 1]
-        side_stream = torch.cuda.Stream(device)
-        side_stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side_stream):
-            for _ in range(warmup_steps):
-                transformer.forward_cached(self.tokens, None, self.positions, caches)
-        torch.cuda.current_stream(device).wait_stream(side_stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = transformer.forward_cached(self.tokens, None, self.positions, caches)  # [R, 1, V]
+        with torch.cuda.device(device):  # capture on the model's GPU, whichever is current
+            side_stream = torch.cuda.Stream(device)
+            side_stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side_stream):
+                for _ in range(warmup_steps):
+                    transformer.forward_cached(self.tokens, None, self.positions, caches)
+            torch.cuda.current_stream(device).wait_stream(side_stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = transformer.forward_cached(self.tokens, None, self.positions, caches)  # [R, 1, V]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)

@@ -1,17 +1,33 @@
 """Logit filtering and token drawing shared by every sampler."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
 def check_sampling_args(top_k: int, top_p: float, temperature: float = 1.0) -> None:
-    """Raise ValueError for top_k < 0, top_p outside (0, 1] or temperature < 0."""
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+    """Raise ValueError for top_k < 0, top_p outside (0, 1] or temperature < 0 (or not a number)."""
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = no top-k filtering), got {top_k!r}")
     if not 0.0 < float(top_p) <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1 = no top-p filtering), got {top_p!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    check_non_negative("temperature", temperature)
+
+
+def check_non_negative(name: str, value: float, meaning: str = "") -> None:
+    """Raise one ValueError unless `value` is a finite number >= 0; `meaning` explains the allowed range."""
+    if not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0{f' ({meaning})' if meaning else ''}, got {value!r}")
+
+
+def on_generator_device(draw, tensor: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """`draw(tensor)` run where `generator` lives (e.g. a CPU generator with a model on the GPU, as diffusers
+    allows), the result moved back to `tensor`'s device."""
+    if generator is None or generator.device == tensor.device:
+        return draw(tensor)
+    return draw(tensor.to(generator.device)).to(tensor.device)
 
 
 def check_class_labels(class_labels, num_classes: int, device=None, allow_null: bool = False) -> torch.Tensor:
@@ -61,4 +77,5 @@ def sample_from_logits(
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    tokens = on_generator_device(lambda p: torch.multinomial(p, 1, generator=generator), flat, generator)  # [N, 1]
+    return tokens.view(probs.shape[:-1])
