@@ -5,6 +5,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from _fid_helpers import build_random_inception, random_images, register_stubs, write_folder
 from vartk import metrics
@@ -166,6 +167,27 @@ def test_bad_arguments_say_what_is_allowed(inception, image_sets):
         compute_metrics(
             image_sets["a"], image_sets["b"], ["fid"], feature_extractor_weights=inception, feature_layer="4096"
         )
+
+
+def test_transparent_images_are_scored_as_on_white(inception, tmp_path):
+    """A folder of RGBA images scores as the same images composited onto white (as training reads them)."""
+    rgb = random_images(6, seed=3)  # [N, H, W, 3]
+    alpha = np.random.default_rng(4).choice(np.array([0, 255], dtype=np.uint8), rgb.shape[:3])[..., None]
+    on_white = np.where(alpha == 255, rgb, 255).astype(np.uint8)
+    (tmp_path / "rgba").mkdir()
+    for i, image in enumerate(np.concatenate([rgb, alpha], axis=-1)):
+        Image.fromarray(image, "RGBA").save(tmp_path / "rgba" / f"{i}.png")
+    extractor = metrics.FeatureExtractor(weights=str(inception), device="cpu")
+    features = [extractor.extract(images, ["64"])["64"] for images in (tmp_path / "rgba", on_white)]
+    np.testing.assert_allclose(features[0], features[1], atol=1e-5)
+
+
+def test_a_set_of_mixed_sizes_names_the_odd_file(inception, tmp_path):
+    write_folder(tmp_path / "mixed", random_images(3, seed=5))
+    Image.fromarray(random_images(1, seed=6, size=8)[0]).save(tmp_path / "mixed" / "odd.png")
+    with pytest.raises(ValueError, match=r"odd.png is 8x8, .* is 16x16: the images of a set must share one"):
+        compute_metrics(tmp_path / "mixed", tmp_path / "mixed", ["fid"], feature_extractor_weights=inception,
+                        cache=False, **FAST)
 
 
 def test_psnr_matches_definition():

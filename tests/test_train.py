@@ -87,6 +87,19 @@ def test_find_images_class_folders_and_flat_folder(images, tmp_path):
         find_images(tmp_path / "missing")
 
 
+def test_hidden_folders_are_not_classes_and_empty_class_folders_are_refused(images, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    shutil.copytree(images / "class_0", data / ".ipynb_checkpoints")
+    shutil.copy(next((images / "class_1").iterdir()), data / "class_1" / "._macos.png")
+    paths, labels, names = find_images(data)
+    assert names == ["class_0", "class_1"] and labels == [0] * 4 + [1] * 4
+    assert [p.relative_to(data) for p in paths] == [p.relative_to(images) for p in find_images(images)[0]]
+    (data / "class_00").mkdir()  # sorts between class_0 and class_1: would shift class_1's id
+    with pytest.raises(FileNotFoundError, match=r"class folders \['class_00'\] .* hold no images"):
+        find_images(data)
+
+
 def test_image_folder_resizes_and_caches(images):
     dataset = ImageFolder(images, SIZE, cache=True)
     image, label = dataset[5]

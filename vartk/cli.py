@@ -90,8 +90,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_inpaint(args) -> None:
-    from PIL import Image
-
+    from .images import open_rgb
     from .pipelines import load
 
     pipe = load(args.model, device=args.device)
@@ -103,10 +102,9 @@ def cmd_inpaint(args) -> None:
     box[round(y0 * size) : round(y1 * size), round(x0 * size) : round(x1 * size)] = 1
     keep = box if args.outpaint else 1 - box
     label = _resolve_classes(pipe, [args.class_label])[0] if args.class_label is not None else None
-    image = Image.open(args.image).convert("RGB")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     try:
-        out = pipe.inpaint(image, keep, class_label=label, generator=generator, output_type="pt")
+        out = pipe.inpaint(open_rgb(args.image), keep, class_label=label, generator=generator, output_type="pt")
     except ValueError as err:
         raise SystemExit(f"vartk inpaint: {err}")
     _save_images(out.images, Path(args.out))

@@ -34,11 +34,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .images import IMAGE_EXTENSIONS, list_images, open_rgb
+
 try:
     import scipy.linalg
     from torch_fidelity import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
     from torch_fidelity import register_feature_extractor
-    from torch_fidelity.datasets import ImagesPathDataset
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
@@ -52,7 +53,6 @@ INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 ADM_STATISTICS_LAYER = "2048"  # what the mu / sigma of a statistics file without metadata describe
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 METRIC_NAMES = {"fid": "fid", "is": "isc", "kid": "kid", "prc": "prc"}  # ours -> torch-fidelity's
 FEATURE_METRICS = ("kid", "prc")  # metrics that need the reference's features, not only mu / sigma
 
@@ -76,16 +76,24 @@ class _ArrayImages(Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.array[i])).permute(2, 0, 1)  # [3, H, W]
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under `folder`, recursively, sorted; folders whose name starts with '.' are skipped."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files += [Path(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
-    return sorted(files)
+class _FileImages(Dataset):
+    """Image files -> uint8 [3, H, W] tensors (`open_rgb`: transparency onto white, as training reads them).
+    Every image must have the first one's size; another size raises one ValueError naming the file."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self.size = open_rgb(paths[0]).size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        image = open_rgb(self.paths[i])
+        if image.size != self.size:
+            raise ValueError(f"{self.paths[i]} is {image.width}x{image.height}, {self.paths[0]} is "
+                             f"{self.size[0]}x{self.size[1]}: the images of a set must share one size "
+                             "(center-crop and resize them first, as ADM's reference batches are)")
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # [3, H, W]
 
 
 def _npz_keys(path: Path) -> set[str]:
@@ -101,13 +109,15 @@ def image_dataset(images) -> Dataset:
     if isinstance(images, np.ndarray):
         return _ArrayImages(images)
     if isinstance(images, (list, tuple)):
-        return ImagesPathDataset([str(p) for p in images])
+        if not images:
+            raise ValueError("the list of images is empty")
+        return _FileImages([Path(p) for p in images])
     path = Path(images)
     if path.is_dir():
         files = list_images(path)
         if not files:
             raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in {path}")
-        return ImagesPathDataset([str(p) for p in files])
+        return _FileImages(files)
     if path.suffix == ".npz" and path.is_file():
         if "arr_0" not in _npz_keys(path):
             raise ValueError(f"{path} holds no images (no 'arr_0'; keys {sorted(_npz_keys(path))})")
@@ -516,11 +526,8 @@ def compute_metrics(
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """uint8 [H, W, 3]."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    """uint8 [H, W, 3] (`open_rgb`)."""
+    return np.asarray(open_rgb(path))
 
 
 def psnr(image_a: np.ndarray, image_b: np.ndarray) -> float:

@@ -20,6 +20,7 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
+from .images import to_rgb
 from .models.attention import KVCachePolicy
 from .models.gpt import GPTTransformer
 from .models.var import VARTransformer
@@ -202,7 +203,7 @@ class VARPipeline(_AutoregressivePipeline):
         if isinstance(image, Image.Image):
             image = [image]
         if isinstance(image, list):
-            arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in image]
+            arrays = [np.asarray(to_rgb(im), dtype=np.float32) / 255.0 for im in image]
             image = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [B, 3, H, W]
         if image.ndim == 3:
             image = image[None]

@@ -16,21 +16,20 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-
-
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
+from ..images import IMAGE_EXTENSIONS, list_images, open_rgb
 
 def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     """(image paths, class indices, class names) of an ImageFolder tree or a flat folder (one class)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root} is not a folder; give a folder of images or of class subfolders")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and list_images(d))
-    if class_dirs:
-        per_class = [list_images(d) for d in class_dirs]
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    per_class = [list_images(d) for d in class_dirs]
+    if any(per_class):
+        empty = [d.name for d, files in zip(class_dirs, per_class) if not files]
+        if empty:
+            raise FileNotFoundError(f"class folders {empty} of --data {root} hold no images; class ids are the "
+                                    "positions of the sorted folder names, so remove or fill them")
         paths = [p for files in per_class for p in files]
         labels = [index for index, files in enumerate(per_class) for _ in files]
         names = [d.name for d in class_dirs]
@@ -43,12 +42,9 @@ def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """Read an image: transparency onto white, shorter side -> size, center crop -> uint8 [3, size, size]."""
-    image = Image.open(path)
-    if image.mode in ("RGBA", "LA", "P"):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    image = image.convert("RGB")
+    """Read an image (`open_rgb`: transparency onto white), shorter side -> size, center crop -> uint8
+    [3, size, size]."""
+    image = open_rgb(path)
     scale = size / min(image.size)
     if scale != 1:
         image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
