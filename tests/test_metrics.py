@@ -87,6 +87,21 @@ def test_reference_statistics_are_cached_and_reused(inception, image_sets, tmp_p
     assert second["fid"] == first["fid"]
 
 
+def test_new_shipped_classifier_weights_change_the_cache_key(tmp_path, monkeypatch):
+    """The emoji classifier's default weights live in the package; a release that replaces them must not reuse
+    statistics cached with the old ones."""
+    import shutil
+
+    from vartk import classifier
+
+    shipped = shutil.copytree(classifier.SHIPPED_WEIGHTS, tmp_path / "emoji-classifier")
+    monkeypatch.setattr(classifier, "SHIPPED_WEIGHTS", shipped)
+    extractor = metrics.FeatureExtractor(metrics.EMOJI_CLASSIFIER, device="cpu")
+    before = extractor.weights_id
+    (shipped / "config.json").write_text((shipped / "config.json").read_text() + " ")
+    assert extractor.weights_id != before
+
+
 def test_statistics_file_npz_and_folder_references_agree(inception, image_sets, tmp_path):
     reference = write_folder(tmp_path / "ref", image_sets["b_array"])
     score = lambda ref, which=("fid", "kid", "prc"): compute_metrics(  # noqa: E731

@@ -493,7 +493,7 @@ def test_export_a_pipeline_from_any_checkpoint(images, tmp_path):
 
 
 def test_write_folder_atomic_replaces_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):
-    from vartk.train.checkpoint import write_folder_atomic
+    from vartk.files import write_folder_atomic
 
     def write(text):
         def fill(folder):

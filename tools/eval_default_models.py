@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 from torchvision.utils import save_image
 
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier, accuracy, load_folder
+from vartk.files import write_text_atomic
 from vartk.metrics import EMOJI_CLASSIFIER, compute_metrics, psnr
 from vartk.pipelines import images_to_uint8, load
 
@@ -142,9 +142,7 @@ def main(argv=None) -> dict:
             print(json.dumps(run), flush=True)
     results["chosen"] = {name: choose_settings([r for r in results["runs"] if r["model"] == name])
                          for name in args.models.split(",")}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     print(markdown_table(results))
     if args.sampling and len(args.sampling) > 1:

@@ -16,7 +16,7 @@ import torch
 
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier
 from vartk.pipelines import BUILTIN_MODELS, load
-from vartk.train.checkpoint import write_folder_atomic
+from vartk.files import write_folder_atomic
 from vartk.train.export import encoding_differences
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from tqdm.auto import tqdm
+
+from .files import write_folder_atomic
 
 SHIPPED_WEIGHTS = Path(__file__).parent / "assets" / "emoji-classifier"
 
@@ -102,11 +103,7 @@ def train_classifier(data: str, out: str, test: str | None = None, steps: int = 
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    tmp = Path(f"{out}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    write_folder_atomic(out, model.save_pretrained)
     if test:
         test_images, test_labels, _ = load_folder(test, image_size)
         print(f"held-out accuracy: {accuracy(model, test_images, test_labels):.4f} on {len(test_labels)} images")

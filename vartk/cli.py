@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -17,12 +16,11 @@ def _save_images(images: torch.Tensor, out: Path) -> None:
     from PIL import Image
     from torchvision.utils import make_grid
 
+    from .files import write_file_atomic
     from .pipelines import images_to_uint8
 
     def write_png(tensor, path: Path):
-        tmp = path.with_name(path.name + ".tmp")
-        Image.fromarray(images_to_uint8(tensor[None])[0]).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        write_file_atomic(path, lambda tmp: Image.fromarray(images_to_uint8(tensor[None])[0]).save(tmp, format="PNG"))
 
     if out.suffix.lower() == ".png":
         out.parent.mkdir(parents=True, exist_ok=True)

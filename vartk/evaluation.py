@@ -36,7 +36,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from vartk.files import write_text_atomic
 from vartk.metrics import INCEPTION, compute_metrics, list_images, paired_psnr
 from vartk.pipelines import images_to_uint8
 from vartk.samplers import KV_CACHE_SPEC_HELP, SAMPLER_SPEC_HELP
@@ -253,10 +253,7 @@ def collect_samples(samples: Path, plan: SamplingPlan) -> list[Path]:
 
 
 def _atomic_write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        json.dump(data, f, indent=2)
-    os.replace(f.name, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def pin_settings(out: Path, settings: dict, write: bool) -> None:

@@ -26,7 +26,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .files import write_file_atomic
 from .images import IMAGE_EXTENSIONS, list_images, open_rgb
 
 try:
@@ -231,10 +231,14 @@ class FeatureExtractor:
 
     @property
     def weights_id(self) -> str:
-        """What identifies the weights in cache keys: the file's sha256, or 'default'."""
-        if not self.weights:
+        """What identifies the weights in cache keys: the sha256 of the weights file or folder (for the shipped
+        emoji classifier, of its folder, which a new release replaces), or 'default' (Inception's fixed file)."""
+        from .classifier import SHIPPED_WEIGHTS
+
+        weights = self.weights or (SHIPPED_WEIGHTS if self.name == EMOJI_CLASSIFIER else None)
+        if not weights:
             return "default"
-        files = sorted(Path(self.weights).rglob("*")) if Path(self.weights).is_dir() else [Path(self.weights)]
+        files = sorted(Path(weights).rglob("*")) if Path(weights).is_dir() else [Path(weights)]
         return hashlib.sha256("".join(file_sha256(f) for f in files if f.is_file()).encode()).hexdigest()
 
     def layer_for(self, metric: str, layer: str | None = None) -> str:
@@ -307,14 +311,15 @@ class LayerStatistics:
 
 def save_statistics(path: str | os.PathLike, stats: LayerStatistics, meta: dict) -> None:
     """Write mu, sigma, features and a JSON `meta` to an .npz, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "meta": np.array(json.dumps(meta))}
     if stats.features is not None:
         arrays["features"] = stats.features.numpy()
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-        np.savez(f, **arrays)
-    os.replace(f.name, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, **arrays)
+
+    write_file_atomic(path, write)
 
 
 def read_statistics(path: str | os.PathLike) -> tuple[LayerStatistics, dict]:

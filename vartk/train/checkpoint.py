@@ -17,7 +17,6 @@ RNG state needs no saving: every step reseeds from (seed, step, rank) (see loop.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -26,34 +25,13 @@ import torch.nn as nn
 from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import load_file, save_file
 
+from ..files import write_folder_atomic, write_text_atomic
+
 LATEST = "latest"
 
 
 def checkpoint_dir(out: Path) -> Path:
     return Path(out) / "checkpoints"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_folder_atomic(destination: Path, write) -> Path:
-    """`write(tmp)` into `<destination>.tmp`, then swap it in by renames (the old folder is moved aside
-    first and deleted last), so `destination` is never half-written and a crash keeps one complete copy."""
-    tmp = destination.with_name(destination.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if destination.exists():
-        old = destination.with_name(destination.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(destination, old)
-        os.replace(tmp, destination)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, destination)
-    return destination
 
 
 def save_module(module: nn.Module, folder: Path, name: str) -> None:

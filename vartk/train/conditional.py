@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..tokenizers.msvq import MultiScaleVQVAE
 from ..tokenizers.vq import VQModel
-from .checkpoint import write_folder_atomic
+from ..files import write_folder_atomic
 from .data import Batch
 from .loop import Job, TrainConfig, arg
 

@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoints import load_state_dict_strict
+from ..files import write_file_atomic
 from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from .data import Batch, BatchOrder, ImageFolder, fits_in_memory, iterate_batches, load_subset, mirror_some
 
@@ -322,10 +323,8 @@ def save_sample_grid(job: Job, trainees: dict[str, Trainee], path: Path) -> None
         grid = job.samples()
     if grid is not None:
         images, nrow = grid
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.png")
-        save_image(images.float().clamp(0, 1), tmp, nrow=nrow, padding=2, pad_value=1.0)
-        os.replace(tmp, path)
+        write_file_atomic(path, lambda tmp: save_image(images.float().clamp(0, 1), tmp, nrow=nrow, padding=2,
+                                                       pad_value=1.0, format="PNG"))
 
 
 def load_validation_set(cfg: TrainConfig, class_names: list[str], dist: Distributed) -> Batch | None:

@@ -1,0 +1,43 @@
+"""Writing results so that a crash never leaves a half-written file or folder in their place."""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` to a hidden temporary file next to `path` (unique per process), then rename it over `path`.
+    The file gets the ordinary permissions of the umask (a tempfile module file would be private)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_file_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_folder_atomic(destination: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` into `<destination>.tmp`, then swap it in by renames (the old folder is moved aside
+    first and deleted last), so `destination` is never half-written and a crash keeps one complete copy."""
+    destination = Path(destination)
+    tmp = destination.with_name(destination.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if destination.exists():
+        old = destination.with_name(destination.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(destination, old)
+        os.replace(tmp, destination)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, destination)
+    return destination
