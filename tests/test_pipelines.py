@@ -1,5 +1,6 @@
 """Pipelines and the CLI on tiny random-weight models written in the official file layout."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -133,12 +134,80 @@ def test_cli_inpaint(converted, tmp_path):
     cli_main(["inpaint", "--model", str(converted), "--image", str(src), "--box", "0.25,0.25,0.75,0.75",
               "--out", str(out), "--device", "cpu"])
     assert Image.open(out).size == (IMAGE_SIZE, IMAGE_SIZE)  # one image: no grid padding
-    with pytest.raises(SystemExit, match="--box"):
-        cli_main(["inpaint", "--model", str(converted), "--image", str(src), "--box", "0.5,0.5,0.2,0.9", "--out", str(out)])
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(big)
     with pytest.raises(SystemExit, match="do not match"):
         cli_main(["inpaint", "--model", str(converted), "--image", str(big), "--box", "0,0,0.5,0.5", "--out", str(out)])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["inpaint", "--image", "in.png", "--box", "0.5,0.5,0.2,0.9"], r"--box: '0.5,0.5,0.2,0.9' must be four fractions"),
+    (["inpaint", "--image", "in.png", "--box", "0.25,0.25"], r"--box: '0.25,0.25' must be four fractions"),
+    (["sample", "--device", "bogus"], r"--device: 'bogus' is not a torch device"),
+])
+def test_cli_usage_errors_name_the_flag(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(argv)
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_a_box_covers_every_token_it_touches():
+    from vartk.cli import box_mask
+
+    assert box_mask((0.25, 0.25, 0.75, 0.75), 16).nonzero().amin(0).tolist() == [4, 4]
+    assert box_mask((0.25, 0.25, 0.75, 0.75), 16).sum() == 8 * 8
+    thin = box_mask((0.25, 0.25, 0.27, 0.75), 16)  # 0.32 of a token row: rounded outward, not to nothing
+    assert thin.sum(1).nonzero().flatten().tolist() == [4]
+
+
+def test_cli_output_is_checked_before_sampling_and_a_folder_holds_one_run(converted, tmp_path):
+    run = ["sample", "--model", str(converted), "--device", "cpu"]
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "file").write_text("")
+    for out, match in ((tmp_path / "dir.png", "dir.png is a folder"), (tmp_path / "file" / "y.png", "is not a folder"),
+                       (tmp_path / "file", "file is a file")):
+        with pytest.raises(SystemExit, match=match):  # before loading: the model that does not exist is not reached
+            cli_main(["sample", "--model", "no-such-model", "--out", str(out)])
+    folder = tmp_path / "samples"
+    cli_main([*run, "--class", "1", "--class", "3", "--n", "2", "--out", str(folder)])  # --class repeats
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:05d}.png" for i in range(4)]
+    cli_main([*run, "--class", "2", "--n", "1", "--out", str(folder)])
+    assert sorted(p.name for p in folder.iterdir()) == ["00000.png"]  # the earlier run's files are gone
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"holds other files \(\['notes.txt'\]\)"):
+        cli_main([*run, "--out", str(folder)])
+    with pytest.raises(SystemExit, match="vartk sample: 'no-such-model' is neither a folder"):
+        cli_main(["sample", "--model", "no-such-model", "--out", str(tmp_path / "a.png")])
+
+
+def test_a_sampler_of_the_other_family_is_refused(converted):
+    from vartk.samplers import NextTokenSampler
+
+    with pytest.raises(ValueError, match="sampler NextTokenSampler.* is not a NextScaleSampler"):
+        sample(load(str(converted)), sampler=NextTokenSampler())
+    with pytest.raises(ValueError, match="kv_cache 'full' is not a KVCachePolicy"):
+        sample(load(str(converted)), kv_cache="full")
+
+
+def test_a_local_folder_named_like_an_official_model_is_loaded(converted, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(converted, tmp_path / "var-d16")
+    monkeypatch.chdir(tmp_path)
+    assert torch.equal(sample(load("var-d16")), sample(load(str(converted))))
+
+
+def test_inpaint_takes_arrays_and_refuses_unscaled_tensors(converted):
+    pipe = load(str(converted))
+    array = np.random.default_rng(0).integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    run = dict(mask=torch.ones(16, 16), output_type="pt", progress=False)
+    from_array = pipe.inpaint(array, generator=torch.Generator().manual_seed(0), **run).images
+    from_pil = pipe.inpaint(Image.fromarray(array), generator=torch.Generator().manual_seed(0), **run).images
+    assert torch.equal(from_array, from_pil)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\], got \[0, 255\]"):
+        pipe.inpaint(torch.from_numpy(array).permute(2, 0, 1).float(), **run)
+    with pytest.raises(ValueError, match="float tensor"):
+        pipe.inpaint(torch.from_numpy(array).permute(2, 0, 1), **run)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -194,6 +263,14 @@ def test_gpt_pipeline_round_trip_and_class_names(tmp_path):
     grid = tmp_path / "fox.png"
     cli_main(["sample", "--model", str(tmp_path / "gpt"), "--class", "fox", "--n", "2", "--out", str(grid), "--device", "cpu"])
     assert grid.is_file()
+    by_name = sample(again, class_labels=["cat", "fox"], guidance_scale=2.0, top_k=0, top_p=1.0)
+    assert torch.equal(by_name, images)
+    assert sample(again, class_labels="dog", num_images_per_label=np.int64(2)).shape[0] == 2
+    with pytest.raises(ValueError, match=r"unknown class 'wolf'; use one of \['cat', 'dog', 'fox'\]"):
+        sample(again, class_labels=["cat", "wolf"])
+    with pytest.raises(SystemExit, match="GPTPipeline; in/out-painting needs a next-scale"):
+        cli_main(["inpaint", "--model", str(tmp_path / "gpt"), "--image", str(grid), "--box", "0,0,0.5,0.5",
+                  "--out", str(tmp_path / "in.png")])
     with pytest.raises(ValueError, match="1 class names given for a model with 3 classes"):
         GPTPipeline(tokenizer=tokenizer, transformer=transformer, class_names=["a"])
 

@@ -238,19 +238,23 @@ def test_resume_gives_the_uninterrupted_losses(job, images, tmp_path):
     assert latest_checkpoint(killed).name == "step_0000003"
     train_main(job, ["--data", str(images), "--out", str(killed), "--resume", *common])
     uninterrupted, resumed = read_log(full), read_log(killed)
-    assert [r["step"] for r in resumed] == [3, 4, 5]
-    for a, b in zip(uninterrupted[3:], resumed):
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4, 5]  # the killed run's steps 3, 4 were logged once
+    assert resumed[:3] == uninterrupted[:3]
+    for a, b in zip(uninterrupted[3:], resumed[3:]):
         assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
         if job == "tokenizer":
             assert abs(a["discriminator_loss"] - b["discriminator_loss"]) <= 1e-6
 
 
 def kill_after(run: Path, step: int, into: Path) -> None:
-    """A run killed right after checkpoint `step`: a fresh --out holding only that checkpoint."""
+    """A run killed one step and a half after checkpoint `step`: a fresh --out holding only that checkpoint and
+    the log up to then, its last line cut short."""
     name = f"step_{step:07d}"
     (into / "checkpoints").mkdir(parents=True)
     shutil.copytree(run / "checkpoints" / name, into / "checkpoints" / name)
     (into / "checkpoints" / "latest").write_text(name + "\n")
+    lines = [line for line in (run / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step + 1]
+    (into / "log.jsonl").write_text("\n".join(lines) + "\n" + lines[-1][:10])
 
 
 def test_resume_with_more_steps_recomputes_the_decay_over_the_new_total(images, tmp_path):
@@ -259,7 +263,7 @@ def test_resume_with_more_steps_recomputes_the_decay_over_the_new_total(images, 
     train_main("tokenizer", ["--out", str(tmp_path / "short"), "--max-steps", "4", *common])
     kill_after(tmp_path / "short", 2, tmp_path / "longer")
     train_main("tokenizer", ["--out", str(tmp_path / "longer"), "--max-steps", "8", "--resume", *common])
-    logged = {r["step"]: r["lr"] for r in read_log(tmp_path / "longer")}
+    logged = {r["step"]: r["lr"] for r in read_log(tmp_path / "longer") if r["step"] >= 2}
     assert sorted(logged) == list(range(2, 8))
     for step, lr in logged.items():  # warm-up 2, then the cosine over the 6 steps to the new end
         expected = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (step - 2) / 6)))
@@ -276,12 +280,20 @@ def test_resume_refuses_settings_that_change_the_run(images, tmp_path):
         train_main("tokenizer", [*resume, "--lr", "1e-3", "--seed", "1"])
     with pytest.raises(SystemExit, match=r"--vocab-size 16 -> 32"):
         train_main("tokenizer", [*resume, "--vocab-size", "32"])
-    with pytest.raises(SystemExit, match="already at step 2; give --max-steps above that"):
-        train_main("tokenizer", [*common, "--resume", "--max-steps", "2"])
+    with pytest.raises(SystemExit, match="already at step 2; give --max-steps 2 .to redo only the final export"):
+        train_main("tokenizer", [*common, "--resume", "--max-steps", "1"])
+    shutil.rmtree(run / "tokenizer")  # killed during the final export: resuming at the last step redoes it
+    train_main("tokenizer", [*common, "--resume", "--max-steps", "2"])
+    assert (run / "tokenizer" / "config.json").is_file()
     shutil.copy(images / "class_0" / "0.png", images / "class_0" / "copy.png")
     with pytest.raises(SystemExit, match="holds 9 images, the run was trained on 8"):
         train_main("tokenizer", resume)
     (images / "class_0" / "copy.png").unlink()
+    renamed = tmp_path / "renamed"  # the same images, the second class under another name
+    shutil.copytree(images / "class_0", renamed / "class_0")
+    shutil.copytree(images / "class_1", renamed / "class_b")
+    with pytest.raises(SystemExit, match=r"has the classes \['class_0', 'class_b'\], the run was trained on"):
+        train_main("tokenizer", [*resume, "--data", str(renamed)])
     train_main("tokenizer", [*resume, "--log-every", "1", "--keep-checkpoints", "3"])  # logging may change
     assert latest_checkpoint(run).name == "step_0000004"
 
@@ -490,6 +502,20 @@ def test_export_a_pipeline_from_any_checkpoint(images, tmp_path):
                              "--max-steps", "1", "--save-every", "1", *FAST, *TOKENIZER_ARGS])
     with pytest.raises(SystemExit, match="holds a MultiScaleVQVAE"):
         train_main("export", ["--run", str(tmp_path / "tok")])
+
+
+def test_resume_uses_the_runs_tokenizer_and_refuses_one_that_encodes_differently(images, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data", str(images), "--out", str(out), "--batch-size", "4", "--save-every", "1", *FAST,
+              *job_args("var", images, tmp_path)]
+    train_main("var", [*common, "--max-steps", "1"])
+    torch.manual_seed(1)  # a tokenizer retrained into the same folder
+    MultiScaleVQVAE(**TOKENIZER, patch_nums=(1, 2, 4), share_quant_resi=3).save_pretrained(tmp_path / "msvq")
+    with pytest.raises(SystemExit, match=r"--tokenizer .*msvq encodes differently from the one the run was trained"):
+        train_main("var", [*common, "--max-steps", "2", "--resume"])
+    shutil.rmtree(tmp_path / "msvq")  # gone: the run's copy serves
+    train_main("var", [*common, "--max-steps", "2", "--resume"])
+    assert latest_checkpoint(out).name == "step_0000002"
 
 
 def test_write_folder_atomic_replaces_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):

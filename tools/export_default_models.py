@@ -17,7 +17,7 @@ import torch
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier
 from vartk.pipelines import BUILTIN_MODELS, load
 from vartk.files import write_folder_atomic
-from vartk.train.export import encoding_differences
+from vartk.train.conditional import encoding_differences
 
 
 def name_as_asset(model, name: str) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -11,39 +13,87 @@ import torch
 from .samplers import KV_CACHE_SPEC_HELP, SAMPLER_SPEC_HELP
 
 
-def _save_images(images: torch.Tensor, out: Path) -> None:
-    """Write [B, 3, H, W] images in [0, 1] as one PNG grid (`out` ends in .png) or a folder of PNGs."""
+SAMPLE_FILE = re.compile(r"\d{5}\.png")  # the names of the PNGs a folder --out receives
+
+
+def check_output(out: Path) -> Path:
+    """Refuse, before any sampling, an --out that could not be written: a .png path that is a folder or under a
+    file, a folder that is a file or holds anything but earlier samples (which a new run replaces)."""
+    if out.suffix.lower() == ".png":
+        if out.is_dir():
+            raise SystemExit(f"vartk: --out {out} is a folder; give a .png file for a grid, or a folder name")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise SystemExit(f"vartk: --out {out}: {out.parent} is not a folder")
+    elif out.is_file():
+        raise SystemExit(f"vartk: --out {out} is a file; give a .png path for a grid, or a folder")
+    elif out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if not SAMPLE_FILE.fullmatch(p.name))
+        if others:
+            raise SystemExit(f"vartk: --out {out} holds other files ({others[:3]}); give a new or empty folder")
+    return out
+
+
+def save_images(images: torch.Tensor, out: Path) -> None:
+    """Write [B, 3, H, W] images in [0, 1] as one PNG grid (`out` ends in .png) or as a folder of PNGs
+    00000.png, ... that replaces the folder's earlier samples as a whole."""
     from PIL import Image
     from torchvision.utils import make_grid
 
-    from .files import write_file_atomic
+    from .files import write_file_atomic, write_folder_atomic
     from .pipelines import images_to_uint8
 
     def write_png(tensor, path: Path):
-        write_file_atomic(path, lambda tmp: Image.fromarray(images_to_uint8(tensor[None])[0]).save(tmp, format="PNG"))
+        Image.fromarray(images_to_uint8(tensor[None])[0]).save(path, format="PNG")
 
     if out.suffix.lower() == ".png":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_png(make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), padding=2, pad_value=1.0), out)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
+        grid = make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), padding=2, pad_value=1.0)
+        write_file_atomic(out, lambda tmp: write_png(grid, tmp))
+        return
+
+    def write_folder(folder: Path):
+        folder.mkdir(parents=True)
         for i, image in enumerate(images):
-            write_png(image, out / f"{i:05d}.png")
+            write_png(image, folder / f"{i:05d}.png")
+
+    write_folder_atomic(out, write_folder)
 
 
-def _resolve_classes(pipe, classes: list[str]) -> list[int]:
-    """Class ids given as integers or, when the model ships class names, as names."""
-    names = getattr(pipe, "class_names", None) or []
-    ids = []
-    for c in classes:
-        if c.lstrip("-").isdigit():
-            ids.append(int(c))
-        elif c in names:
-            ids.append(names.index(c))
-        else:
-            allowed = f"one of {names}" if names else f"an integer in [0, {pipe.num_classes})"
-            raise SystemExit(f"vartk: unknown class {c!r}; use {allowed}")
-    return ids
+def class_arguments(classes: list[str]) -> list[int | str]:
+    """--class values: integers as ids, anything else as a class name (the pipeline checks both)."""
+    return [int(c) if c.lstrip("-").isdigit() else c for c in classes]
+
+
+def parse_device(text: str) -> str:
+    """argparse type of --device: a torch device that exists here."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device here; use --device cpu")
+    return text
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """argparse type of --box: y0,x0,y1,x1 fractions of the image with 0 <= y0 < y1 <= 1, 0 <= x0 < x1 <= 1."""
+    try:
+        y0, x0, y1, x1 = (float(v) for v in text.split(","))
+    except ValueError:
+        y0 = x0 = y1 = x1 = float("nan")
+    if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} must be four fractions y0,x0,y1,x1 with 0 <= y0 < y1 <= 1 and "
+                                         "0 <= x0 < x1 <= 1, e.g. 0.25,0.25,0.75,0.75")
+    return y0, x0, y1, x1
+
+
+def box_mask(box: tuple[float, float, float, float], size: int) -> torch.Tensor:
+    """1 on the tokens a box touches (rounded outward, so a thin box still covers a row), else 0: [size, size]."""
+    y0, x0, y1, x1 = box
+    mask = torch.zeros(size, size)  # [h, w]
+    mask[math.floor(y0 * size) : math.ceil(y1 * size), math.floor(x0 * size) : math.ceil(x1 * size)] = 1
+    return mask
 
 
 def _parse_object(spec: str | None, kind: str):
@@ -59,22 +109,21 @@ def _parse_object(spec: str | None, kind: str):
 def cmd_sample(args) -> None:
     from .pipelines import load
 
+    out = check_output(Path(args.out))
     pipe = load(args.model, device=args.device)
-    labels = _resolve_classes(pipe, args.classes)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    try:
-        out = pipe(
-            class_labels=labels, num_images_per_label=args.n, generator=generator, output_type="pt",
-            sampler=_parse_object(args.sampler, "sampler"), kv_cache=_parse_object(args.kv_cache, "kv-cache"),
-            guidance_scale=args.cfg, top_k=args.top_k, top_p=args.top_p,
-        )
-    except ValueError as err:
-        raise SystemExit(f"vartk sample: {err}")
-    _save_images(out.images, Path(args.out))
-    print(f"wrote {out.images.shape[0]} images to {args.out}")
+    images = pipe(
+        class_labels=class_arguments(args.classes or ["0"]), num_images_per_label=args.n, generator=generator,
+        output_type="pt", sampler=_parse_object(args.sampler, "sampler"),
+        kv_cache=_parse_object(args.kv_cache, "kv-cache"), guidance_scale=args.cfg, top_k=args.top_k,
+        top_p=args.top_p,
+    ).images
+    save_images(images, out)
+    print(f"wrote {images.shape[0]} images to {out}")
 
 
 def cmd_convert(args) -> None:
+    from .files import write_folder_atomic
     from .pipelines import GPTPipeline, VARPipeline
 
     if args.var and args.vae:
@@ -83,30 +132,38 @@ def cmd_convert(args) -> None:
         pipe = GPTPipeline.from_official(vq=args.vq, gpt=args.gpt, model=args.gpt_model, image_size=args.image_size)
     else:
         raise SystemExit("vartk convert: give --vae and --var (VAR) or --vq and --gpt (LlamaGen)")
-    pipe.save_pretrained(args.out)
+    write_folder_atomic(Path(args.out), pipe.save_pretrained)
     print(f"wrote {type(pipe).__name__} to {args.out}")
 
 
 def cmd_inpaint(args) -> None:
     from .images import open_rgb
-    from .pipelines import load
+    from .pipelines import VARPipeline, load
 
+    out = check_output(Path(args.out))
+    image = open_rgb(args.image)
     pipe = load(args.model, device=args.device)
-    size = pipe.tokenizer.latent_size
-    y0, x0, y1, x1 = (float(v) for v in args.box.split(","))
-    if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
-        raise SystemExit(f"vartk inpaint: --box {args.box!r} must be y0,x0,y1,x1 fractions with 0 <= y0 < y1 <= 1")
-    box = torch.zeros(size, size)  # [h, w], 1 inside the box
-    box[round(y0 * size) : round(y1 * size), round(x0 * size) : round(x1 * size)] = 1
+    if not isinstance(pipe, VARPipeline):
+        raise SystemExit(f"vartk inpaint: {args.model} is a {type(pipe).__name__}; in/out-painting needs a "
+                         "next-scale (VAR) model, e.g. --model default")
+    box = box_mask(args.box, pipe.tokenizer.latent_size)
     keep = box if args.outpaint else 1 - box
-    label = _resolve_classes(pipe, [args.class_label])[0] if args.class_label is not None else None
+    label = class_arguments([args.class_label])[0] if args.class_label is not None else None
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    try:
-        out = pipe.inpaint(open_rgb(args.image), keep, class_label=label, generator=generator, output_type="pt")
-    except ValueError as err:
-        raise SystemExit(f"vartk inpaint: {err}")
-    _save_images(out.images, Path(args.out))
-    print(f"wrote {args.out}")
+    images = pipe.inpaint(image, keep, class_label=label, generator=generator, output_type="pt",
+                          guidance_scale=args.cfg, top_k=args.top_k, top_p=args.top_p).images
+    save_images(images, out)
+    print(f"wrote {out}")
+
+
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, fallback: str) -> None:
+    recipe = f"(default: the model's saved setting, else {fallback})"
+    parser.add_argument("--cfg", type=float, default=None, help=f"guidance scale {recipe}")
+    parser.add_argument("--top-k", type=int, default=None, help=f"0 = off {recipe}")
+    parser.add_argument("--top-p", type=float, default=None, help=f"1 = off {recipe}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,16 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="sample class-conditional images to a PNG grid or folder")
     sample.add_argument("--model", default="default", help="built-in name, official name (var-d16, llamagen-b) or folder")
-    sample.add_argument("--class", dest="classes", nargs="+", default=["0"], help="class ids (or names)")
+    sample.add_argument("--class", dest="classes", nargs="+", action="extend", default=None,
+                        help="class ids or names, repeatable (default: 0)")
     sample.add_argument("--n", type=int, default=4, help="images per class")
-    recipe = "(default: the model's saved setting, else the family's official one)"
-    sample.add_argument("--cfg", type=float, default=None, help=f"guidance scale {recipe}")
-    sample.add_argument("--top-k", type=int, default=None, help=f"0 = off {recipe}")
-    sample.add_argument("--top-p", type=float, default=None, help=f"1 = off {recipe}")
+    add_sampling_flags(sample, "the family's official one")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--sampler", default=None, help=SAMPLER_SPEC_HELP)
     sample.add_argument("--kv-cache", default=None, help=KV_CACHE_SPEC_HELP)
-    sample.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sample.add_argument("--device", type=parse_device, default=DEFAULT_DEVICE)
     sample.add_argument("--out", default="samples.png", help="a .png path for a grid, else a folder")
     sample.set_defaults(func=cmd_sample)
 
@@ -141,11 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint = sub.add_parser("inpaint", help="zero-shot in/out-painting or class-conditional editing (VAR)")
     inpaint.add_argument("--model", default="default")
     inpaint.add_argument("--image", required=True)
-    inpaint.add_argument("--box", required=True, help="region y0,x0,y1,x1 as fractions of the image")
+    inpaint.add_argument("--box", type=parse_box, required=True,
+                         help="region y0,x0,y1,x1 as fractions of the image (tokens it touches are regenerated)")
     inpaint.add_argument("--outpaint", action="store_true", help="keep the box, regenerate the rest")
     inpaint.add_argument("--class", dest="class_label", default=None, help="class for editing; none = in/out-paint")
+    add_sampling_flags(inpaint, "VAR's demo: 3 / 900 / 0.95")
     inpaint.add_argument("--seed", type=int, default=0)
-    inpaint.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    inpaint.add_argument("--device", type=parse_device, default=DEFAULT_DEVICE)
     inpaint.add_argument("--out", default="inpaint.png")
     inpaint.set_defaults(func=cmd_inpaint)
 
@@ -189,12 +246,19 @@ PASSTHROUGH = {"train": run_train, "fid": run_fid, "bench": run_bench, "demo": r
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Bad input (ValueError, a missing or unreadable file) ends with one line naming it; VARTK_DEBUG=1 shows
+    the traceback instead."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in PASSTHROUGH:  # these parse their own flags
-        PASSTHROUGH[argv[0]](argv[1:])
-        return
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        if argv and argv[0] in PASSTHROUGH:  # these parse their own flags
+            PASSTHROUGH[argv[0]](argv[1:])
+            return
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except (ValueError, OSError) as err:
+        if os.environ.get("VARTK_DEBUG"):
+            raise
+        raise SystemExit(f"vartk {argv[0] if argv else ''}: {err}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from .tokenizers.msvq import MultiScaleVQVAE
 from .tokenizers.vq import VQModel
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+OFFICIAL_INPAINT_SAMPLING = {"guidance_scale": 3.0, "top_k": 900, "top_p": 0.95}  # VAR's demo notebook
 
 
 @contextlib.contextmanager
@@ -79,13 +81,13 @@ class _AutoregressivePipeline(DiffusionPipeline):
         self.register_to_config(class_names=list(class_names) if class_names is not None else None,
                                 sampling_defaults=dict(sampling_defaults) if sampling_defaults else None)
 
-    def sampling_options(self, guidance_scale=None, top_k=None, top_p=None) -> dict:
+    def sampling_options(self, guidance_scale=None, top_k=None, top_p=None, official: dict | None = None) -> dict:
         """The given settings; each one left as None comes from the model's saved `sampling_defaults`,
-        else from the family's official settings."""
+        else from `official` (default: the family's official sampling settings)."""
         saved = self.config.sampling_defaults or {}
         given = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p)
-        options = {name: given[name] if given[name] is not None else saved.get(name, official)
-                   for name, official in self.official_sampling.items()}
+        options = {name: given[name] if given[name] is not None else saved.get(name, fallback)
+                   for name, fallback in (official or self.official_sampling).items()}
         self._check_guidance(options["guidance_scale"])
         return options
 
@@ -98,12 +100,33 @@ class _AutoregressivePipeline(DiffusionPipeline):
         """Human-readable class names saved with the pipeline (None for ImageNet ids)."""
         return self.config.class_names
 
+    def class_ids(self, class_labels):
+        """Class names (for a model saved with `class_names`) -> ids; ids pass through unchanged."""
+        items = [class_labels] if isinstance(class_labels, str) else class_labels
+        if not isinstance(items, (list, tuple)) or not any(isinstance(c, str) for c in items):
+            return class_labels
+        names = self.class_names or []
+        for c in items:
+            if isinstance(c, str) and c not in names:
+                allowed = f"one of {names} or an id" if names else "integer ids (this model has no class names)"
+                raise ValueError(f"unknown class {c!r}; use {allowed} in [0, {self.num_classes})")
+        return [names.index(c) if isinstance(c, str) else c for c in items]
+
     def _class_tensor(self, class_labels, num_images_per_label: int) -> torch.Tensor:
-        """Validate labels and repeat each one `num_images_per_label` times -> int64 [B]."""
-        labels = check_class_labels(class_labels, self.num_classes)
-        if not isinstance(num_images_per_label, int) or num_images_per_label < 1:
+        """Validate labels (ids or names) and repeat each one `num_images_per_label` times -> int64 [B]."""
+        labels = check_class_labels(self.class_ids(class_labels), self.num_classes)
+        try:
+            count = operator.index(num_images_per_label)
+        except TypeError:
+            count = 0
+        if count < 1:
             raise ValueError(f"num_images_per_label must be a positive integer, got {num_images_per_label!r}")
-        return labels.repeat_interleave(num_images_per_label).to(self.device)
+        return labels.repeat_interleave(count).to(self.device)
+
+    @staticmethod
+    def _check_type(name: str, value, cls: type, family: str) -> None:
+        if value is not None and not isinstance(value, cls):
+            raise ValueError(f"{name} {value!r} is not a {cls.__name__}, which {family} models need")
 
     @staticmethod
     def _check_output_type(output_type: str) -> None:
@@ -155,6 +178,8 @@ class VARPipeline(_AutoregressivePipeline):
         the model's `sampling_defaults`, else the official ones (cfg 1.5, top-k 900, top-p 0.96)."""
         self._check_output_type(output_type)
         options = self.sampling_options(guidance_scale, top_k, top_p)
+        self._check_type("sampler", sampler, NextScaleSampler, "next-scale")
+        self._check_type("kv_cache", kv_cache, KVCachePolicy, "next-scale")
         labels = self._class_tensor(class_labels, num_images_per_label)
         sampler = sampler or NextScaleSampler()
         with eval_mode(self.tokenizer, self.transformer):
@@ -170,10 +195,10 @@ class VARPipeline(_AutoregressivePipeline):
         self,
         image,
         mask,
-        class_label: int | None = None,
-        guidance_scale: float = 3.0,
-        top_k: int = 900,
-        top_p: float = 0.95,
+        class_label: int | str | None = None,
+        guidance_scale: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         generator: torch.Generator | None = None,
         sampler: NextScaleSampler | None = None,
         output_type: str = "pil",
@@ -182,32 +207,43 @@ class VARPipeline(_AutoregressivePipeline):
     ):
         """Zero-shot in/out-painting (class_label None) or class-conditional editing.
 
-        `image`: PIL image or [B, 3, H, W] tensor in [0, 1] at the tokenizer's resolution;
-        `mask`: [h, w] or [B, h, w] at the last token-map resolution, 1 = keep the image's
-        token, 0 = generate. `sampler`: e.g. `NextScaleSampler(more_smooth=True)`, as the official demo."""
+        `image`: PIL image(s), a uint8 array [H, W, 3] / [B, H, W, 3] or a float tensor [B, 3, H, W] in [0, 1],
+        at the tokenizer's resolution; `mask`: [h, w] or [B, h, w] at the last token-map resolution, 1 = keep
+        the image's token, 0 = generate. Settings left as None come from the model's `sampling_defaults`, else
+        the official demo's (cfg 3, top-k 900, top-p 0.95); `sampler`: e.g. `NextScaleSampler(more_smooth=True)`,
+        as in that demo."""
         self._check_output_type(output_type)
-        self._check_guidance(guidance_scale)
+        self._check_type("sampler", sampler, NextScaleSampler, "next-scale")
+        options = self.sampling_options(guidance_scale, top_k, top_p, official=OFFICIAL_INPAINT_SAMPLING)
         images = self._image_tensor(image)
         labels = None if class_label is None else self._class_tensor([class_label], images.shape[0])
         with eval_mode(self.tokenizer, self.transformer):
             _, latent = edit_next_scale(
-                self.transformer, self.tokenizer, images, mask, class_labels=labels, sampler=sampler,
-                guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, generator=generator, progress=progress,
-                return_latent=True,
+                self.transformer, self.tokenizer, images, mask, class_labels=labels, sampler=sampler, **options,
+                generator=generator, progress=progress, return_latent=True,
             )  # the running latent, as in __call__
             images = self.tokenizer.decode_latent(latent)
         return self._finish(images, output_type, return_dict)
 
     def _image_tensor(self, image) -> torch.Tensor:
-        """PIL image, list of PIL images or [B, 3, H, W] tensor -> float [B, 3, H, W] on the device."""
+        """PIL image(s), uint8 array [(B,) H, W, 3] or float tensor [(B,) 3, H, W] in [0, 1] -> float
+        [B, 3, H, W] on the device."""
         if isinstance(image, Image.Image):
             image = [image]
         if isinstance(image, list):
-            arrays = [np.asarray(to_rgb(im), dtype=np.float32) / 255.0 for im in image]
-            image = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [B, 3, H, W]
-        if image.ndim == 3:
-            image = image[None]
-        return image.to(self.device, torch.float32)
+            image = np.stack([np.asarray(to_rgb(im)) for im in image])  # [B, H, W, 3] uint8
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.shape[-1] != 3 or image.ndim not in (3, 4):
+                raise ValueError(f"an image array must be uint8 [H, W, 3] or [B, H, W, 3], got {image.dtype} "
+                                 f"{list(image.shape)}")
+            image = torch.from_numpy(image.reshape(-1, *image.shape[-3:])).permute(0, 3, 1, 2) / 255.0
+        if not isinstance(image, torch.Tensor) or not image.is_floating_point() or image.ndim not in (3, 4):
+            raise ValueError(f"image must be PIL, a uint8 array or a float tensor [(B,) 3, H, W], got {type(image)}"
+                             f"{f' {image.dtype}' if isinstance(image, torch.Tensor) else ''}")
+        if image.min() < 0 or image.max() > 1:
+            raise ValueError(f"a float image tensor must hold values in [0, 1], got [{image.min():.3g}, "
+                             f"{image.max():.3g}] (divide uint8 images by 255)")
+        return (image[None] if image.ndim == 3 else image).to(self.device, torch.float32)
 
 
 class GPTPipeline(_AutoregressivePipeline):
@@ -249,6 +285,7 @@ class GPTPipeline(_AutoregressivePipeline):
         options = self.sampling_options(guidance_scale, top_k, top_p)
         if kv_cache is not None:
             raise ValueError("kv_cache policies apply to next-scale models; GPTPipeline uses a static cache")
+        self._check_type("sampler", sampler, NextTokenSampler, "next-token")
         labels = self._class_tensor(class_labels, num_images_per_label)
         sampler = sampler or NextTokenSampler()
         grid = self.transformer.config.grid_size
@@ -266,26 +303,30 @@ BUILTIN_MODELS = {"default": ASSETS / "default", "default-gpt": ASSETS / "defaul
 def load(name: str = "default", device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None):
     """Load a pipeline by name or folder.
 
-    - "default" / "default-gpt": the small emoji models shipped in the package (offline);
-    - a folder written by `save_pretrained`;
+    - a folder written by `save_pretrained` (also one named like an official model, e.g. the output of
+      `vartk convert --out var-d16`: an existing folder comes first);
     - an official model name ("var-d16" ... "var-d36", "llamagen-b" ... "llamagen-3b"), resolved
       from $VARTK_HOME / the Hugging Face cache or downloaded.
     """
-    from .checkpoints import KNOWN_MODELS, resolve_official_file
+    from .checkpoints import KNOWN_MODELS, CheckpointError, resolve_official_file
 
     folder = BUILTIN_MODELS.get(name, Path(name))
-    if name in KNOWN_MODELS:
+    if (folder / "model_index.json").is_file():
+        class_name = json.loads((folder / "model_index.json").read_text())["_class_name"]
+        if class_name not in PIPELINES:
+            raise ValueError(f"{folder} holds a {class_name!r}, not a vartk pipeline ({sorted(PIPELINES)})")
+        try:
+            pipe = PIPELINES[class_name].from_pretrained(folder, low_cpu_mem_usage=False)
+        except (OSError, RuntimeError) as err:
+            raise CheckpointError(f"{folder} holds a {class_name} that does not load ({err}); write it again "
+                                  "with save_pretrained / vartk convert") from err
+    elif name in KNOWN_MODELS:
         known = KNOWN_MODELS[name]
         files = {role: resolve_official_file(name, file_name) for role, file_name in known.files.items()}
         if known.family == "var":
             pipe = VARPipeline.from_official(vae=files["vae"], var=files["var"])
         else:
             pipe = GPTPipeline.from_official(vq=files["vq"], gpt=files["gpt"], **known.options)
-    elif (folder / "model_index.json").is_file():
-        class_name = json.loads((folder / "model_index.json").read_text())["_class_name"]
-        if class_name not in PIPELINES:
-            raise ValueError(f"{folder} holds a {class_name!r}, not a vartk pipeline ({sorted(PIPELINES)})")
-        pipe = PIPELINES[class_name].from_pretrained(folder, low_cpu_mem_usage=False)
     elif name in BUILTIN_MODELS:
         raise FileNotFoundError(f"the built-in model {name!r} is missing from {folder}; reinstall vartk")
     else:

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..tokenizers.msvq import MultiScaleVQVAE
 from ..tokenizers.vq import VQModel
-from ..files import write_folder_atomic
+from ..files import write_folder_atomic, write_text_atomic
 from .data import Batch
 from .loop import Job, TrainConfig, arg
 
@@ -60,6 +60,14 @@ def load_tokenizer(path: str, official_cls: type) -> nn.Module:
     raise SystemExit(f"--tokenizer {path} does not exist")
 
 
+def encoding_differences(tokenizer: nn.Module, other: nn.Module) -> list[str]:
+    """Names of the parameters that decide the tokens (`token_modules`) and differ between two tokenizers:
+    empty for a `--train-decoder-only` fine-tune of `tokenizer`."""
+    ours, theirs = dict(tokenizer.named_parameters()), dict(other.named_parameters())
+    return [name for name in ours if name.split(".")[0] in tokenizer.token_modules
+            and (name not in theirs or not torch.equal(ours[name], theirs[name].to(ours[name].dtype)))]
+
+
 def flatten_tokens(encoded: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     """tokenizer.encode output (a list of maps [B, pn, pn] or one map [B, h, w]) -> [B, L]: scales in
     order, each row-major."""
@@ -79,7 +87,7 @@ class ConditionalJob(Job):
 
     def __init__(self, cfg: ConditionalTrainConfig, dataset, device: torch.device):
         self.cfg, self.device = cfg, device
-        tokenizer = load_tokenizer(cfg.tokenizer, self.official_tokenizer_cls)
+        tokenizer = self.run_tokenizer(cfg)
         self.tokenizer = tokenizer.to(device).eval().requires_grad_(False)
         self.grid_side = self.token_grid_side()
         self.num_classes = dataset.num_classes
@@ -88,6 +96,21 @@ class ConditionalJob(Job):
             self.token_table = self.encode_all(dataset.images, mirrored=False)
             if cfg.hflip > 0:
                 self.mirrored_token_table = self.encode_all(dataset.images, mirrored=True)
+
+    @classmethod
+    def run_tokenizer(cls, cfg: ConditionalTrainConfig) -> nn.Module:
+        """--tokenizer; when resuming a run that kept a copy, the copy, which --tokenizer (if it still exists)
+        must encode exactly like: the checkpoint's transformer learned those tokens."""
+        copy = Path(cfg.out) / RUN_TOKENIZER
+        if not (cfg.resume and copy.is_dir()):
+            return load_tokenizer(cfg.tokenizer, cls.official_tokenizer_cls)
+        kept = load_tokenizer(str(copy), cls.official_tokenizer_cls)
+        if Path(cfg.tokenizer).exists():
+            changed = encoding_differences(kept, load_tokenizer(cfg.tokenizer, cls.official_tokenizer_cls))
+            if changed:
+                raise SystemExit(f"--resume: --tokenizer {cfg.tokenizer} encodes differently from the one the run "
+                                 f"was trained with ({copy}; {len(changed)} parameters differ, e.g. {changed[:3]})")
+        return kept
 
     def save_inputs(self, out: Path) -> None:
         """<out>/tokenizer: the frozen tokenizer, kept with the run for `vartk train export`."""
@@ -154,8 +177,8 @@ class ConditionalJob(Job):
 
     def export(self, out: Path, class_names: list[str]) -> None:
         """<out>/transformer and <out>/pipeline (tokenizer, transformer and class names)."""
-        self.model.save_pretrained(out / "transformer")
-        (out / "class_names.json").write_text(json.dumps(class_names, indent=1) + "\n")
+        write_folder_atomic(out / "transformer", self.model.save_pretrained)
+        write_text_atomic(out / "class_names.json", json.dumps(class_names, indent=1) + "\n")
         self.save_pipeline(self.tokenizer, self.model, class_names, out / "pipeline")
 
     @classmethod

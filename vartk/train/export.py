@@ -16,13 +16,12 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from ..models.gpt import GPTTransformer
 from ..models.var import VARTransformer
 from .checkpoint import best_checkpoint, checkpoint_dir, latest_checkpoint, read_trainer_state
-from .conditional import RUN_TOKENIZER, load_tokenizer
+from .conditional import RUN_TOKENIZER, encoding_differences, load_tokenizer
 from .data import find_images
 from .gpt import GPTJob
 from .var import VARJob
@@ -45,14 +44,6 @@ def find_checkpoint(run: Path, step: int | None, best: bool = False) -> Path:
         raise SystemExit(f"vartk train export: no checkpoint{'' if step is None else f' step {step}'} in "
                          f"{checkpoint_dir(run)}; saved: {saved or 'none'}")
     return folder
-
-
-def encoding_differences(tokenizer: nn.Module, other: nn.Module) -> list[str]:
-    """Names of the parameters that decide the tokens (`token_modules`) and differ between two tokenizers:
-    empty for a `--train-decoder-only` fine-tune of `tokenizer`."""
-    ours, theirs = dict(tokenizer.named_parameters()), dict(other.named_parameters())
-    return [name for name in ours if name.split(".")[0] in tokenizer.token_modules
-            and (name not in theirs or not torch.equal(ours[name], theirs[name].to(ours[name].dtype)))]
 
 
 def run_tokenizer(run: Path, config: dict, tokenizer: str | None, official_cls: type) -> nn.Module:

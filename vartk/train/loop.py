@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoints import load_state_dict_strict
-from ..files import write_file_atomic
+from ..files import write_file_atomic, write_text_atomic
 from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from .data import Batch, BatchOrder, ImageFolder, fits_in_memory, iterate_batches, load_subset, mirror_some
 
@@ -178,7 +178,8 @@ def setup_distributed(device: str) -> Distributed:
     return Distributed(rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 
-def check_resume(cfg: TrainConfig, state: dict, num_images: int, world_size: int, checkpoint: Path) -> None:
+def check_resume(cfg: TrainConfig, state: dict, num_images: int, class_names: list[str], world_size: int,
+                 checkpoint: Path) -> None:
     """Refuse a --resume whose settings would not continue the checkpoint's run (data order, optimiser, model)."""
     if (state["world_size"], state["batch_size"]) != (world_size, cfg.batch_size):
         raise SystemExit(
@@ -195,9 +196,12 @@ def check_resume(cfg: TrainConfig, state: dict, num_images: int, world_size: int
     if state.get("num_images", num_images) != num_images:
         raise SystemExit(f"--resume from {checkpoint}: --data {cfg.data} holds {num_images} images, the run was "
                          f"trained on {state['num_images']}; the data order would differ")
-    if cfg.max_steps <= state["step"]:
+    if state.get("class_names", class_names) != class_names:
+        raise SystemExit(f"--resume from {checkpoint}: --data {cfg.data} has the classes {class_names}, the run "
+                         f"was trained on {state['class_names']}; the class ids would differ")
+    if cfg.max_steps < state["step"]:
         raise SystemExit(f"--resume from {checkpoint}: it is already at step {state['step']}; give --max-steps "
-                         f"above that (now {cfg.max_steps})")
+                         f"{state['step']} (to redo only the final export) or more (now {cfg.max_steps})")
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -361,6 +365,20 @@ def validate(job: Job, trainees: dict[str, Trainee], held_out: Batch, cfg: Train
     return {name: value / sums[-1].item() for name, value in zip(names, sums[:-1].tolist())}
 
 
+def trim_log(path: Path, start_step: int) -> None:
+    """Drop the log.jsonl records of steps >= start_step (and a line cut short by a kill): a resumed run redoes,
+    and logs again, the steps a killed run took after its last checkpoint."""
+    def before_start(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] < start_step
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return False
+
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if before_start(line)]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
 def log_validation(out: Path, step: int, validation: dict, progress) -> None:
     """One log.jsonl record {"step", "val_<metric>", ...} and one printed line."""
     record = {"step": step, **{f"val_{name}": value for name, value in validation.items()}}
@@ -405,13 +423,14 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
     if resume_from is not None:
         state = read_trainer_state(resume_from)
-        check_resume(cfg, state, len(dataset), dist.world_size, resume_from)
+        check_resume(cfg, state, len(dataset), dataset.class_names, dist.world_size, resume_from)
         load_checkpoint(resume_from, modules, optimizers, schedulers)
         start_step = state["step"]
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        write_text_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        trim_log(out / "log.jsonl", start_step)
         job.save_inputs(out)
     progress = None
     if dist.is_main and cfg.progress:

@@ -21,6 +21,7 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..files import write_folder_atomic
 from ..tokenizers.msvq import MultiScaleVQVAE
 from .data import Batch
 from .loop import Job, TrainConfig, arg, parse_config, run_training
@@ -216,7 +217,7 @@ class TokenizerJob(Job):
         return torch.cat([self.preview, recon.float()]), len(self.preview)
 
     def export(self, out: Path, class_names: list[str]) -> None:
-        self.model.save_pretrained(out / "tokenizer")
+        write_folder_atomic(out / "tokenizer", self.model.save_pretrained)
 
 
 def main(argv: list[str]) -> Path:
