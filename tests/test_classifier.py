@@ -1,4 +1,6 @@
 """The in-domain classifier: trains, predicts, and serves as the "vartk-emoji" feature extractor."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,13 @@ def test_classifier_learns_and_round_trips(trained):
     images, labels, names = load_folder(root / "test", 16)
     assert names == ["blue", "red"]
     assert accuracy(model, images, labels) == 1.0
+    shutil.rmtree(root / "test_red", ignore_errors=True)
+    shutil.copytree(root / "test" / "red", root / "test_red" / "red")  # a held-out tree without "blue"
+    red_images, red_labels, red_names = load_folder(root / "test_red", 16, class_names=names)
+    assert red_labels.tolist() == [1] * len(red_labels) and red_names == names
+    assert accuracy(model, red_images, red_labels) == 1.0  # by name: "red" is class 1 of the model, not 0
+    with pytest.raises(ValueError, match=r"class folders \['red'\] .* not among the classes \['blue'\]"):
+        load_folder(root / "test_red", 16, class_names=["blue"])
     again = ImageClassifier.from_pretrained(root / "model", low_cpu_mem_usage=False)
     assert again.config.class_names == ["blue", "red"]
     assert torch.allclose(again(images), model(images), atol=1e-6)

@@ -78,6 +78,18 @@ def test_resuming_with_other_settings_is_refused(tiny_pipeline, uninterrupted):
         fid.evaluate(str(tiny_pipeline), uninterrupted, guidance_scale=3.0, **RUN)
 
 
+def test_resuming_after_the_models_weights_changed_is_refused(tiny_pipeline, tmp_path):
+    model, out = tmp_path / "model", tmp_path / "run"
+    pipe = VARPipeline.from_pretrained(tiny_pipeline)
+    pipe.save_pretrained(model)
+    fid.evaluate(str(model), out, **{**RUN, "num_images": 2})
+    with torch.no_grad():
+        pipe.transformer.head.bias.add_(1.0)  # retrained into the same folder
+    pipe.save_pretrained(model)
+    with pytest.raises(ValueError, match=r"sampled with other settings \(weights: '[0-9a-f]{16}' -> '[0-9a-f]{16}'\)"):
+        fid.evaluate(str(model), out, **{**RUN, "num_images": 2})
+
+
 def test_torchrun_ranks_write_disjoint_complete_shards(tiny_pipeline, uninterrupted, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}

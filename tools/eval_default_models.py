@@ -107,8 +107,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    held_out_images, held_out_labels, _ = load_folder(Path(args.data) / args.split, 64)
     classifier = ImageClassifier.from_pretrained(SHIPPED_WEIGHTS, low_cpu_mem_usage=False).eval()
+    held_out_images, held_out_labels, _ = load_folder(Path(args.data) / args.split, 64, classifier.config.class_names)
     results = {"device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
                "split": args.split, "held_out_images": len(held_out_labels),
                "classifier_accuracy_real_held_out": accuracy(classifier, held_out_images, held_out_labels), "runs": []}

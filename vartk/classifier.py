@@ -70,12 +70,20 @@ def accuracy(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor)
     return (predict(model, images) == labels).float().mean().item()
 
 
-def load_folder(root: str | os.PathLike, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(images [N, 3, S, S] in [0, 1], labels [N], class names) of an ImageFolder tree."""
+def load_folder(root: str | os.PathLike, image_size: int, class_names: list[str] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(images [N, 3, S, S] in [0, 1], labels [N], class names) of an ImageFolder tree. With `class_names` (e.g. a
+    model's), the labels index that list by folder name, so a held-out tree may lack some classes."""
     from .train.data import ImageFolder
 
     dataset = ImageFolder(root, image_size, cache=True)
-    return dataset.images.float() / 255, dataset.labels, list(dataset.class_names)
+    labels, names = dataset.labels, list(dataset.class_names)
+    if class_names is not None:
+        unknown = sorted(set(names) - set(class_names))
+        if unknown:
+            raise ValueError(f"class folders {unknown} of {root} are not among the classes {class_names}")
+        labels, names = torch.tensor([class_names.index(names[i]) for i in labels.tolist()]), list(class_names)
+    return dataset.images.float() / 255, labels, names
 
 
 def train_classifier(data: str, out: str, test: str | None = None, steps: int = 1500, batch_size: int = 64,
@@ -105,7 +113,7 @@ def train_classifier(data: str, out: str, test: str | None = None, steps: int = 
     model.eval()
     write_folder_atomic(out, model.save_pretrained)
     if test:
-        test_images, test_labels, _ = load_folder(test, image_size)
+        test_images, test_labels, _ = load_folder(test, image_size, class_names=names)
         print(f"held-out accuracy: {accuracy(model, test_images, test_labels):.4f} on {len(test_labels)} images")
     return model
 

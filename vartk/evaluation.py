@@ -20,7 +20,8 @@ models, is scored with those instead):
 Layout of --out: samples/batch_000123/00006150.png (file name = global image index) plus meta.json
 (labels, seed, rank); a batch is written into a hidden temporary folder and renamed into place when
 complete, so a killed run leaves only whole batches, and a rerun of the same command redoes only the
-missing ones. settings.json pins the sampling settings (a rerun with other settings is refused) and
+missing ones. settings.json pins the sampling settings and a fingerprint of the weights (a rerun with other
+settings or another model's weights is refused) and
 results.json holds metrics, settings, software versions and wall times.
 
 Under torchrun each rank samples the batches b with b % world_size == rank; rank 0 scores after a
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -92,6 +94,17 @@ def protocol_settings(pipe, model: str) -> dict:
     (`sampling_defaults`, e.g. vartk's own models), else the published ones."""
     saved = getattr(pipe.config, "sampling_defaults", None) or {}
     return {**published_settings(pipe, model), **saved}
+
+
+def weights_fingerprint(pipe) -> str:
+    """sha256 (16 hex digits) of the names and bytes of the tokenizer's and transformer's weights, pinned in
+    settings.json: a resumed run must sample the model the first batches came from."""
+    digest = hashlib.sha256()
+    for component in (pipe.tokenizer, pipe.transformer):
+        for name, tensor in component.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def native_image_size(pipe) -> int:
@@ -381,7 +394,7 @@ def evaluate(
     options = {**protocol_settings(pipe, model_name), **{k: v for k, v in given.items() if v is not None}}
     eval_size = resolve_eval_size(pipe, image_size_eval)
     settings = {
-        "model": model_name, "family": pipe.family, "num_classes": plan.num_classes, "num_images": plan.num_images,
+        "model": model_name, "weights": weights_fingerprint(pipe), "family": pipe.family, "num_classes": plan.num_classes, "num_images": plan.num_images,
         "batch_size": batch_size, "seed": seed, "labels": labels,
         "class_counts": list(class_counts) if class_counts else None, **options,
         "sampler": sampler if isinstance(sampler, str) or sampler is None else repr(sampler),
