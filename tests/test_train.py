@@ -428,11 +428,14 @@ def test_unused_codes_restart_on_residual_vectors():
     assert all(torch.isclose(vectors, code, atol=1e-6).all(1).any() for code in codebook[1:])
     _, _, after = model(images)
     assert after["codebook_usage"] >= 0.5
-    with pytest.raises(SystemExit, match="--restart-codes-every 3 must be >= 0 and divide --save-every 10"):
-        from vartk.train.tokenizer import TokenizerTrainConfig
-        parse_config(TokenizerTrainConfig, ["--data", "x", "--image-size", "8", "--patch-nums", "1,2,4",
-                                            "--ch-mult", "1,2", "--save-every", "10", "--restart-codes-every", "3"],
-                     "test")
+    from vartk.train.tokenizer import TokenizerTrainConfig
+
+    for save_every, max_steps in ((10, 30), (9, 10)):  # the final checkpoint at --max-steps must not cut a window
+        with pytest.raises(SystemExit, match=f"--restart-codes-every 3 must be >= 0 and divide --save-every "
+                                             f"{save_every} and --max-steps {max_steps}"):
+            parse_config(TokenizerTrainConfig, ["--data", "x", "--image-size", "8", "--patch-nums", "1,2,4",
+                                                "--ch-mult", "1,2", "--save-every", str(save_every), "--max-steps",
+                                                str(max_steps), "--restart-codes-every", "3"], "test")
 
 
 def test_train_decoder_only_keeps_the_tokens_and_changes_the_decoder(images, tmp_path):

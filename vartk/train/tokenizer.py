@@ -75,10 +75,12 @@ class TokenizerTrainConfig(TrainConfig):
                 f"--patch-nums ends at {self.patch_nums[-1]} but --image-size {self.image_size} with --ch-mult "
                 f"{','.join(map(str, self.ch_mult))} gives a {latent}x{latent} latent; make them agree"
             )
-        if self.restart_codes_every < 0 or (self.restart_codes_every and self.save_every % self.restart_codes_every):
+        every = self.restart_codes_every
+        if every < 0 or (every and (self.save_every % every or self.max_steps % every)):
             raise SystemExit(
-                f"--restart-codes-every {self.restart_codes_every} must be >= 0 and divide --save-every "
-                f"{self.save_every} (checkpoints fall between restart windows, so --resume stays exact)"
+                f"--restart-codes-every {every} must be >= 0 and divide --save-every {self.save_every} and "
+                f"--max-steps {self.max_steps} (every checkpoint falls between restart windows, so --resume stays "
+                "exact)"
             )
         if self.train_decoder_only and self.restart_codes_every:
             raise SystemExit("--train-decoder-only keeps the codebook fixed; it cannot be combined with "
