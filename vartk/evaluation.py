@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             image_size_eval=size if size in ("auto", None) else int(size), metrics=metrics,
             cache_reference=not args.no_reference_cache, sample_only=args.sample_only, json_path=args.json, **scoring,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         raise SystemExit(f"vartk fid: {err}")
 
 
