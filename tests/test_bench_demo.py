@@ -1,7 +1,9 @@
 """The benchmark script's code path (tiny models, CPU) and the Gradio demo end to end on loopback."""
 import math
+import re
 import socket
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +36,17 @@ def demo_folder(tmp_path_factory):
     return str(folder)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--tiny", "--only", "GPT-B"], r"--only \['GPT-B'\] unknown; the tiny models are \['GPT-tiny', 'VAR-tiny'\]"),
+    (["--tiny", "--repeats", "0"], "--repeats: 0 must be >= 1"),
+    ([], "take hours per row on a CPU; run on a GPU, or pass --tiny"),
+])
+def test_bench_refuses_what_would_mislead_or_take_hours(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_main(["--device", "cpu", *argv])
+    assert re.search(message, capsys.readouterr().err)
+
+
 def test_demo_backend_generates_named_classes(demo_folder):
     from vartk.demo import DemoBackend
 
@@ -41,6 +54,9 @@ def test_demo_backend_generates_named_classes(demo_folder):
     assert backend.class_choices(demo_folder) == ["cat", "dog", "fox"]
     images = backend.generate(demo_folder, "dog", 3, 1.5, 10, 0.9, 0)
     assert len(images) == 3 and images[0].size == (8, 8)
+    as_arrays = lambda images: [np.asarray(im) for im in images]  # noqa: E731
+    assert np.array_equal(as_arrays(backend.generate(demo_folder, "dog", 3, 1.5, 10, 0.9, None)), as_arrays(images))
+    assert len(backend.generate(demo_folder, "dog", 1, 1.5, 10, 0.9, 2**70)) == 1  # a cleared or huge seed box
 
 
 def test_demo_serves_on_loopback(demo_folder):
@@ -50,12 +66,19 @@ def test_demo_serves_on_loopback(demo_folder):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo = build_demo(DemoBackend([demo_folder], "cpu"))
+    backend = DemoBackend([demo_folder], "cpu")
+    demo = build_demo(backend)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
         gallery = client.predict(demo_folder, "fox", 2, 1.5, 10, 0.9, 0, api_name="/generate")
         assert len(gallery) == 2
+        def refuse(*values):
+            raise ValueError("guidance_scale must be a finite number >= 0, got nan")
+
+        backend.generate = refuse
+        with pytest.raises(Exception, match="guidance_scale must be a finite number"):  # the message reaches the user
+            client.predict(demo_folder, "fox", 1, 1.5, 10, 0.9, 0, api_name="/generate")
     finally:
         demo.close()
 

@@ -1,11 +1,13 @@
 import argparse
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from vartk.checkpoints import (
-    KNOWN_MODELS, CheckpointError, load_state_dict_strict, read_official_file, resolve_official_file,
+    KNOWN_MODELS, CheckpointError, default_cache_dir, find_local_file, load_state_dict_strict, read_official_file,
+    resolve_official_files,
 )
 
 
@@ -54,13 +56,35 @@ def test_strict_load_names_keys_and_shapes():
         load_state_dict_strict(model, reshaped)
 
 
-def test_offline_resolution_says_which_file_and_where(tmp_path, monkeypatch):
+def test_offline_resolution_says_which_files_and_where(tmp_path, monkeypatch):
     monkeypatch.setenv("VARTK_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match=r"var_d16.pth.*huggingface.co/FoundationVision/var.*" + str(tmp_path)):
-        resolve_official_file("var-d16", "var_d16.pth")
+    both = (r"vae_ch160v4096z32.pth, var_d16.pth for 'var-d16' are not available locally.*"
+            r"https://huggingface.co/FoundationVision/var/resolve/main/vae_ch160v4096z32.pth "
+            r"https://huggingface.co/FoundationVision/var/resolve/main/var_d16.pth and put them in " + str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=both):
+        resolve_official_files("var-d16")
     (tmp_path / "var_d16.pth").write_bytes(b"x")
-    assert resolve_official_file("var-d16", "var_d16.pth") == tmp_path / "var_d16.pth"
+    with pytest.raises(FileNotFoundError, match=r"vae_ch160v4096z32.pth for 'var-d16' is not available locally"):
+        resolve_official_files("var-d16")
+    (tmp_path / "vae_ch160v4096z32.pth").write_bytes(b"x")
+    assert resolve_official_files("var-d16") == {"vae": tmp_path / "vae_ch160v4096z32.pth",
+                                                 "var": tmp_path / "var_d16.pth"}
+
+
+def test_files_in_the_hugging_face_cache_are_found_offline(tmp_path, monkeypatch):
+    hub = tmp_path / "hub" / "models--FoundationVision--var"
+    (hub / "snapshots" / "abc").mkdir(parents=True)
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("abc")
+    (hub / "snapshots" / "abc" / "var_d16.pth").write_bytes(b"x")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("VARTK_HOME", str(tmp_path / "empty"))
+    assert find_local_file("FoundationVision/var", "var_d16.pth") == hub / "snapshots" / "abc" / "var_d16.pth"
+    monkeypatch.setenv("VARTK_HOME", "~/nowhere")
+    assert default_cache_dir() == Path.home() / "nowhere"
 
 
 def test_known_model_names():

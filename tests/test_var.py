@@ -114,6 +114,9 @@ def test_from_official_file_round_trip(tmp_path):
     assert loaded.config.shared_aln is True and loaded.config.num_classes == NUM_CLASSES
     labels, x = torch.tensor([0, 4]), torch.randn(2, 13, 8)
     assert torch.equal(loaded(labels, x), model(labels, x))
+    assert not loaded.training  # ready to sample, as the other from_official loaders
+    in_memory = VARTransformer.from_official({"trainer": {"var_wo_ddp": model.state_dict()}}, patch_nums=PATCH_NUMS)
+    assert torch.equal(in_memory(labels, x), model(labels, x))  # a training checkpoint's layout, not from a file
 
 
 def test_from_official_errors_name_keys_and_shapes():

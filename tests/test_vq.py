@@ -56,6 +56,17 @@ def test_renamed_key_is_named_in_the_error():
         VQModel.from_official(state_dict, norm_groups=8, usage_queue_size=256)
 
 
+def test_the_other_familys_tokenizer_file_is_named_as_such():
+    from vartk.tokenizers.msvq import MultiScaleVQVAE
+
+    vae = MultiScaleVQVAE(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32, patch_nums=(1, 2, 4),
+                          norm_groups=8).state_dict()  # VAR's layout
+    with pytest.raises(CheckpointError, match=r"not a LlamaGen VQ file: it has no \['encoder.conv_blocks.0.res"):
+        VQModel.from_official(vae)
+    with pytest.raises(CheckpointError, match=r"not a VAR VAE file: it has no \['encoder.down.0.block"):
+        MultiScaleVQVAE.from_official(tiny_vq().state_dict())
+
+
 def test_wrong_shape_names_key_and_both_shapes():
     state_dict = tiny_vq().state_dict()
     state_dict["post_quant_conv.bias"] = torch.zeros(17)

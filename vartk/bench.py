@@ -106,60 +106,92 @@ def format_row(row: Row) -> str:
     compiled = OFFICIAL_COMPILED.get((row.model, row.batch))
     ratio = f"{row.images_per_second / official[1]:.2f}x" if official else "-"
     ratio_compiled = f"{row.images_per_second / compiled[1]:.2f}x" if compiled else "-"
+    seconds, images_per_second, peak_mib = official or ("-", "-", "-")
     return (f"| {row.model} | {row.mode} | {row.batch} | {row.seconds:.3f} | {row.images_per_second:.1f} | "
-            f"{row.peak_mib:.0f} | {row.first_call:.2f} | {official[0] if official else '-'} | "
-            f"{official[1] if official else '-'} | {ratio} | {ratio_compiled} |")
+            f"{row.peak_mib:.0f} | {row.first_call:.2f} | {seconds} | {images_per_second} | {peak_mib} | {ratio} | "
+            f"{ratio_compiled} |")
 
 
 HEADER = ("| model | mode | batch | s / call | img/s | peak MiB | first call s | official s | official img/s | "
-          "speed-up vs official eager | vs official compiled |\n|" + "---|" * 11)
+          "official peak MiB | speed-up vs official eager | vs official compiled |\n|" + "---|" * 12)
 
 
-def build_models(tiny: bool, dtype: torch.dtype, device: torch.device):
-    """Random-weight models: {name: (kind, transformer, tokenizer or None)}."""
-    if tiny:
-        tokenizer = MultiScaleVQVAE(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64,
-                                    patch_nums=(1, 2, 4), norm_groups=8)
-        var = {"VAR-tiny": VARTransformer(depth=2, width=64, num_heads=2, vocab_size=64, latent_channels=8,
-                                          patch_nums=(1, 2, 4))}
-        gpt = {"GPT-tiny": GPTTransformer(dim=64, n_layer=2, n_head=2, vocab_size=64, grid_size=4)}
+def tiny_models() -> dict:
+    """{name: (kind, build)} of tiny random models, for a smoke run of the code path."""
+    tokenizer = lambda: MultiScaleVQVAE(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8,  # noqa: E731
+                                        vocab_size=64, patch_nums=(1, 2, 4), norm_groups=8)
+    return {
+        "VAR-tiny": ("var", lambda: (VARTransformer(depth=2, width=64, num_heads=2, vocab_size=64, latent_channels=8,
+                                                    patch_nums=(1, 2, 4)), tokenizer())),
+        "GPT-tiny": ("gpt", lambda: (GPTTransformer(dim=64, n_layer=2, n_head=2, vocab_size=64, grid_size=4), None)),
+    }
+
+
+def full_models() -> dict:
+    """{name: (kind, build)} of the models the official numbers describe, with random weights."""
+    models = {f"VAR-d{d}": ("var", lambda d=d: (VARTransformer(depth=d), MultiScaleVQVAE())) for d in (16, 30)}
+    models.update({name: ("gpt", lambda name=name: (GPTTransformer(**GPT_CONFIGS[name]), None))
+                   for name in ("GPT-B", "GPT-L")})
+    return models
+
+
+def build(kind: str, builder, dtype: torch.dtype, device: torch.device):
+    """(transformer in `dtype`, tokenizer in float32 or None) on `device`, randomly initialised, in eval mode."""
+    transformer, tokenizer = builder()
+    if kind == "var":
+        transformer.init_weights()
     else:
-        tokenizer = MultiScaleVQVAE()
-        var = {f"VAR-d{d}": VARTransformer(depth=d) for d in (16, 30)}
-        gpt = {name: GPTTransformer(**GPT_CONFIGS[name]) for name in ("GPT-B", "GPT-L")}
-    tokenizer = tokenizer.to(device).eval()
-    models = {name: ("var", m.init_weights() or m, tokenizer) for name, m in var.items()}
-    models.update({name: ("gpt", m.init_weights(randomize_output=True) or m, None) for name, m in gpt.items()})
-    return {name: (kind, m.to(device, dtype).eval(), tok) for name, (kind, m, tok) in models.items()}
+        transformer.init_weights(randomize_output=True)
+    return transformer.to(device, dtype).eval(), tokenizer.to(device).eval() if tokenizer is not None else None
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
+    from .cli import parse_device
+
     parser = argparse.ArgumentParser(prog="vartk bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", nargs="*", default=None, help="model names to run, e.g. VAR-d16 GPT-B")
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--only", nargs="+", default=None, help="model names to run, e.g. VAR-d16 GPT-B")
     parser.add_argument("--tiny", action="store_true", help="tiny random models: a smoke run of the code path")
+    parser.add_argument("--force", action="store_true", help="run the full-size models on a CPU anyway (hours)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    models = tiny_models() if args.tiny else full_models()
+    unknown = sorted(set(args.only or []) - set(models))
+    if unknown:
+        parser.error(f"--only {unknown} unknown; the {'tiny' if args.tiny else 'full'} models are {sorted(models)}")
+    if device.type == "cpu" and not (args.tiny or args.force):
+        parser.error("the full-size models take hours per row on a CPU; run on a GPU, or pass --tiny for a smoke "
+                     "run (--force to time them on the CPU anyway)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"dtype {args.dtype}")
+          f"dtype {args.dtype}; peak MiB: weights included, one model on the device at a time")
     print(HEADER)
-    models = build_models(args.tiny, getattr(torch, args.dtype), device)
     gpt_modes = ["eager", "cuda-graph"] if device.type == "cuda" else ["eager"]
     rows = []
-    for name, (kind, transformer, tokenizer) in models.items():
+    for name, (kind, builder) in models.items():
         if args.only and name not in args.only:
             continue
+        transformer, tokenizer = build(kind, builder, getattr(torch, args.dtype), device)
         if kind == "var":
             rows += bench_var(name, transformer, tokenizer, args.batches, args.repeats, device)
         else:
             rows += bench_gpt(name, transformer, args.batches, args.repeats, device, gpt_modes)
+        del transformer, tokenizer  # the next model's peak memory counts its own weights only
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 

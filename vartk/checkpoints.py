@@ -36,6 +36,12 @@ def read_official_file(path: str | os.PathLike, containers: tuple[str, ...] = ()
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict of tensors")
+    return unwrap_state_dict(obj, containers, f"checkpoint {str(path)!r}")
+
+
+def unwrap_state_dict(obj: dict, containers: tuple[str, ...] = (), source: str = "state dict") -> dict:
+    """The flat name -> tensor dict of a loaded checkpoint: under the first of `containers` present (dotted
+    paths descend), else at the top level."""
     for path_in_file in containers:
         inner = obj
         for name in path_in_file.split("."):
@@ -46,7 +52,7 @@ def read_official_file(path: str | os.PathLike, containers: tuple[str, ...] = ()
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} holds no tensors at the top level"
+            f"{source} holds no tensors at the top level"
             + (f" nor under {list(containers)}" if containers else "")
             + f"; its keys are {sorted(obj)[:10]}"
         )
@@ -120,28 +126,42 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 
 def default_cache_dir() -> Path:
     """Folder searched first for official files: $VARTK_HOME or ~/.cache/vartk."""
-    return Path(os.environ.get("VARTK_HOME", Path.home() / ".cache" / "vartk"))
+    return Path(os.environ.get("VARTK_HOME") or Path.home() / ".cache" / "vartk").expanduser()
 
 
-def resolve_official_file(name: str, file_name: str, search_dirs: list[Path] | None = None) -> Path:
-    """Find `file_name` of known model `name` locally, else download it from the hub.
-
-    Looks in `search_dirs`, then $VARTK_HOME (~/.cache/vartk), then the Hugging Face cache;
-    offline, raises FileNotFoundError naming the file, where to get it and where to put it.
-    """
-    known = KNOWN_MODELS[name]
-    dirs = list(search_dirs or []) + [default_cache_dir()]
-    for folder in dirs:
+def find_local_file(repo: str, file_name: str, search_dirs: list[Path] | None = None) -> Path | None:
+    """`file_name` in `search_dirs`, $VARTK_HOME (~/.cache/vartk) or the Hugging Face cache; None if absent."""
+    for folder in [*(search_dirs or []), default_cache_dir()]:
         candidate = Path(folder) / file_name
         if candidate.is_file():
             return candidate
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(known.hub_repo, file_name))
-    except Exception as err:
-        raise FileNotFoundError(
-            f"{file_name} for {name!r} is not available locally and could not be downloaded ({type(err).__name__}). "
-            f"Download it from https://huggingface.co/{known.hub_repo}/blob/main/{file_name} "
-            f"and put it in {default_cache_dir()} (or set VARTK_HOME to the folder that holds it)."
-        ) from err
+        return Path(hf_hub_download(repo, file_name, local_files_only=True))
+    except Exception:
+        return None
+
+
+def resolve_official_files(name: str, search_dirs: list[Path] | None = None) -> dict[str, Path]:
+    """{role: path} of every file of known model `name`: found locally (`find_local_file`), else downloaded
+    from the hub. When a download fails, one FileNotFoundError lists every missing file, its URL and the
+    folder to put it in."""
+    known = KNOWN_MODELS[name]
+    paths = {role: find_local_file(known.hub_repo, file, search_dirs) for role, file in known.files.items()}
+    missing = [role for role, path in paths.items() if path is None]
+    from huggingface_hub import hf_hub_download
+
+    for role in missing:
+        try:
+            paths[role] = Path(hf_hub_download(known.hub_repo, known.files[role]))
+        except Exception as err:
+            absent = [known.files[r] for r in missing if paths[r] is None]
+            urls = " ".join(f"https://huggingface.co/{known.hub_repo}/resolve/main/{f}" for f in absent)
+            raise FileNotFoundError(
+                f"{', '.join(absent)} for {name!r} {'is' if len(absent) == 1 else 'are'} not available locally and "
+                f"could not be downloaded ({type(err).__name__}). Download {urls} and put "
+                f"{'it' if len(absent) == 1 else 'them'} in {default_cache_dir()} (or set VARTK_HOME to the folder "
+                "that holds them; HF_HUB_OFFLINE=1 skips the download attempt)."
+            ) from err
+    return paths

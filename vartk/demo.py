@@ -32,9 +32,10 @@ class DemoBackend:
 
     def generate(self, model_name: str, class_choice: str, count: int, guidance_scale: float, top_k: int,
                  top_p: float, seed: int):
+        """Images for the UI's values; an empty seed box means 0, any integer is taken modulo 2^63."""
         pipe = self.pipes[model_name]
         label = self.class_choices(model_name).index(class_choice)
-        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        generator = torch.Generator(device=self.device).manual_seed(int(seed or 0) % 2**63)
         return pipe(class_labels=[label], num_images_per_label=int(count), guidance_scale=float(guidance_scale),
                     top_k=int(top_k), top_p=float(top_p), generator=generator, output_type="pil",
                     progress=False).images
@@ -61,7 +62,13 @@ def build_demo(backend: DemoBackend):
         model.change(lambda m: (gr.Dropdown(choices=backend.class_choices(m), value=backend.class_choices(m)[0]),
                                 *backend.sampling_sliders(m)),
                      model, [label, cfg, top_k, top_p])
-        run.click(backend.generate, [model, label, count, cfg, top_k, top_p, seed], gallery, api_name="generate")
+        def generate(*values):
+            try:
+                return backend.generate(*values)
+            except ValueError as err:  # a bad setting: shown in the UI, not as a bare "Error"
+                raise gr.Error(str(err))
+
+        run.click(generate, [model, label, count, cfg, top_k, top_p, seed], gallery, api_name="generate")
     return demo
 
 
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     backend = DemoBackend(args.model or ["default", "default-gpt"], args.device)
-    build_demo(backend).launch(server_name=args.host, server_port=args.port)
+    build_demo(backend).launch(server_name=args.host, server_port=args.port, show_error=True)
 
 
 if __name__ == "__main__":

@@ -308,7 +308,7 @@ def load(name: str = "default", device: str | torch.device = "cpu", torch_dtype:
     - an official model name ("var-d16" ... "var-d36", "llamagen-b" ... "llamagen-3b"), resolved
       from $VARTK_HOME / the Hugging Face cache or downloaded.
     """
-    from .checkpoints import KNOWN_MODELS, CheckpointError, resolve_official_file
+    from .checkpoints import KNOWN_MODELS, CheckpointError, resolve_official_files
 
     folder = BUILTIN_MODELS.get(name, Path(name))
     if (folder / "model_index.json").is_file():
@@ -322,7 +322,7 @@ def load(name: str = "default", device: str | torch.device = "cpu", torch_dtype:
                                   "with save_pretrained / vartk convert") from err
     elif name in KNOWN_MODELS:
         known = KNOWN_MODELS[name]
-        files = {role: resolve_official_file(name, file_name) for role, file_name in known.files.items()}
+        files = resolve_official_files(name)
         if known.family == "var":
             pipe = VARPipeline.from_official(vae=files["vae"], var=files["var"])
         else:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from vartk.checkpoints import CheckpointError, load_state_dict_strict, read_official_file
+from vartk.checkpoints import CheckpointError, load_state_dict_strict, read_official_file, unwrap_state_dict
 from vartk.models.attention import KVCache, attention
 
 from vartk.tokenizers.msvq import PATCH_NUMS_256, PATCH_NUMS_512  # 680 tokens at 256 px, 2240 at 512 px
@@ -329,7 +329,8 @@ class VARTransformer(ModelMixin, ConfigMixin):
         read from the tensors; `overrides` replace inferred config values.
         """
         if isinstance(path_or_state_dict, Mapping):
-            state_dict, source = dict(path_or_state_dict), "state dict"
+            state_dict = unwrap_state_dict(dict(path_or_state_dict), ("trainer.var_wo_ddp",))
+            source = "state dict"
         else:
             state_dict = read_official_file(path_or_state_dict, containers=("trainer.var_wo_ddp",))
             source = str(path_or_state_dict)
@@ -345,7 +346,7 @@ class VARTransformer(ModelMixin, ConfigMixin):
         model.reset_buffers()
         weights = {k: v for k, v in state_dict.items() if not k.endswith(RECOMPUTED_BUFFERS)}
         load_state_dict_strict(model, weights, source=source, ignore=RECOMPUTED_BUFFERS)
-        return model
+        return model.eval()
 
     def reset_buffers(self):
         """Recompute the constant buffers (after `to_empty`)."""

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoints import CheckpointError
+
 
 @dataclass(frozen=True)
 class KeyLayout:
@@ -271,8 +273,12 @@ class Decoder(nn.Module):
 def infer_encoder_config(state_dict: dict[str, torch.Tensor], layout: KeyLayout) -> dict:
     """Read `in_channels`, `ch`, `ch_mult`, `num_res_blocks`, `z_channels` off an official encoder's weights."""
     prefix = f"encoder.{layout.encoder_levels}."
-    if "encoder.conv_in.weight" not in state_dict:
-        raise KeyError(f"state dict has no 'encoder.conv_in.weight'; its first keys are {sorted(state_dict)[:5]}")
+    expected = ("encoder.conv_in.weight", f"{prefix}0.{layout.blocks}.0.conv1.weight", "encoder.conv_out.weight")
+    absent = [key for key in expected if key not in state_dict]
+    if absent:
+        family = "LlamaGen VQ" if layout == LLAMAGEN_LAYOUT else "VAR VAE"
+        raise CheckpointError(f"not a {family} file: it has no {absent} (a {family} has {list(expected)}); "
+                              f"its first keys are {sorted(state_dict)[:5]}")
     ch, in_channels = state_dict["encoder.conv_in.weight"].shape[:2]
     num_levels = 1 + max(int(k[len(prefix) :].split(".")[0]) for k in state_dict if k.startswith(prefix))
     first_level = f"{prefix}0.{layout.blocks}."
