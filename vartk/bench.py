@@ -21,7 +21,7 @@ from .samplers.next_scale import NextScaleSampler
 from .samplers.next_token import NextTokenSampler
 from .tokenizers.msvq import MultiScaleVQVAE
 
-# Official samplers on one H100 (shared/reference/anchor_baseline.md): (model, batch) -> (s / call, img/s, peak MiB).
+# Official samplers on one H100 (the project reference notes, anchor_baseline.md): (model, batch) -> (s / call, img/s, peak MiB).
 OFFICIAL = {
     ("VAR-d16", 1): (0.199, 5.0, 1808), ("VAR-d16", 16): (0.251, 63.8, 4299), ("VAR-d16", 64): (0.532, 120.3, 12277),
     ("VAR-d30", 1): (0.322, 3.1, 6187), ("VAR-d30", 16): (0.456, 35.1, 13409), ("VAR-d30", 64): (1.212, 52.8, 36532),
