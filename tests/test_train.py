@@ -380,6 +380,11 @@ def test_pruning_keeps_the_best_validated_checkpoint_and_export_picks_it(tmp_pat
     assert latest_checkpoint(tmp_path).name == "step_0000004"
     with pytest.raises(SystemExit, match="no checkpoint in .* was validated; train with --val-data"):
         find_checkpoint(tmp_path / "elsewhere", None, best=True)
+    resumed = tmp_path / "resumed"  # --val-data changed on resume at step 3: losses of the two sets do not compare
+    for step, loss, held_out in ((1, 0.1, "val_a"), (2, 0.5, "val_a"), (3, 0.4, "val_b"), (4, 0.3, "val_b")):
+        save_checkpoint(resumed, step, {"model": module}, {"model": optimizer}, {"model": scheduler},
+                        {"validation": {"loss": loss}, "config": {"val_data": held_out, "val_images": 8}}, keep=5)
+    assert best_checkpoint(resumed).name == "step_0000004"
 
 
 def test_torchrun_two_processes_gloo(images, tmp_path):

@@ -86,11 +86,22 @@ def validation_loss(folder: Path) -> float | None:
     return validation["loss"] if validation else None
 
 
+def validation_set(folder: Path) -> tuple:
+    """(--val-data, --val-images) a checkpoint was validated on: losses on other sets do not compare."""
+    config = read_trainer_state(folder).get("config", {})
+    return config.get("val_data"), config.get("val_images")
+
+
 def best_checkpoint(out: Path) -> Path | None:
-    """The saved checkpoint with the lowest held-out loss (the earliest on a tie), or None if none was validated."""
+    """The saved checkpoint with the lowest held-out loss (the earliest on a tie) among those validated on the
+    newest validated checkpoint's held-out set (a resumed run may have changed --val-data), or None if none was
+    validated."""
     scored = [(loss, folder) for folder in sorted(checkpoint_dir(out).glob("step_???????"))
               if (loss := validation_loss(folder)) is not None]
-    return min(scored, key=lambda pair: pair[0])[1] if scored else None
+    if not scored:
+        return None
+    held_out = validation_set(scored[-1][1])
+    return min((pair for pair in scored if validation_set(pair[1]) == held_out), key=lambda pair: pair[0])[1]
 
 
 def latest_checkpoint(out: Path) -> Path | None:
