@@ -257,16 +257,34 @@ def kill_after(run: Path, step: int, into: Path) -> None:
     (into / "log.jsonl").write_text("\n".join(lines) + "\n" + lines[-1][:10])
 
 
+@pytest.mark.parametrize("shared_aln", [False, True])
+def test_var_weight_decay_follows_the_official_rule(shared_aln):
+    """No decay on 1-D parameters, biases and names containing pos_1LC / pos_start / lvl_embed / gamma / beta /
+    ada_gss / scale_mul / cls_token (the official VAR trainer's rule), decay on the rest."""
+    from vartk.models.var import VARTransformer
+    from vartk.train.loop import TrainConfig, build_optimizer
+    from vartk.train.var import VARJob
+
+    model = VARTransformer(depth=2, width=32, num_heads=2, vocab_size=16, latent_channels=4, patch_nums=(1, 2),
+                           shared_aln=shared_aln)
+    optimizer, _ = build_optimizer(model, TrainConfig(weight_decay=0.05), VARJob.no_weight_decay, fused=False)
+    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    official_skip = ("pos_1LC", "pos_start", "lvl_embed", "gamma", "beta", "ada_gss", "scale_mul", "cls_token")
+    for name, param in model.named_parameters():
+        official = not (param.ndim < 2 or name.endswith("bias") or any(k in name for k in official_skip))
+        assert (id(param) in decayed) == official, name
+
+
 def test_resume_with_more_steps_recomputes_the_decay_over_the_new_total(images, tmp_path):
-    common = ["--data", str(images), "--batch-size", "4", "--log-every", "1", "--save-every", "2", "--lr", "1e-3",
+    common = ["--data", str(images), "--batch-size", "4", "--log-every", "1", "--save-every", "3", "--lr", "1e-3",
               "--min-lr-ratio", "0.1", *FAST, *TOKENIZER_ARGS]
-    train_main("tokenizer", ["--out", str(tmp_path / "short"), "--max-steps", "4", *common])
-    kill_after(tmp_path / "short", 2, tmp_path / "longer")
-    train_main("tokenizer", ["--out", str(tmp_path / "longer"), "--max-steps", "8", "--resume", *common])
-    logged = {r["step"]: r["lr"] for r in read_log(tmp_path / "longer") if r["step"] >= 2}
-    assert sorted(logged) == list(range(2, 8))
-    for step, lr in logged.items():  # warm-up 2, then the cosine over the 6 steps to the new end
-        expected = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (step - 2) / 6)))
+    train_main("tokenizer", ["--out", str(tmp_path / "short"), "--max-steps", "6", *common])
+    kill_after(tmp_path / "short", 3, tmp_path / "longer")  # mid-decay: the old and new curves differ at step 3
+    train_main("tokenizer", ["--out", str(tmp_path / "longer"), "--max-steps", "12", "--resume", *common])
+    logged = {r["step"]: r["lr"] for r in read_log(tmp_path / "longer") if r["step"] >= 3}
+    assert sorted(logged) == list(range(3, 12))
+    for step, lr in logged.items():  # warm-up 2, then the cosine over the 10 steps to the new end
+        expected = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (step - 2) / 10)))
         assert lr == pytest.approx(expected, rel=1e-6), (step, lr, expected)
 
 

@@ -234,6 +234,14 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig, no_decay_keywords: tupl
     return optimizer, scheduler
 
 
+def apply_current_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimizer's rates from this run's schedule at the restored step: the checkpoint holds the rates of
+    the schedule it was written under, which differs once --max-steps changes."""
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 @dataclass
 class Trainee:
     """A trained module with its DDP wrapper, optimizer and LR schedule."""
@@ -426,6 +434,8 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         check_resume(cfg, state, len(dataset), dataset.class_names, dist.world_size, resume_from)
         load_checkpoint(resume_from, modules, optimizers, schedulers)
         start_step = state["step"]
+        for scheduler in schedulers.values():
+            apply_current_lr(scheduler)
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@
 
 Loss: cross-entropy over all L = sum(pn^2) tokens of the pyramid (token mean), teacher-forced with
 `tokenizer.teacher_forcing_input`; labels are dropped to the null class with --label-dropout.
-AdamW skips weight decay on 1-D parameters and the position / level embeddings (official recipe).
+AdamW skips weight decay on 1-D parameters, the position / level embeddings, the attention temperatures
+(`scale_mul_1H11`) and shared-AdaLN offsets (`ada_gss`), as the official recipe does.
 Export: <out>/transformer, <out>/pipeline (VARPipeline).
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ class VARTrainConfig(ConditionalTrainConfig):
 class VARJob(ConditionalJob):
     official_tokenizer_cls = MultiScaleVQVAE
     pipeline_name = "VARPipeline"
-    no_weight_decay = ("pos_start", "pos_1LC", "lvl_embed")
+    no_weight_decay = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul", "ada_gss")
 
     def __init__(self, cfg: VARTrainConfig, dataset, device: torch.device):
         super().__init__(cfg, dataset, device)
