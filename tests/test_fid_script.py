@@ -127,8 +127,8 @@ def test_scored_run_writes_results_json(tiny_pipeline, uninterrupted, tmp_path, 
 
 def test_compare_mode_psnr_matches_independent_computation(tiny_pipeline, uninterrupted, tmp_path):
     register_stubs()
-    other = tmp_path / "seed1"
-    fid.evaluate(str(tiny_pipeline), other, seed=1, **RUN)
+    other = tmp_path / "smooth"  # the same seeds and labels, another sampler: image i of both runs pairs up
+    fid.evaluate(str(tiny_pipeline), other, sampler="nextscalesampler:more_smooth=1", **RUN)
     result = fid.main([
         "--compare", str(uninterrupted), str(other), "--out", str(tmp_path / "compare.json"),
         "--feature-extractor", "stub-classifier", "--metrics", "fid",
@@ -143,6 +143,10 @@ def test_compare_mode_psnr_matches_independent_computation(tiny_pipeline, uninte
     assert all(per_image[name] == pytest.approx(expected[name], rel=1e-9) for name in expected)
     assert result["metrics"]["psnr_mean"] == pytest.approx(np.mean(list(expected.values())), rel=1e-9)
     assert json.loads((tmp_path / "compare.json").read_text())["metrics"]["num_pairs"] == 10
+    fid.evaluate(str(tiny_pipeline), tmp_path / "seed1", seed=1, **RUN)
+    with pytest.raises(SystemExit, match=r"drew image i from different seeds or labels \(seed 0 vs 1\)"):
+        fid.main(["--compare", str(uninterrupted), str(tmp_path / "seed1"), "--feature-extractor", "stub-classifier",
+                  "--metrics", "fid"])
 
 
 def test_sampler_specs_are_parsed_by_name(tiny_pipeline, tmp_path):

@@ -448,13 +448,30 @@ def evaluate(
     return results
 
 
+PAIRING_SETTINGS = ("seed", "batch_size", "labels", "class_counts", "num_images", "num_classes")
+
+
+def check_pairable(a: Path, b: Path) -> None:
+    """Refuse to pair two runs whose image i was drawn from different seeds or labels."""
+    if not ((a / "settings.json").is_file() and (b / "settings.json").is_file()):
+        return
+    settings = [json.loads((run / "settings.json").read_text()) for run in (a, b)]
+    differ = [f"{k} {settings[0].get(k)!r} vs {settings[1].get(k)!r}" for k in PAIRING_SETTINGS
+              if settings[0].get(k) != settings[1].get(k)]
+    if differ:
+        raise ValueError(f"{a} and {b} drew image i from different seeds or labels ({'; '.join(differ)}); sample "
+                         "both with the same --seed, --batch-size, --labels and --num-images to compare them")
+
+
 def compare(
     a, b, *, json_path=None, metrics=("fid", "kid"), feature_extractor: str = INCEPTION,
     feature_extractor_weights=None, feature_layer: str | None = None, device: str | None = None,
     score_batch_size: int = 64,
 ) -> dict:
-    """FID / KID between two generated sets and per-image PSNR between images of the same file name
-    (same index, hence same seed and label, in runs of this script). A run folder means its samples/."""
+    """FID / KID between two generated sets and per-image PSNR between images of the same file name. Two run
+    folders of this script (their samples/ are compared) must share what makes image i's seed and label: the
+    same seed, batch size, label mode and image count; two plain folders are paired by file name as they are."""
+    check_pairable(Path(a), Path(b))
     a, b = (Path(p) / "samples" if (Path(p) / "samples").is_dir() else Path(p) for p in (a, b))
     start = time.perf_counter()
     scores = compute_metrics(
