@@ -3,20 +3,23 @@
     python tools/export_default_models.py --var runs/var/pipeline --gpt runs/gpt/pipeline --classifier runs/classifier \
         --var-sampling '{"guidance_scale": 3.0}' --gpt-sampling '{"guidance_scale": 3.0}'
 
-Each folder is written next to its destination first and then renamed over it, so an interrupted
-export never leaves a half-written model. Fails if the assets would exceed --max-mb.
+Every model is loaded and checked (family, tokenizer, sampling settings) and written next to its destination
+before any asset is replaced; then each is renamed over its destination. Fails, replacing nothing, if the assets
+would exceed --max-mb.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier
-from vartk.pipelines import BUILTIN_MODELS, load
 from vartk.files import write_folder_atomic
+from vartk.pipelines import BUILTIN_MODELS, load
 from vartk.train.conditional import encoding_differences
 
 
@@ -44,6 +47,33 @@ def folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
+def prepare(args) -> list[tuple[object, Path]]:
+    """Load and check every model before anything is written: [(half-precision model, asset folder)]."""
+    models = []
+    for name, family, source, sampling, tokenizer in (
+            ("default", "var", args.var, args.var_sampling, args.var_tokenizer),
+            ("default-gpt", "llamagen", args.gpt, args.gpt_sampling, args.gpt_tokenizer)):
+        pipe = load(source).to(torch.float16)
+        if pipe.family != family:
+            raise SystemExit(f"{source} is a {type(pipe).__name__}; {name!r} must be a {family} pipeline")
+        if tokenizer is not None:
+            pipe = with_tokenizer(pipe, tokenizer)
+        if sampling is not None:
+            unknown = sorted(set(sampling) - set(pipe.official_sampling))
+            if unknown:
+                raise SystemExit(f"{name} sampling {unknown} unknown; allowed: {sorted(pipe.official_sampling)}")
+            pipe.register_to_config(sampling_defaults=sampling)
+            try:
+                pipe.sampling_options()  # checks the values
+            except ValueError as err:
+                raise SystemExit(f"{name} sampling {sampling}: {err}")
+        name_as_asset(pipe, name)
+        models.append((pipe, BUILTIN_MODELS[name]))
+    classifier = ImageClassifier.from_pretrained(args.classifier, low_cpu_mem_usage=False).to(torch.float16)
+    name_as_asset(classifier, SHIPPED_WEIGHTS.name)
+    return models + [(classifier, SHIPPED_WEIGHTS)]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--var", required=True, help="pipeline folder of the next-scale model (vartk train var)")
@@ -56,23 +86,21 @@ def main(argv=None) -> None:
                             help="replace the pipeline's tokenizer by this --train-decoder-only fine-tune of it")
     parser.add_argument("--max-mb", type=float, default=40.0)
     args = parser.parse_args(argv)
-    for name, source, sampling, tokenizer in (("default", args.var, args.var_sampling, args.var_tokenizer),
-                                              ("default-gpt", args.gpt, args.gpt_sampling, args.gpt_tokenizer)):
-        pipe = load(source).to(torch.float16)
-        if tokenizer is not None:
-            pipe = with_tokenizer(pipe, tokenizer)
-        if sampling is not None:
-            pipe.register_to_config(sampling_defaults=sampling)
-            pipe.sampling_options()  # fails on a bad value before anything is written
-        name_as_asset(pipe, name)
-        write_folder_atomic(BUILTIN_MODELS[name], pipe.save_pretrained)
-    classifier = ImageClassifier.from_pretrained(args.classifier, low_cpu_mem_usage=False).to(torch.float16)
-    name_as_asset(classifier, SHIPPED_WEIGHTS.name)
-    write_folder_atomic(SHIPPED_WEIGHTS, classifier.save_pretrained)
-    sizes = {p.name: folder_mb(p) for p in (*BUILTIN_MODELS.values(), SHIPPED_WEIGHTS)}
+    staged = []
+    for model, destination in prepare(args):
+        stage = destination.with_name(destination.name + ".staged")
+        shutil.rmtree(stage, ignore_errors=True)
+        model.save_pretrained(stage)
+        staged.append((stage, destination))
+    sizes = {destination.name: folder_mb(stage) for stage, destination in staged}
     print(", ".join(f"{name} {mb:.1f} MB" for name, mb in sizes.items()) + f"; total {sum(sizes.values()):.1f} MB")
     if sum(sizes.values()) > args.max_mb:
-        raise SystemExit(f"the assets take {sum(sizes.values()):.1f} MB, more than --max-mb {args.max_mb}")
+        for stage, _ in staged:
+            shutil.rmtree(stage)
+        raise SystemExit(f"the assets would take {sum(sizes.values()):.1f} MB, more than --max-mb {args.max_mb}; "
+                         "nothing was replaced")
+    for stage, destination in staged:
+        write_folder_atomic(destination, lambda tmp, stage=stage: os.replace(stage, tmp))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .models.gpt import GPTTransformer
 from .models.var import VARTransformer
 from .samplers.next_scale import NextScaleSampler, edit_next_scale
 from .samplers.next_token import NextTokenSampler
-from .samplers.sampling import check_class_labels, check_non_negative
+from .samplers.sampling import check_class_labels, check_non_negative, check_sampling_args
 from .tokenizers.msvq import MultiScaleVQVAE
 from .tokenizers.vq import VQModel
 
@@ -89,6 +89,7 @@ class _AutoregressivePipeline(DiffusionPipeline):
         options = {name: given[name] if given[name] is not None else saved.get(name, fallback)
                    for name, fallback in (official or self.official_sampling).items()}
         self._check_guidance(options["guidance_scale"])
+        check_sampling_args(options["top_k"], options["top_p"])
         return options
 
     @property

@@ -1,0 +1,65 @@
+"""tools/export_default_models.py: everything is checked and staged before any shipped asset is replaced."""
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vartk.classifier import SHIPPED_WEIGHTS
+from vartk.pipelines import BUILTIN_MODELS, load
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "export_default_models.py"
+spec = importlib.util.spec_from_file_location("export_default_models", TOOL)
+tool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+
+
+@pytest.fixture
+def assets(tmp_path, monkeypatch):
+    """Sources: copies of the shipped models; destinations: folders holding a marker, standing in for the package's."""
+    sources = {name: shutil.copytree(folder, tmp_path / "src" / name) for name, folder in BUILTIN_MODELS.items()}
+    sources["classifier"] = shutil.copytree(SHIPPED_WEIGHTS, tmp_path / "src" / "classifier")
+    destinations = {name: tmp_path / "assets" / name for name in ("default", "default-gpt", "emoji-classifier")}
+    for folder in destinations.values():
+        folder.mkdir(parents=True)
+        (folder / "old.txt").write_text("the previous release")
+    monkeypatch.setattr(tool, "BUILTIN_MODELS", {k: destinations[k] for k in ("default", "default-gpt")})
+    monkeypatch.setattr(tool, "SHIPPED_WEIGHTS", destinations["emoji-classifier"])
+    argv = ["--var", str(sources["default"]), "--gpt", str(sources["default-gpt"]),
+            "--classifier", str(sources["classifier"])]
+    return argv, sources, destinations
+
+
+def untouched(destinations) -> bool:
+    return all(sorted(p.name for p in folder.iterdir()) == ["old.txt"] for folder in destinations.values())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--gpt": "default"}, r"is a VARPipeline; 'default-gpt' must be a llamagen pipeline"),
+    ({"--var-sampling": '{"guidance": 3}'}, r"default sampling \['guidance'\] unknown"),
+    ({"--var-sampling": '{"top_k": -5}'}, r"top_k must be an integer >= 0"),
+    ({"--max-mb": "1"}, r"would take .* more than --max-mb 1.0; nothing was replaced"),
+])
+def test_a_bad_export_replaces_nothing(assets, change, message):
+    argv, sources, destinations = assets
+    extra = []
+    for flag, value in change.items():
+        if flag in argv:
+            argv = argv.copy()
+            argv[argv.index(flag) + 1] = str(sources[value])
+        else:
+            extra += [flag, value]
+    with pytest.raises(SystemExit, match=message):
+        tool.main([*argv, *extra])
+    assert untouched(destinations)
+    assert not list(destinations["default"].parent.glob("*.staged"))
+
+
+def test_a_good_export_replaces_every_asset(assets):
+    argv, _, destinations = assets
+    tool.main([*argv, "--var-sampling", '{"guidance_scale": 5.0, "top_k": 10, "top_p": 0.9}'])
+    assert not any((folder / "old.txt").exists() for folder in destinations.values())
+    saved = json.loads((destinations["default"] / "model_index.json").read_text())["sampling_defaults"]
+    assert saved == {"guidance_scale": 5.0, "top_k": 10, "top_p": 0.9}
+    assert load(str(destinations["default-gpt"])).family == "llamagen"
