@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ def fake_package(root: Path, vendor: str) -> Path:
     images = package / "img" / vendor / "64"
     images.mkdir(parents=True)
     (package / "emoji.json").write_text(json.dumps(TABLE))
+    (package / "LICENSE").write_text(f"{vendor} licence")
     pixels = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     pixels.paste((255, 0, 0, 255), (16, 16, 48, 48))
     for item in TABLE:
@@ -122,6 +124,35 @@ def test_the_training_split_is_the_one_of_a_single_ten_percent_held_out_split():
     """The shipped models were trained on the codes with h >= 0.1; val + test must not take any of them."""
     codes = [f"{0x1F000 + i:X}" for i in range(4000)]
     assert [tool.split_of(c, 0.05, 0.05) == "train" for c in codes] == [sha256_fraction(c) >= 0.1 for c in codes]
+
+
+def test_the_attribution_travels_with_the_images(dataset):
+    out, _ = dataset
+    assert "CC-BY 4.0" in (out / "NOTICE").read_text()
+    assert (out / "LICENSE-emoji-datasource-twitter").read_text() == "twitter licence"
+
+
+def test_a_killed_unpack_is_redone(tmp_path, monkeypatch):
+    """A package whose unpacking was killed after emoji.json is not taken for a complete one."""
+    source = fake_package(tmp_path / "src", "google").parent  # holds package/
+    version, cache = tool.DEFAULT_VERSION, tmp_path / "npm"
+    cache.mkdir()
+    with tarfile.open(cache / f"emoji-datasource-google-{version}.tgz", "w:gz") as archive:
+        archive.add(source / "package" / "emoji.json", arcname="package/emoji.json")  # first, as in the real one
+        archive.add(source / "package" / "img", arcname="package/img")
+    extract = tarfile.TarFile.extractall
+
+    def killed(self, path, **kwargs):
+        self.extract(self.getmember("package/emoji.json"), path, filter="data")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tool.fetch_package("google", version, cache)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extract)
+    package = tool.fetch_package("google", version, cache)
+    assert len(list((package / "img" / "google" / "64").iterdir())) == len(list(
+        (source / "package" / "img" / "google" / "64").iterdir()))
 
 
 def test_non_open_vendors_are_refused(tmp_path):

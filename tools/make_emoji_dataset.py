@@ -27,12 +27,16 @@ import argparse
 import csv
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from vartk.files import write_folder_atomic
 
 VENDORS = ("google", "twitter")
 REFUSED_VENDORS = ("apple", "facebook")
@@ -96,8 +100,12 @@ def fetch_package(vendor: str, version: str, cache: Path) -> Path:
     if not tarball.is_file():
         subprocess.run(["npm", "pack", f"{name}@{version}", "--pack-destination", str(cache)], check=True,
                        stdout=subprocess.DEVNULL)
+    partial = unpacked.with_name(unpacked.name + ".tmp")  # renamed once complete: a killed unpack is redone
+    shutil.rmtree(partial, ignore_errors=True)
     with tarfile.open(tarball) as archive:
-        archive.extractall(unpacked, filter="data")
+        archive.extractall(partial, filter="data")
+    shutil.rmtree(unpacked, ignore_errors=True)
+    os.replace(partial, unpacked)
     return unpacked / "package"
 
 
@@ -128,7 +136,16 @@ def build_dataset(packages: dict[str, Path], out: Path, val_fraction: float, tes
                          "base_code": image.base_code, "skin_tone": image.skin_tone})
             names[category_folder(image.category)] = image.category
     write_metadata(rows, names, out)
+    write_credits(packages, out)
     return rows
+
+
+def write_credits(packages: dict[str, Path], out: Path) -> None:
+    """The attribution travels with the images: vartk's NOTICE and each package's LICENSE."""
+    shutil.copy(Path(__file__).resolve().parents[1] / "NOTICE", out / "NOTICE")
+    for vendor, package in sorted(packages.items()):
+        if (package / "LICENSE").is_file():
+            shutil.copy(package / "LICENSE", out / f"LICENSE-emoji-datasource-{vendor}")
 
 
 def write_metadata(rows: list[dict], names: dict[str, str], out: Path) -> None:
@@ -167,10 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     if not (0 <= args.val_fraction and 0 <= args.test_fraction and args.val_fraction + args.test_fraction < 1):
         raise SystemExit(f"--val-fraction and --test-fraction must be >= 0 with a sum below 1, got "
                          f"{args.val_fraction} and {args.test_fraction}")
-    if args.out.exists() and any(args.out.iterdir()):
-        raise SystemExit(f"{args.out} is not empty; give a new folder")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise SystemExit(f"--out {args.out} exists and is not an empty folder; give a new folder")
     packages = {vendor: fetch_package(vendor, args.version, args.cache) for vendor in args.vendors}
-    rows = build_dataset(packages, args.out, args.val_fraction, args.test_fraction)
+    rows = []
+    write_folder_atomic(args.out, lambda tmp: rows.extend(build_dataset(packages, tmp, args.val_fraction,
+                                                                        args.test_fraction)))
     print(summary(rows))
 
 
