@@ -31,6 +31,8 @@ def test_the_chosen_settings_are_the_most_accurate_within_ten_percent_of_the_bes
     assert tool.choose_settings(runs) == {"guidance_scale": 3}  # cfg 4 is more accurate but 11 % worse in FID
     assert tool.choose_settings(runs, fid_slack=0.2) == {"guidance_scale": 4}
     assert tool.choose_settings(runs[:1]) == {"guidance_scale": 2}
+    assert tool.choose_settings([run(2, 0.5, -6.7e-6), run(3, 0.6, 0.4)]) == {"guidance_scale": 2}  # FID ~0
+    assert tool.choose_settings([run(2, 0.9, float("nan")), run(3, 0.6, 1.0)]) == {"guidance_scale": 3}
 
 
 def test_grid_names_are_flat_file_names_with_the_settings():

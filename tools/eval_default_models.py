@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -117,8 +118,17 @@ def main(argv=None) -> dict:
     real = in_domain_scores(train_images[pick_with_labels(train_labels, balanced_labels, args.seed)],
                             train_images[pick_with_labels(train_labels, held_out_labels, args.seed)], held_out_images)
     results["real_train_vs_held_out"] = {"per_class": args.per_class, **real}
-    for name in args.models.split(","):
-        pipe = load(name)
+    pipes = {name: load(name) for name in args.models.split(",")}
+    for name, pipe in pipes.items():  # every --sampling is checked before hours of scoring start
+        for overrides in args.sampling or [{}]:
+            try:
+                unknown = sorted(set(overrides) - set(pipe.official_sampling))
+                if unknown:
+                    raise ValueError(f"{unknown} unknown; allowed: {sorted(pipe.official_sampling)}")
+                pipe.sampling_options(**overrides)
+            except ValueError as err:
+                raise SystemExit(f"--sampling {json.dumps(overrides)} for {name}: {err}")
+    for name, pipe in pipes.items():
         recon = reconstruct(pipe.tokenizer, held_out_images)
         tokenizer_scores = {
             "vocab_size": pipe.tokenizer.config.vocab_size,
@@ -140,20 +150,25 @@ def main(argv=None) -> dict:
             grid = torch.cat([images[balanced_labels == c][:8] for c in range(pipe.num_classes)])
             save_image(grid, out / grid_name(name, settings), nrow=8, padding=2, pad_value=1.0)
             print(json.dumps(run), flush=True)
-    results["chosen"] = {name: choose_settings([r for r in results["runs"] if r["model"] == name])
-                         for name in args.models.split(",")}
+    if args.split == "val":  # settings are chosen on val only; a test run reports
+        results["chosen"] = {name: choose_settings([r for r in results["runs"] if r["model"] == name])
+                             for name in pipes}
     write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     print(markdown_table(results))
-    if args.sampling and len(args.sampling) > 1:
+    if args.sampling and len(args.sampling) > 1 and "chosen" in results:
         print("chosen (most accurate within 10 % of the best FID):", json.dumps(results["chosen"]))
     return results
 
 
 def choose_settings(runs: list[dict], fid_slack: float = 0.1) -> dict:
-    """The most accurate run's settings among `runs` (of one model) whose FID is within `fid_slack` of the best FID."""
-    best_fid = min(r["fid_in_domain"] for r in runs)
-    eligible = [r for r in runs if r["fid_in_domain"] <= best_fid * (1 + fid_slack)]
+    """The most accurate run's settings among `runs` (of one model) whose FID is within `fid_slack` of the best FID
+    (runs without a finite FID are left out; a best FID of about 0 allows nothing above it but rounding)."""
+    scored = [r for r in runs if math.isfinite(r["fid_in_domain"])]
+    if not scored:
+        raise ValueError(f"no run has a finite FID: {[r['fid_in_domain'] for r in runs]}")
+    best_fid = min(r["fid_in_domain"] for r in scored)
+    eligible = [r for r in scored if r["fid_in_domain"] <= best_fid + fid_slack * abs(best_fid)]
     return max(eligible, key=lambda r: r["classifier_accuracy_generated"])["sampling"]
 
 
