@@ -20,7 +20,7 @@ import torch
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier
 from vartk.files import write_folder_atomic
 from vartk.pipelines import BUILTIN_MODELS, load
-from vartk.train.conditional import encoding_differences
+from vartk.train.conditional import require_same_encoding
 
 
 def name_as_asset(model, name: str) -> None:
@@ -35,10 +35,7 @@ def with_tokenizer(pipe, folder: str):
     """`pipe` with the tokenizer at `folder`, a `--train-decoder-only` fine-tune of its own: refused when any
     parameter that decides the tokens differs, since the transformer was trained on the old tokens."""
     tuned = type(pipe.tokenizer).from_pretrained(folder).to(pipe.tokenizer.dtype)
-    changed = encoding_differences(pipe.tokenizer, tuned)
-    if changed:
-        raise SystemExit(f"{folder} encodes differently from the pipeline's tokenizer ({len(changed)} parameters "
-                         f"differ, e.g. {changed[:3]}); give a --train-decoder-only fine-tune of it")
+    require_same_encoding(pipe.tokenizer, tuned, folder, "the pipeline's tokenizer")
     pipe.register_modules(tokenizer=tuned)
     return pipe
 

@@ -153,11 +153,11 @@ def positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    from .cli import parse_device
+    from .cli import DEFAULT_DEVICE, parse_device
 
     parser = argparse.ArgumentParser(prog="vartk bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=parse_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--repeats", type=positive_int, default=3)

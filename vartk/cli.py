@@ -80,9 +80,10 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     """argparse type of --box: y0,x0,y1,x1 fractions of the image with 0 <= y0 < y1 <= 1, 0 <= x0 < x1 <= 1."""
     try:
         y0, x0, y1, x1 = (float(v) for v in text.split(","))
-    except ValueError:
-        y0 = x0 = y1 = x1 = float("nan")
-    if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
+        valid = 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1
+    except ValueError:  # not four numbers
+        valid = False
+    if not valid:
         raise argparse.ArgumentTypeError(f"{text!r} must be four fractions y0,x0,y1,x1 with 0 <= y0 < y1 <= 1 and "
                                          "0 <= x0 < x1 <= 1, e.g. 0.25,0.25,0.75,0.75")
     return y0, x0, y1, x1

@@ -73,10 +73,12 @@ def build_demo(backend: DemoBackend):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .cli import DEFAULT_DEVICE, parse_device
+
     parser = argparse.ArgumentParser(prog="vartk demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=None, help="repeatable; default: the built-in models")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=parse_device, default=DEFAULT_DEVICE)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)

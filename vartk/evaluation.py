@@ -394,7 +394,8 @@ def evaluate(
     options = {**protocol_settings(pipe, model_name), **{k: v for k, v in given.items() if v is not None}}
     eval_size = resolve_eval_size(pipe, image_size_eval)
     settings = {
-        "model": model_name, "weights": weights_fingerprint(pipe), "family": pipe.family, "num_classes": plan.num_classes, "num_images": plan.num_images,
+        "model": model_name, "weights": weights_fingerprint(pipe), "family": pipe.family,
+        "num_classes": plan.num_classes, "num_images": plan.num_images,
         "batch_size": batch_size, "seed": seed, "labels": labels,
         "class_counts": list(class_counts) if class_counts else None, **options,
         "sampler": sampler if isinstance(sampler, str) or sampler is None else repr(sampler),

@@ -169,16 +169,23 @@ class ClassifierExtractor(FeatureExtractorBase):
     is a folder written by `save_pretrained`; default: the emoji classifier shipped in the package."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-        from .classifier import SHIPPED_WEIGHTS, ImageClassifier
+        from .classifier import ImageClassifier
 
         super().__init__(name, features_list)
-        folder = Path(feature_extractor_weights_path or SHIPPED_WEIGHTS)
+        folder = Path(feature_extractor_weights_path or self.default_weights())
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(
                 f"classifier folder {folder} has no config.json; train one with `python -m vartk.classifier` "
                 "or reinstall vartk for the shipped emoji classifier"
             )
         self.net = ImageClassifier.from_pretrained(folder, low_cpu_mem_usage=False).eval()
+
+    @staticmethod
+    def default_weights() -> Path:
+        """The weights used when none are given: the shipped emoji classifier (replaced by a new release)."""
+        from .classifier import SHIPPED_WEIGHTS
+
+        return SHIPPED_WEIGHTS
 
     @staticmethod
     def get_provided_features_list():
@@ -231,11 +238,11 @@ class FeatureExtractor:
 
     @property
     def weights_id(self) -> str:
-        """What identifies the weights in cache keys: the sha256 of the weights file or folder (for the shipped
-        emoji classifier, of its folder, which a new release replaces), or 'default' (Inception's fixed file)."""
-        from .classifier import SHIPPED_WEIGHTS
-
-        weights = self.weights or (SHIPPED_WEIGHTS if self.name == EMOJI_CLASSIFIER else None)
+        """What identifies the weights in cache keys: the sha256 of the weights file or folder, given or the
+        extractor's own `default_weights()` (e.g. the shipped emoji classifier), else 'default' (Inception's file,
+        fixed by its name)."""
+        default = getattr(self.cls, "default_weights", None)
+        weights = self.weights or (default() if default else None)
         if not weights:
             return "default"
         files = sorted(Path(weights).rglob("*")) if Path(weights).is_dir() else [Path(weights)]

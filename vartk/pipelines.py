@@ -88,7 +88,7 @@ class _AutoregressivePipeline(DiffusionPipeline):
         given = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p)
         options = {name: given[name] if given[name] is not None else saved.get(name, fallback)
                    for name, fallback in (official or self.official_sampling).items()}
-        self._check_guidance(options["guidance_scale"])
+        check_non_negative("guidance_scale", options["guidance_scale"])
         check_sampling_args(options["top_k"], options["top_p"])
         return options
 
@@ -133,10 +133,6 @@ class _AutoregressivePipeline(DiffusionPipeline):
     def _check_output_type(output_type: str) -> None:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r} is unknown; use one of {OUTPUT_TYPES}")
-
-    @staticmethod
-    def _check_guidance(guidance_scale: float) -> None:
-        check_non_negative("guidance_scale", guidance_scale)
 
     def _finish(self, images: torch.Tensor, output_type: str, return_dict: bool):
         images = _images_to_output(images, output_type)
@@ -304,6 +300,7 @@ BUILTIN_MODELS = {"default": ASSETS / "default", "default-gpt": ASSETS / "defaul
 def load(name: str = "default", device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None):
     """Load a pipeline by name or folder.
 
+    - "default" / "default-gpt": the small emoji models shipped in the package (offline);
     - a folder written by `save_pretrained` (also one named like an official model, e.g. the output of
       `vartk convert --out var-d16`: an existing folder comes first);
     - an official model name ("var-d16" ... "var-d36", "llamagen-b" ... "llamagen-3b"), resolved

@@ -60,12 +60,15 @@ def load_tokenizer(path: str, official_cls: type) -> nn.Module:
     raise SystemExit(f"--tokenizer {path} does not exist")
 
 
-def encoding_differences(tokenizer: nn.Module, other: nn.Module) -> list[str]:
-    """Names of the parameters that decide the tokens (`token_modules`) and differ between two tokenizers:
-    empty for a `--train-decoder-only` fine-tune of `tokenizer`."""
-    ours, theirs = dict(tokenizer.named_parameters()), dict(other.named_parameters())
-    return [name for name in ours if name.split(".")[0] in tokenizer.token_modules
-            and (name not in theirs or not torch.equal(ours[name], theirs[name].to(ours[name].dtype)))]
+def require_same_encoding(reference: nn.Module, candidate: nn.Module, candidate_name: str, reference_name: str):
+    """Refuse `candidate` unless every parameter that decides the tokens (`token_modules`) equals `reference`'s,
+    as in a `--train-decoder-only` fine-tune: a transformer trained on `reference`'s tokens needs the same ones."""
+    ours, theirs = dict(reference.named_parameters()), dict(candidate.named_parameters())
+    changed = [name for name in ours if name.split(".")[0] in reference.token_modules
+               and (name not in theirs or not torch.equal(ours[name], theirs[name].to(ours[name].dtype)))]
+    if changed:
+        raise SystemExit(f"{candidate_name} encodes differently from {reference_name} ({len(changed)} parameters "
+                         f"differ, e.g. {changed[:3]}); give it or a --train-decoder-only fine-tune of it")
 
 
 def flatten_tokens(encoded: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -106,10 +109,8 @@ class ConditionalJob(Job):
             return load_tokenizer(cfg.tokenizer, cls.official_tokenizer_cls)
         kept = load_tokenizer(str(copy), cls.official_tokenizer_cls)
         if Path(cfg.tokenizer).exists():
-            changed = encoding_differences(kept, load_tokenizer(cfg.tokenizer, cls.official_tokenizer_cls))
-            if changed:
-                raise SystemExit(f"--resume: --tokenizer {cfg.tokenizer} encodes differently from the one the run "
-                                 f"was trained with ({copy}; {len(changed)} parameters differ, e.g. {changed[:3]})")
+            require_same_encoding(kept, load_tokenizer(cfg.tokenizer, cls.official_tokenizer_cls),
+                                  f"--resume: --tokenizer {cfg.tokenizer}", f"the one the run was trained with ({copy})")
         return kept
 
     def save_inputs(self, out: Path) -> None:

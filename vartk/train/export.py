@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..models.gpt import GPTTransformer
 from ..models.var import VARTransformer
 from .checkpoint import best_checkpoint, checkpoint_dir, latest_checkpoint, read_trainer_state
-from .conditional import RUN_TOKENIZER, encoding_differences, load_tokenizer
+from .conditional import RUN_TOKENIZER, load_tokenizer, require_same_encoding
 from .data import find_images
 from .gpt import GPTJob
 from .var import VARJob
@@ -56,11 +56,8 @@ def run_tokenizer(run: Path, config: dict, tokenizer: str | None, official_cls: 
                          f"{config['tokenizer']} is gone; pass --tokenizer DIR|FILE (the one it was trained with)")
     chosen = load_tokenizer(tokenizer or (str(copy) if copy.is_dir() else config["tokenizer"]), official_cls)
     if tokenizer is not None and copy.is_dir():
-        changed = encoding_differences(load_tokenizer(str(copy), official_cls), chosen)
-        if changed:
-            raise SystemExit(f"vartk train export: --tokenizer {tokenizer} encodes differently from the run's "
-                             f"({len(changed)} parameters differ, e.g. {changed[:3]}); give a "
-                             "--train-decoder-only fine-tune of it")
+        require_same_encoding(load_tokenizer(str(copy), official_cls), chosen,
+                              f"vartk train export: --tokenizer {tokenizer}", f"the run's ({copy})")
     return chosen
 
 
