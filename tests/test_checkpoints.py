@@ -1,5 +1,13 @@
 import argparse
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -70,6 +78,68 @@ def test_offline_resolution_says_which_files_and_where(tmp_path, monkeypatch):
     (tmp_path / "vae_ch160v4096z32.pth").write_bytes(b"x")
     assert resolve_official_files("var-d16") == {"vae": tmp_path / "vae_ch160v4096z32.pth",
                                                  "var": tmp_path / "var_d16.pth"}
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The two routes hf_hub_download uses: HEAD (commit and etag headers) and GET of /{repo}/resolve/main/{file}."""
+
+    files: dict[str, bytes] = {}
+
+    def do_HEAD(self):
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", "0" * 40)
+        self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+
+    def do_GET(self):
+        self.do_HEAD()
+        if self.path in self.files:
+            self.wfile.write(self.files[self.path])
+
+    def log_message(self, *args):
+        pass
+
+
+def resolve_in_subprocess(endpoint: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """resolve_official_files("var-d16") online against `endpoint`, with empty caches under tmp_path."""
+    env = {name: value for name, value in os.environ.items() if name not in ("HF_HUB_OFFLINE", "HTTPS_PROXY",
+                                                                             "https_proxy", "ALL_PROXY", "all_proxy")}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), VARTK_HOME=str(tmp_path / "vartk"))
+    code = ("import json; from vartk.checkpoints import resolve_official_files; "
+            "print(json.dumps({k: str(v) for k, v in resolve_official_files('var-d16').items()}))")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_download_from_the_hub_lands_in_its_cache(tmp_path):
+    served = {"vae_ch160v4096z32.pth": b"vae bytes", "var_d16.pth": b"var bytes"}
+    FakeHub.files = {f"/FoundationVision/var/resolve/main/{name}": body for name, body in served.items()}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = resolve_in_subprocess(f"http://127.0.0.1:{server.server_port}", tmp_path)
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    paths = json.loads(result.stdout)
+    assert {Path(paths[role]).read_bytes() for role in ("vae", "var")} == set(served.values())
+    assert all(Path(path).is_relative_to(tmp_path / "hf") for path in paths.values())
+
+
+def test_an_unreachable_hub_fails_at_once_with_the_urls(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = resolve_in_subprocess(f"http://127.0.0.1:{port}", tmp_path)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert f"127.0.0.1:{port} is unreachable" in message
+    assert f"http://127.0.0.1:{port}/FoundationVision/var/resolve/main/var_d16.pth" in message
+    assert "Retrying" not in result.stderr  # no client retries before the error
 
 
 def test_files_in_the_hugging_face_cache_are_found_offline(tmp_path, monkeypatch):

@@ -193,6 +193,9 @@ def test_config_flags_from_dataclass_fields():
         parse_config(TokenizerTrainConfig, [], "test")
     with pytest.raises(SystemExit, match="--patch-nums ends at 16"):
         parse_config(TokenizerTrainConfig, ["--data", "x", "--image-size", "8"], "test")
+    with pytest.raises(SystemExit, match=r"--gan-start 50 must be in \[0, --max-steps 50\)"):
+        parse_config(TokenizerTrainConfig, ["--data", "x", "--gan-weight", "0.1", "--gan-start", "50",
+                                            "--max-steps", "50"], "test")
     with pytest.raises(SystemExit, match="perceptual loss is not available"):
         parse_config(TokenizerTrainConfig, ["--data", "x", "--lpips-weights", "vgg.pth"], "test")
 
@@ -204,6 +207,19 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_factor(110, cfg) == pytest.approx(0.1)
     cfg.schedule = "linear"
     assert lr_factor(35, cfg) == pytest.approx(1 - 0.9 * 0.25)
+
+
+def test_discriminator_lr_warms_up_at_gan_start_and_decays_to_the_runs_end(images, tmp_path):
+    out = tmp_path / "run"
+    train_main("tokenizer", ["--data", str(images), "--out", str(out), "--batch-size", "4", "--max-steps", "10",
+                             "--log-every", "1", "--save-every", "10", "--lr", "1e-3", "--min-lr-ratio", "0.1",
+                             "--gan-weight", "0.1", "--gan-start", "4", "--disc-layers", "1", *FAST, *TOKENIZER_ARGS])
+    log = read_log(out)
+    assert [r["step"] for r in log if "discriminator_lr" in r] == list(range(4, 10))
+    for record in log[4:]:  # the discriminator's own updates: warm-up 2, then the cosine over the 6 - 2 left
+        update = record["step"] - 4
+        factor = (update + 1) / 2 if update < 2 else 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (update - 2) / 4))
+        assert record["discriminator_lr"] == pytest.approx(1e-3 * factor, rel=1e-6), record
 
 
 # ---------------------------------------------------------------------------------------------- training

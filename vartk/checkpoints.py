@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,25 +144,51 @@ def find_local_file(repo: str, file_name: str, search_dirs: list[Path] | None = 
         return None
 
 
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (offline mode, or no TCP connection to its host within `timeout_s`), or
+    None. Lets an offline machine fail at once instead of after the hub client's retries (~30 s)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # only the proxy knows the way
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"{endpoint.hostname}:{port} is unreachable: {err}"
+    return None
+
+
 def resolve_official_files(name: str, search_dirs: list[Path] | None = None) -> dict[str, Path]:
     """{role: path} of every file of known model `name`: found locally (`find_local_file`), else downloaded
-    from the hub. When a download fails, one FileNotFoundError lists every missing file, its URL and the
-    folder to put it in."""
+    from the hub. When the hub is unreachable or a download fails, one FileNotFoundError lists every missing
+    file, its URL and the folder to put it in."""
     known = KNOWN_MODELS[name]
     paths = {role: find_local_file(known.hub_repo, file, search_dirs) for role, file in known.files.items()}
     missing = [role for role, path in paths.items() if path is None]
-    from huggingface_hub import hf_hub_download
+    if missing:
+        from huggingface_hub import constants, hf_hub_download
 
-    for role in missing:
-        try:
-            paths[role] = Path(hf_hub_download(known.hub_repo, known.files[role]))
-        except Exception as err:
+        reason = hub_unreachable()
+        for role in missing:
+            try:
+                if reason is not None:
+                    break
+                paths[role] = Path(hf_hub_download(known.hub_repo, known.files[role]))
+            except Exception as err:
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+        if reason is not None:
             absent = [known.files[r] for r in missing if paths[r] is None]
-            urls = " ".join(f"https://huggingface.co/{known.hub_repo}/resolve/main/{f}" for f in absent)
+            urls = " ".join(f"{constants.ENDPOINT}/{known.hub_repo}/resolve/main/{f}" for f in absent)
             raise FileNotFoundError(
                 f"{', '.join(absent)} for {name!r} {'is' if len(absent) == 1 else 'are'} not available locally and "
-                f"could not be downloaded ({type(err).__name__}). Download {urls} and put "
+                f"could not be downloaded ({reason}). Download {urls} and put "
                 f"{'it' if len(absent) == 1 else 'them'} in {default_cache_dir()} (or set VARTK_HOME to the folder "
-                "that holds them; HF_HUB_OFFLINE=1 skips the download attempt)."
-            ) from err
+                "that holds them)."
+            )
     return paths

@@ -210,19 +210,22 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- optimisation
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to 1, then cosine / linear decay to min_lr_ratio at max_steps (or constant)."""
+def lr_factor(step: int, cfg: TrainConfig, first_step: int = 0) -> float:
+    """Linear warm-up to 1, then cosine / linear decay to min_lr_ratio at max_steps (or constant). `step` counts
+    the updates of a module that trains from global step `first_step` on, so its decay ends at max_steps too."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - first_step - cfg.warmup_steps))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
-def build_optimizer(module: nn.Module, cfg: TrainConfig, no_decay_keywords: tuple[str, ...], fused: bool):
-    """AdamW; no weight decay on 1-D parameters and on names containing one of `no_decay_keywords`."""
+def build_optimizer(module: nn.Module, cfg: TrainConfig, no_decay_keywords: tuple[str, ...], fused: bool,
+                    first_step: int = 0):
+    """AdamW; no weight decay on 1-D parameters and on names containing one of `no_decay_keywords`; the LR
+    schedule of a module first updated at global step `first_step`."""
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if param.requires_grad:
@@ -230,7 +233,7 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig, no_decay_keywords: tupl
             (no_decay if skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, first_step))
     return optimizer, scheduler
 
 
@@ -274,6 +277,10 @@ class Job(ABC):
     def phases(self, step: int) -> list[str]:
         """Names of the trainees updated at `step`, in order."""
         return ["model"]
+
+    def first_step(self, name: str) -> int:
+        """The global step at which trainee `name` is first updated (its warm-up starts there)."""
+        return 0
 
     @abstractmethod
     def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
@@ -420,7 +427,8 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
             wrapped = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
                                               find_unused_parameters=job.find_unused_parameters)
-        trainees[name] = Trainee(module, wrapped, *build_optimizer(module, cfg, no_decay, dist.device.type == "cuda"))
+        fused = dist.device.type == "cuda"
+        trainees[name] = Trainee(module, wrapped, *build_optimizer(module, cfg, no_decay, fused, job.first_step(name)))
     modules = {name: t.module for name, t in trainees.items()}
     optimizers = {name: t.optimizer for name, t in trainees.items()}
     schedulers = {name: t.scheduler for name, t in trainees.items()}
@@ -449,6 +457,7 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         progress = tqdm(total=cfg.max_steps, initial=start_step, desc=type(job).__name__, dynamic_ncols=True)
 
     window: dict[str, list[float]] = {}
+    step_lrs: dict[str, float] = {}  # each trainee's rate at its last update: "lr", "discriminator_lr"
     window_start = time.perf_counter()
     batches = iterate_batches(dataset, order, start_step, cfg.num_workers)
     wrapped = {name: t.wrapped for name, t in trainees.items()}
@@ -459,12 +468,12 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
                       batch.labels.to(dist.device, non_blocking=True))
         if cfg.hflip > 0:
             batch = mirror_some(batch, cfg.hflip, step_seed(cfg.seed, step, dist.rank))
-        step_lr = trainees["model"].optimizer.param_groups[0]["lr"]  # the rate this step uses
         for name in job.phases(step):
+            prefix = "" if name == "model" else f"{name}_"
+            step_lrs[prefix + "lr"] = trainees[name].optimizer.param_groups[0]["lr"]  # the rate this step uses
             with autocast_context(dist.device, cfg.precision):
                 loss, metrics = job.loss(name, wrapped, batch, step)
             grad_norm = trainees[name].step(loss, cfg.grad_clip)
-            prefix = "" if name == "model" else f"{name}_"
             for key, value in {"loss": loss.detach(), **metrics, "grad_norm": grad_norm}.items():
                 window.setdefault(prefix + key, []).append(float(value))
         job.after_step(step, batch)
@@ -472,7 +481,7 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             record = averaged(window, dist)
             elapsed = time.perf_counter() - window_start
-            record.update(step=step, lr=step_lr, steps_per_s=len(window["loss"]) / elapsed)
+            record.update(step=step, **step_lrs, steps_per_s=len(window["loss"]) / elapsed)
             if dist.is_main:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")

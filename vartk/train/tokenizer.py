@@ -75,6 +75,9 @@ class TokenizerTrainConfig(TrainConfig):
                 f"--patch-nums ends at {self.patch_nums[-1]} but --image-size {self.image_size} with --ch-mult "
                 f"{','.join(map(str, self.ch_mult))} gives a {latent}x{latent} latent; make them agree"
             )
+        if self.gan_weight > 0 and not 0 <= self.gan_start < self.max_steps:
+            raise SystemExit(f"--gan-start {self.gan_start} must be in [0, --max-steps {self.max_steps}) when "
+                             f"--gan-weight is {self.gan_weight}")
         every = self.restart_codes_every
         if every < 0 or (every and (self.save_every % every or self.max_steps % every)):
             raise SystemExit(
@@ -170,6 +173,9 @@ class TokenizerJob(Job):
 
     def phases(self, step: int) -> list[str]:
         return ["model", "discriminator"] if self.gan_active(step) else ["model"]
+
+    def first_step(self, name: str) -> int:
+        return self.cfg.gan_start if name == "discriminator" else 0
 
     def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
         if name == "discriminator":
