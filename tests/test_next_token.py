@@ -91,10 +91,64 @@ def test_invalid_arguments(model, kwargs, message):
         NextTokenSampler()(model, **call)
 
 
-def test_invalid_sampler_settings(model):
-    with pytest.raises(ValueError, match="temperature"):
-        NextTokenSampler(temperature=-1.0)(model, [1], progress=False)
+@pytest.mark.parametrize("settings, message", [
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(cuda_graph="sometimes"), "cuda_graph must be 'auto', True or False, got 'sometimes'"),
+    (dict(cuda_graph=1), "cuda_graph must be 'auto', True or False, got 1"),
+    (dict(cfg_interval=-7), r"cfg_interval must be an integer >= -1 \(-1 = guide every token\), got -7"),
+    (dict(cfg_interval=2.5), "cfg_interval must be an integer >= -1.*got 2.5"),
+    (dict(cfg_interval="abc"), "cfg_interval must be an integer >= -1.*got 'abc'"),
+])
+def test_invalid_sampler_settings_fail_when_made(settings, message):
+    with pytest.raises(ValueError, match=message):
+        NextTokenSampler(**settings)
+
+
+def test_cuda_graph_true_needs_cuda(model):
     with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
         NextTokenSampler(cuda_graph=True)(model, [1], progress=False)
-    with pytest.raises(ValueError, match="'sometimes'"):
-        NextTokenSampler(cuda_graph="sometimes")(model, [1], progress=False)
+
+
+def test_a_tiny_temperature_is_near_greedy_not_a_crash(model):
+    labels = torch.tensor([1, 4])
+    greedy = NextTokenSampler(temperature=0)(model, labels, guidance_scale=2.0, progress=False)
+    tiny = NextTokenSampler(temperature=1e-40)(model, labels, guidance_scale=2.0, progress=False,
+                                               generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tiny, greedy)  # the peaked logits leave no second choice at T = 1e-5
+
+
+class EagerStep:
+    """Stands in for CUDAGraphDecodeStep on a CPU: the same interface, run eagerly, captures counted."""
+
+    captures = 0
+
+    def __init__(self, transformer, caches, key=()):
+        self.transformer, self.caches, self.key = transformer, caches, key
+        EagerStep.captures += 1
+
+    def __call__(self, tokens, positions):
+        return self.transformer.forward_cached(tokens, None, positions, self.caches)
+
+
+def test_the_decode_graph_is_captured_once_per_model_and_batch(model, monkeypatch):
+    import vartk.samplers.next_token as next_token
+
+    monkeypatch.setattr(next_token, "CUDAGraphDecodeStep", EagerStep)
+    monkeypatch.setattr(NextTokenSampler, "_use_cuda_graph", lambda self, device: True)
+    EagerStep.captures = 0
+    sampler = NextTokenSampler(temperature=0)
+    expected = reference_loop(model, torch.tensor([1, 4]), 2.0)
+    for _ in range(3):  # the kept caches hold the previous call's keys: they must not leak into this one
+        assert torch.equal(sampler(model, [1, 4], guidance_scale=2.0, progress=False), expected)
+    assert EagerStep.captures == 1
+    sampler(model, [1, 4, 5], guidance_scale=2.0, progress=False)  # other rows: a new graph
+    sampler(model, [1, 4, 5], guidance_scale=1.0, progress=False)  # no CFG: 3 rows, not 6
+    assert EagerStep.captures == 3
+    other = GPTTransformer(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=NUM_CLASSES, grid_size=4).eval()
+    other.load_state_dict(model.state_dict())
+    assert torch.equal(sampler(other, [1, 4], guidance_scale=2.0, progress=False), expected)
+    assert EagerStep.captures == 4  # same weights, other tensors: the old graph would read the old model
+    with torch.inference_mode():  # its caches are inference tensors, which cannot be written outside that mode
+        sampler(other, [1, 4], guidance_scale=2.0, progress=False)
+    assert torch.equal(sampler(other, [1, 4], guidance_scale=2.0, progress=False), expected)
+    assert EagerStep.captures == 6

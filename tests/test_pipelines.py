@@ -275,6 +275,25 @@ def test_gpt_pipeline_round_trip_and_class_names(tmp_path):
         GPTPipeline(tokenizer=tokenizer, transformer=transformer, class_names=["a"])
 
 
+def test_a_tokenizer_that_does_not_fit_the_transformer_is_refused_when_the_pipeline_is_made():
+    from vartk.tokenizers.vq import VQModel
+
+    gpt = GPTTransformer(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=3, grid_size=4)
+    small_codebook = VQModel(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=16, codebook_size=32,
+                             codebook_embed_dim=8)
+    with pytest.raises(ValueError, match="transformer vocab_size 64 differs from tokenizer vocab_size 32"):
+        GPTPipeline(tokenizer=small_codebook, transformer=gpt)
+    with pytest.raises(ValueError, match=r"token maps are \(1, 2, 4\) a side, the transformer's grid is 4"):
+        GPTPipeline(tokenizer=MultiScaleVQVAE(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=8, vocab_size=64,
+                                              patch_nums=(1, 2, 4)), transformer=gpt)
+    ds2 = VQModel(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=16, codebook_size=64, codebook_embed_dim=8)
+    with pytest.raises(ValueError, match="the VQ downsamples by 2; the c2i GPTs were trained on VQ-16 tokens"):
+        GPTPipeline.from_official(vq=ds2.state_dict(), gpt=gpt.state_dict())
+    with pytest.raises(ValueError, match="transformer vocab_size 64 differs from tokenizer vocab_size 32"):
+        VARPipeline(tokenizer=MultiScaleVQVAE(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=8, vocab_size=32),
+                    transformer=tiny_var())
+
+
 def test_saved_sampling_defaults_apply_when_no_setting_is_given(tmp_path):
     from vartk.tokenizers.vq import VQModel
 

@@ -60,6 +60,7 @@ def test_sampling_distribution_matches_softmax():
     (dict(top_k=0, top_p=0.0), "top_p"), (dict(top_k=0, top_p=1.2), "top_p"),
     (dict(top_k=0, top_p=1.0, temperature=-1), "temperature"),
     (dict(top_k=0, top_p=float("nan")), "top_p"),
+    (dict(top_k=0, top_p="0.9"), r"top_p must be in \(0, 1\] \(1 = no top-p filtering\), got '0.9'"),
     (dict(top_k=0, top_p=1.0, temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
 ])
 def test_bad_sampling_args(kwargs, match):
@@ -84,5 +85,9 @@ def test_sampler_specs_build_the_named_class_with_typed_values():
     with pytest.raises(ValueError, match=r"'temperature' in 'nexttokensampler:temperature' is not key=value"):
         from_spec("nexttokensampler:temperature")
     assert isinstance(from_spec("fullkvcache"), FullKVCache)
+    with pytest.raises(ValueError, match=r"NextScaleSampler has no setting 'smooth'; its settings: \['more_smooth'\]"):
+        from_spec("nextscalesampler:smooth=true")
+    with pytest.raises(ValueError, match="more_smooth must be True or False, got 'maybe'"):
+        from_spec("nextscalesampler:more_smooth=maybe")
     with pytest.raises(ValueError, match=r"'gsd'.*available: \['fullkvcache', 'nextscalesampler', 'nexttokensampler'\]"):
         from_spec("gsd:window=16")

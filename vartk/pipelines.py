@@ -23,9 +23,9 @@ from PIL import Image
 
 from .images import to_rgb
 from .models.attention import KVCachePolicy
-from .models.gpt import GPTTransformer
+from .models.gpt import TOKENIZER_DOWNSAMPLE, GPTTransformer
 from .models.var import VARTransformer
-from .samplers.next_scale import NextScaleSampler, edit_next_scale
+from .samplers.next_scale import NextScaleSampler, check_same_schedule, edit_next_scale
 from .samplers.next_token import NextTokenSampler
 from .samplers.sampling import check_class_labels, check_non_negative, check_sampling_args
 from .tokenizers.msvq import MultiScaleVQVAE
@@ -70,6 +70,7 @@ class _AutoregressivePipeline(DiffusionPipeline):
     def __init__(self, tokenizer, transformer, class_names: list[str] | None = None,
                  sampling_defaults: dict | None = None):
         super().__init__()
+        self.check_components(tokenizer, transformer)
         self.register_modules(tokenizer=tokenizer, transformer=transformer)
         if class_names is not None and len(class_names) != transformer.config.num_classes:
             raise ValueError(
@@ -80,6 +81,10 @@ class _AutoregressivePipeline(DiffusionPipeline):
             raise ValueError(f"sampling_defaults {unknown} unknown; allowed: {sorted(self.official_sampling)}")
         self.register_to_config(class_names=list(class_names) if class_names is not None else None,
                                 sampling_defaults=dict(sampling_defaults) if sampling_defaults else None)
+
+    @staticmethod
+    def check_components(tokenizer, transformer) -> None:
+        """Raise ValueError unless `transformer` predicts `tokenizer`'s codes (see the subclasses)."""
 
     def sampling_options(self, guidance_scale=None, top_k=None, top_p=None, official: dict | None = None) -> dict:
         """The given settings; each one left as None comes from the model's saved `sampling_defaults`,
@@ -144,6 +149,10 @@ class VARPipeline(_AutoregressivePipeline):
 
     family = "var"
     official_sampling = dict(guidance_scale=1.5, top_k=900, top_p=0.96)
+
+    @staticmethod
+    def check_components(tokenizer, transformer) -> None:
+        check_same_schedule(transformer, tokenizer)
 
     @classmethod
     def from_official(cls, vae, var) -> "VARPipeline":
@@ -249,6 +258,19 @@ class GPTPipeline(_AutoregressivePipeline):
     family = "llamagen"
     official_sampling = dict(guidance_scale=2.0, top_k=0, top_p=1.0)
 
+    @staticmethod
+    def check_components(tokenizer, transformer) -> None:
+        """Same vocabulary; a tokenizer with a fixed token grid (a single-scale MultiScaleVQVAE) must have the
+        transformer's grid."""
+        if tokenizer.vocab_size != transformer.config.vocab_size:
+            raise ValueError(f"transformer vocab_size {transformer.config.vocab_size} differs from tokenizer "
+                             f"vocab_size {tokenizer.vocab_size}; use the tokenizer the transformer was trained with")
+        patch_nums = tuple(getattr(tokenizer, "patch_nums", ()))
+        grid = transformer.config.grid_size
+        if patch_nums and patch_nums != (grid,):
+            raise ValueError(f"the tokenizer's token maps are {patch_nums} a side, the transformer's grid is {grid}; "
+                             f"a next-token model needs a single-scale tokenizer with patch_nums ({grid},)")
+
     @classmethod
     def from_official(cls, vq, gpt, model: str = "GPT-B", image_size: int = 256) -> "GPTPipeline":
         """Build from the official `vq_ds16_c2i.pt` and `c2i_*.pt` files (paths or state dicts).
@@ -256,6 +278,9 @@ class GPTPipeline(_AutoregressivePipeline):
         The grid size is not visible in the weights: give `image_size` (256 or 384) to match the
         file (`c2i_B_256.pt` -> 256); a file name that disagrees is an error."""
         tokenizer = VQModel.from_official(vq)
+        if tokenizer.downsample_factor != TOKENIZER_DOWNSAMPLE:
+            raise ValueError(f"the VQ downsamples by {tokenizer.downsample_factor}; the c2i GPTs were trained on "
+                             f"VQ-{TOKENIZER_DOWNSAMPLE} tokens (vq_ds16_c2i.pt)")
         transformer = GPTTransformer.from_official(gpt, model=model, image_size=image_size)
         return cls(tokenizer=tokenizer.eval(), transformer=transformer.eval())
 

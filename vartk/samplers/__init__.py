@@ -1,5 +1,6 @@
 """Decoding algorithms and KV-cache policies, passed to pipelines as objects."""
 import importlib
+import inspect
 
 _EXPORTS = {
     "FullKVCache": "..models.attention",
@@ -49,4 +50,9 @@ def from_spec(spec: str):
         if not key or not value:
             raise ValueError(f"{item!r} in {spec!r} is not key=value; write e.g. {name}:temperature=0.9")
         kwargs[key] = spec_value(value)
-    return __getattr__(classes[name.lower()])(**kwargs)
+    cls = __getattr__(classes[name.lower()])
+    allowed = [p.name for p in inspect.signature(cls).parameters.values()]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no setting {unknown[0]!r}; its settings: {allowed or 'none'}")
+    return cls(**kwargs)

@@ -33,6 +33,10 @@ class NextScaleSampler:
 
     more_smooth: bool = False
 
+    def __post_init__(self):
+        if not isinstance(self.more_smooth, bool):
+            raise ValueError(f"more_smooth must be True or False, got {self.more_smooth!r}")
+
     @torch.no_grad()
     def __call__(
         self,
@@ -64,7 +68,7 @@ class NextScaleSampler:
         if (known_tokens is None) != (keep_mask is None):
             raise ValueError("known_tokens and keep_mask go together: pass both (editing) or neither (sampling)")
         if known_tokens is not None:
-            known_tokens, keep_mask = check_edit_inputs(tokenizer, known_tokens, keep_mask, len(labels))
+            known_tokens, keep_mask = check_edit_inputs(tokenizer, known_tokens, keep_mask, len(labels), device)
 
         B, patch_nums = len(labels), tokenizer.patch_nums
         use_cfg = guidance_scale > 0
@@ -136,8 +140,8 @@ def check_same_schedule(transformer, tokenizer) -> None:
                              "the transformer was trained with")
 
 
-def check_edit_inputs(tokenizer, known_tokens, keep_mask, batch_size):
-    """Validate the known image's token maps and the keep mask; returns (tokens, mask [B, 1, h, w])."""
+def check_edit_inputs(tokenizer, known_tokens, keep_mask, batch_size, device):
+    """Validate the known image's token maps and the keep mask; returns (tokens, mask [B, 1, h, w]) on `device`."""
     patch_nums = tokenizer.patch_nums
     if len(known_tokens) != len(patch_nums):
         raise ValueError(f"known_tokens has {len(known_tokens)} scales, the tokenizer has {len(patch_nums)}")
@@ -156,7 +160,6 @@ def check_edit_inputs(tokenizer, known_tokens, keep_mask, batch_size):
         )
     if mask.shape[0] not in (1, batch_size):
         raise ValueError(f"mask batch {mask.shape[0]} does not match the {batch_size} images")
-    device = known_tokens[0].device
     return [t.to(device) for t in known_tokens], mask.to(device).expand(batch_size, -1, -1, -1)
 
 

@@ -8,7 +8,8 @@ same `forward_cached` call as the eager loop, so both paths compute the same thi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -25,12 +26,23 @@ class NextTokenSampler:
     cfg_interval: -1 guides every token; k >= 0 stops guiding after decode step k (the prefill
         token is always guided; once off, guidance stays off), as the official `cfg_interval`.
     cuda_graph: "auto" replays a captured CUDA graph of the decode step on CUDA, never on CPU;
-        True requires CUDA; False always runs eagerly.
+        True requires CUDA; False always runs eagerly. The sampler keeps its last graph (and the KV
+        caches it writes) and replays it on later calls with the same model and number of rows, so only
+        the first call pays for the capture.
     """
 
     temperature: float = 1.0
     cfg_interval: int = -1
     cuda_graph: bool | str = "auto"
+    _graph: CUDAGraphDecodeStep | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        check_non_negative("temperature", self.temperature, "0 = greedy")
+        interval = self.cfg_interval
+        if not isinstance(interval, numbers.Integral) or isinstance(interval, bool) or interval < -1:
+            raise ValueError(f"cfg_interval must be an integer >= -1 (-1 = guide every token), got {self.cfg_interval!r}")
+        if not (self.cuda_graph == "auto" or isinstance(self.cuda_graph, bool)):
+            raise ValueError(f"cuda_graph must be 'auto', True or False, got {self.cuda_graph!r}")
 
     @torch.no_grad()
     def __call__(
@@ -54,7 +66,14 @@ class NextTokenSampler:
         use_graph = self._use_cuda_graph(labels.device)
         guided = guidance_scale > 1.0
         rows = torch.cat([labels, torch.full_like(labels, transformer.null_class)]) if guided else labels  # [R]
-        caches = transformer.new_kv_caches(len(rows))
+        if use_graph:
+            decode = self._decode_graph(transformer, len(rows))
+            caches = decode.caches
+        else:
+            caches = transformer.new_kv_caches(len(rows))
+
+            def decode(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                return transformer.forward_cached(tokens, None, positions, caches)
 
         def pick(logits: torch.Tensor, guide: bool) -> torch.Tensor:
             """Last-position logits [R, T, V] -> one token per sample [B] (CFG combine, then draw)."""
@@ -64,11 +83,6 @@ class NextTokenSampler:
                 logits = uncond + guidance_scale * (cond - uncond) if guide else cond
             return sample_from_logits(logits, top_k, top_p, self.temperature, generator)
 
-        decode = (
-            CUDAGraphDecodeStep(transformer, caches)
-            if use_graph
-            else lambda tokens, positions: transformer.forward_cached(tokens, None, positions, caches)
-        )
         num_tokens = transformer.num_tokens
         out = torch.empty(len(labels), num_tokens, dtype=torch.long, device=labels.device)  # [B, N]
         prefill_positions = torch.zeros(len(rows), 1, dtype=torch.long, device=labels.device)  # [R, 1]
@@ -83,11 +97,21 @@ class NextTokenSampler:
         return out
 
     def _use_cuda_graph(self, device: torch.device) -> bool:
-        if self.cuda_graph not in ("auto", True, False):
-            raise ValueError(f"cuda_graph must be 'auto', True or False, got {self.cuda_graph!r}")
         if self.cuda_graph is True and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
         return device.type == "cuda" and self.cuda_graph in ("auto", True)
+
+    def _decode_graph(self, transformer, rows: int) -> CUDAGraphDecodeStep:
+        """The kept graph when it was captured for this model (the same tensors) and `rows`, else a new one.
+        Reusing its caches is safe: attention masks keys by position, and every position a query can see is
+        rewritten (prefill, then each decode step) before it is read."""
+        tensors = (*transformer.parameters(), *transformer.buffers())
+        key = (id(transformer), rows, torch.is_inference_mode_enabled(),  # inference-mode caches stay in it
+               tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors))
+        if self._graph is None or self._graph.key != key:
+            self._graph = None  # free the old graph and its caches before capturing the new one
+            self._graph = CUDAGraphDecodeStep(transformer, transformer.new_kv_caches(rows), key)
+        return self._graph
 
 
 class CUDAGraphDecodeStep:
@@ -99,7 +123,8 @@ class CUDAGraphDecodeStep:
     before anything attends to it.
     """
 
-    def __init__(self, transformer, caches: list[StaticKVCache], warmup_steps: int = 2):
+    def __init__(self, transformer, caches: list[StaticKVCache], key: tuple = (), warmup_steps: int = 2):
+        self.caches, self.key = caches, key
         rows = caches[0].k.shape[0]
         device = caches[0].k.device
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # [R, 1]

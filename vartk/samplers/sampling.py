@@ -6,12 +6,14 @@ import numbers
 
 import torch
 
+MIN_TEMPERATURE = 1e-5
+
 
 def check_sampling_args(top_k: int, top_p: float, temperature: float = 1.0) -> None:
     """Raise ValueError for top_k < 0, top_p outside (0, 1] or temperature < 0 (or not a number)."""
     if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0 = no top-k filtering), got {top_k!r}")
-    if not 0.0 < float(top_p) <= 1.0:
+    if not isinstance(top_p, numbers.Real) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1 = no top-p filtering), got {top_p!r}")
     check_non_negative("temperature", temperature)
 
@@ -72,10 +74,11 @@ def sample_from_logits(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Draw one token per row of `logits` [..., V] -> int64 [...]. temperature 0 means greedy."""
+    """Draw one token per row of `logits` [..., V] -> int64 [...]. temperature 0 means greedy; a positive one
+    is floored at MIN_TEMPERATURE, as in the official LlamaGen (smaller ones overflow the logits)."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    probs = filter_logits(logits.float() / max(temperature, MIN_TEMPERATURE), top_k, top_p).softmax(dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
     tokens = on_generator_device(lambda p: torch.multinomial(p, 1, generator=generator), flat, generator)  # [N, 1]
     return tokens.view(probs.shape[:-1])
