@@ -152,3 +152,10 @@ def test_the_decode_graph_is_captured_once_per_model_and_batch(model, monkeypatc
         sampler(other, [1, 4], guidance_scale=2.0, progress=False)
     assert torch.equal(sampler(other, [1, 4], guidance_scale=2.0, progress=False), expected)
     assert EagerStep.captures == 6
+
+
+def test_a_pipeline_keeps_its_default_sampler():
+    from vartk.pipelines import load
+
+    pipe = load("default-gpt")
+    assert pipe.default_sampler is pipe.default_sampler and pipe.default_sampler == NextTokenSampler()

@@ -11,6 +11,7 @@ policies are objects passed to `__call__`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import operator
 from pathlib import Path
@@ -284,6 +285,11 @@ class GPTPipeline(_AutoregressivePipeline):
         transformer = GPTTransformer.from_official(gpt, model=model, image_size=image_size)
         return cls(tokenizer=tokenizer.eval(), transformer=transformer.eval())
 
+    @functools.cached_property
+    def default_sampler(self) -> NextTokenSampler:
+        """The sampler of calls that pass none; kept, so that its CUDA graph is captured once."""
+        return NextTokenSampler()
+
     @torch.no_grad()
     def __call__(
         self,
@@ -309,7 +315,7 @@ class GPTPipeline(_AutoregressivePipeline):
             raise ValueError("kv_cache policies apply to next-scale models; GPTPipeline uses a static cache")
         self._check_type("sampler", sampler, NextTokenSampler, "next-token")
         labels = self._class_tensor(class_labels, num_images_per_label)
-        sampler = sampler or NextTokenSampler()
+        sampler = sampler or self.default_sampler
         grid = self.transformer.config.grid_size
         with eval_mode(self.tokenizer, self.transformer):
             tokens = sampler(self.transformer, labels, **options, generator=generator, progress=progress)  # [B, N]
