@@ -60,9 +60,10 @@ def save_images(images: torch.Tensor, out: Path) -> None:
     write_folder_atomic(out, write_folder)
 
 
-def class_arguments(classes: list[str]) -> list[int | str]:
-    """--class values: integers as ids, anything else as a class name (the pipeline checks both)."""
-    return [int(c) if c.lstrip("-").isdigit() else c for c in classes]
+def class_arguments(classes: list[str], class_names: list[str] | None) -> list[int | str]:
+    """--class values: a name of the model's classes as that name (folders may be named 0, 1, 10, 2), other
+    integers as ids, anything else as a name (the pipeline checks both)."""
+    return [c if c in (class_names or ()) or not c.lstrip("-").isdigit() else int(c) for c in classes]
 
 
 def parse_device(text: str) -> str:
@@ -114,8 +115,8 @@ def cmd_sample(args) -> None:
     pipe = load(args.model, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     images = pipe(
-        class_labels=class_arguments(args.classes or ["0"]), num_images_per_label=args.n, generator=generator,
-        output_type="pt", sampler=_parse_object(args.sampler, "sampler"),
+        class_labels=class_arguments(args.classes or ["0"], pipe.class_names), num_images_per_label=args.n,
+        generator=generator, output_type="pt", sampler=_parse_object(args.sampler, "sampler"),
         kv_cache=_parse_object(args.kv_cache, "kv-cache"), guidance_scale=args.cfg, top_k=args.top_k,
         top_p=args.top_p,
     ).images
@@ -124,9 +125,10 @@ def cmd_sample(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from .files import write_folder_atomic
-    from .pipelines import GPTPipeline, VARPipeline
+    from .files import refuse_foreign_folder, write_folder_atomic
+    from .pipelines import PIPELINE_INDEX, GPTPipeline, VARPipeline
 
+    refuse_foreign_folder(args.out, PIPELINE_INDEX)
     if args.var and args.vae:
         pipe = VARPipeline.from_official(vae=args.vae, var=args.var)
     elif args.gpt and args.vq:
@@ -149,7 +151,7 @@ def cmd_inpaint(args) -> None:
                          "next-scale (VAR) model, e.g. --model default")
     box = box_mask(args.box, pipe.tokenizer.latent_size)
     keep = box if args.outpaint else 1 - box
-    label = class_arguments([args.class_label])[0] if args.class_label is not None else None
+    label = class_arguments([args.class_label], pipe.class_names)[0] if args.class_label is not None else None
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     images = pipe.inpaint(image, keep, class_label=label, generator=generator, output_type="pt",
                           guidance_scale=args.cfg, top_k=args.top_k, top_p=args.top_p).images

@@ -41,3 +41,14 @@ def write_folder_atomic(destination: str | os.PathLike, write: Callable[[Path], 
     else:
         os.replace(tmp, destination)
     return destination
+
+
+def refuse_foreign_folder(destination: str | os.PathLike, marker: str, flag: str = "--out") -> None:
+    """Raise ValueError if `destination` is a file, or a non-empty folder without `marker` (the file every earlier
+    copy of this output has, e.g. model_index.json): replacing it would delete what is not ours to delete."""
+    destination = Path(destination)
+    if destination.is_file():
+        raise ValueError(f"{flag} {destination} is a file; give a folder")
+    if destination.is_dir() and any(destination.iterdir()) and not (destination / marker).is_file():
+        raise ValueError(f"{flag} {destination} holds other files (no {marker}); give a new or empty folder, or "
+                         "an earlier output of this command to replace")

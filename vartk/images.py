@@ -5,9 +5,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes for 16-bit (and 32-bit int) grey images
 
 
@@ -24,11 +24,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """The image file at `path` as 8-bit RGB (`to_rgb`); a file that is not an image raises one ValueError
-    naming it."""
+    """The image file at `path` as 8-bit RGB (`to_rgb`), turned upright as its EXIF orientation says (phone
+    photos); a file that is not an image raises one ValueError naming it."""
     try:
         with Image.open(path) as image:
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image))
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path} is not a readable image ({err})") from err
 

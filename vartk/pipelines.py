@@ -324,6 +324,7 @@ class GPTPipeline(_AutoregressivePipeline):
 
 
 PIPELINES = {"VARPipeline": VARPipeline, "GPTPipeline": GPTPipeline}
+PIPELINE_INDEX = DiffusionPipeline.config_name  # model_index.json, the file every pipeline folder has
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_MODELS = {"default": ASSETS / "default", "default-gpt": ASSETS / "default-gpt"}
 
@@ -340,8 +341,8 @@ def load(name: str = "default", device: str | torch.device = "cpu", torch_dtype:
     from .checkpoints import KNOWN_MODELS, CheckpointError, resolve_official_files
 
     folder = BUILTIN_MODELS.get(name, Path(name))
-    if (folder / "model_index.json").is_file():
-        class_name = json.loads((folder / "model_index.json").read_text())["_class_name"]
+    if (folder / PIPELINE_INDEX).is_file():
+        class_name = json.loads((folder / PIPELINE_INDEX).read_text())["_class_name"]
         if class_name not in PIPELINES:
             raise ValueError(f"{folder} holds a {class_name!r}, not a vartk pipeline ({sorted(PIPELINES)})")
         try:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..samplers.sampling import check_non_negative, check_sampling_args
 from ..tokenizers.msvq import MultiScaleVQVAE
 from ..tokenizers.vq import VQModel
 from ..files import write_folder_atomic, write_text_atomic
@@ -37,12 +38,19 @@ class ConditionalTrainConfig(TrainConfig):
     top_p: float = arg(1.0, "top-p of the sample grids (1: off)")
 
     required = ("data", "tokenizer")
-    may_change_on_resume = TrainConfig.may_change_on_resume + ("precompute_tokens", "guidance_scale", "top_k", "top_p")
+    # the run keeps a copy of its tokenizer and refuses one that encodes differently, so the path may move
+    may_change_on_resume = TrainConfig.may_change_on_resume + ("precompute_tokens", "guidance_scale", "top_k", "top_p",
+                                                               "tokenizer")
 
     def check(self) -> None:
         super().check()
         if not 0 <= self.label_dropout < 1:
             raise SystemExit(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
+        try:  # the sample grids' settings, checked now rather than at the first grid
+            check_non_negative("guidance_scale", self.guidance_scale)
+            check_sampling_args(self.top_k, self.top_p)
+        except ValueError as err:
+            raise SystemExit(f"--{str(err).replace('_', '-')}") from None
 
 
 def load_tokenizer(path: str, official_cls: type) -> nn.Module:

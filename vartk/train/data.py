@@ -25,6 +25,12 @@ def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
         raise FileNotFoundError(f"--data {root} is not a folder; give a folder of images or of class subfolders")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     per_class = [list_images(d) for d in class_dirs]
+    top_level = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                 and not f.name.startswith(".")]
+    if any(per_class) and top_level:
+        raise ValueError(f"--data {root} holds images ({top_level[0].name}, ...) beside class folders "
+                         f"({', '.join(d.name for d in class_dirs)}); move them into a class folder or give a folder "
+                         "of either kind")
     if any(per_class):
         empty = [d.name for d, files in zip(class_dirs, per_class) if not files]
         if empty:
@@ -61,7 +67,11 @@ class ImageFolder(Dataset):
         self.paths, labels, self.class_names = find_images(root)
         self.image_size = image_size
         self.labels = torch.tensor(labels)  # [N]
-        self.images = torch.stack([load_image(p, image_size) for p in self.paths]) if cache else None  # [N, 3, S, S]
+        self.images = None  # [N, 3, S, S] uint8 when cached
+        if cache:
+            self.images = torch.empty(len(self.paths), 3, image_size, image_size, dtype=torch.uint8)
+            for index, path in enumerate(self.paths):
+                self.images[index] = load_image(path, image_size)
 
     @property
     def num_classes(self) -> int:
@@ -75,9 +85,15 @@ class ImageFolder(Dataset):
         return image, int(self.labels[index])
 
 
-def fits_in_memory(root: str | Path, image_size: int, limit_gb: float) -> bool:
-    """Whether the decoded uint8 dataset stays under `limit_gb`."""
-    return len(find_images(root)[0]) * 3 * image_size**2 <= limit_gb * 2**30
+def fits_in_memory(root: str | Path, image_size: int, limit_gb: float, copies: int = 1) -> bool:
+    """Whether `copies` decoded uint8 copies of the dataset (one per process of a machine) stay under `limit_gb`."""
+    return copies * len(find_images(root)[0]) * 3 * image_size**2 <= limit_gb * 2**30
+
+
+def same_classes(names: list[str], other: list[str]) -> bool:
+    """Whether two folders' classes give the same ids: the same names, or one class each (a flat folder's class
+    is named after the folder, which may differ between a training and a held-out folder)."""
+    return names == other or len(names) == len(other) == 1
 
 
 def load_subset(dataset: ImageFolder, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,8 +182,9 @@ def iterate_batches(dataset: ImageFolder, order: BatchOrder, start_step: int, nu
     while True:
         epoch, skip = divmod(start_step, order.batches_per_epoch)
         index_lists = order.epoch(epoch)[skip:]
-        loader = DataLoader(dataset, batch_sampler=index_lists, num_workers=num_workers,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+        loader = DataLoader(dataset, batch_sampler=index_lists, num_workers=num_workers, persistent_workers=False,
+                            pin_memory=torch.cuda.is_available(),
+                            generator=torch.Generator())  # its own base seed: none drawn from the step's stream
         for indices, (images, labels) in zip(index_lists, loader):
             yield Batch(torch.tensor(indices), images, labels)
         start_step += len(index_lists)

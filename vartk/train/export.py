@@ -19,7 +19,9 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..models.gpt import GPTTransformer
+from ..files import refuse_foreign_folder
 from ..models.var import VARTransformer
+from ..pipelines import PIPELINE_INDEX
 from .checkpoint import best_checkpoint, checkpoint_dir, latest_checkpoint, read_trainer_state
 from .conditional import RUN_TOKENIZER, load_tokenizer, require_same_encoding
 from .data import find_images
@@ -66,6 +68,8 @@ def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path 
     """Write a save_pretrained pipeline of checkpoint `step` (default: the newest; `best`: the lowest held-out
     loss) of `run`; returns its folder. `tokenizer`: a folder or official file replacing the run's."""
     folder = find_checkpoint(Path(run), step, best)
+    out = Path(out) if out else Path(run) / f"pipeline-{folder.name}"
+    refuse_foreign_folder(out, PIPELINE_INDEX)
     state = read_trainer_state(folder)
     config = state["config"]
     class_name = json.loads((folder / "model" / "config.json").read_text()).get("_class_name")
@@ -77,7 +81,7 @@ def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path 
         run_tokenizer(Path(run), config, tokenizer, job_cls.official_tokenizer_cls),
         model_cls.from_pretrained(folder / "model"),
         state.get("class_names") or find_images(config["data"])[2],  # runs before class names were saved
-        Path(out) if out else Path(run) / f"pipeline-{folder.name}",
+        out,
     )
 
 

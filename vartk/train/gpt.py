@@ -21,7 +21,7 @@ from ..tokenizers.msvq import MultiScaleVQVAE
 from ..tokenizers.vq import VQModel
 from ..samplers.next_token import NextTokenSampler
 from .conditional import ConditionalJob, ConditionalTrainConfig
-from .loop import arg, parse_config, run_training
+from .loop import arg, check_architecture, check_positive, parse_config, run_training
 
 
 @dataclass
@@ -42,6 +42,24 @@ class GPTTrainConfig(ConditionalTrainConfig):
 
     may_change_on_resume = ConditionalTrainConfig.may_change_on_resume + ("temperature",)
 
+    def check(self) -> None:
+        super().check()
+        check_positive(self, ("dim", "n_layer", "n_head", "multiple_of"))
+        for name in ("token_dropout", "resid_dropout", "ffn_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if not self.temperature >= 0:
+            raise SystemExit(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        check_architecture(lambda: build_gpt(self, vocab_size=2, num_classes=1, grid_size=1))
+
+
+def build_gpt(cfg: GPTTrainConfig, vocab_size: int, num_classes: int, grid_size: int) -> GPTTransformer:
+    return GPTTransformer(
+        dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, vocab_size=vocab_size, num_classes=num_classes,
+        grid_size=grid_size, multiple_of=cfg.multiple_of, token_dropout_p=cfg.token_dropout,
+        resid_dropout_p=cfg.resid_dropout, ffn_dropout_p=cfg.ffn_dropout,
+    )
+
 
 class GPTJob(ConditionalJob):
     official_tokenizer_cls = VQModel
@@ -52,11 +70,7 @@ class GPTJob(ConditionalJob):
         if isinstance(self.tokenizer, MultiScaleVQVAE) and len(self.tokenizer.patch_nums) != 1:
             raise SystemExit(f"--tokenizer {cfg.tokenizer} has patch_nums {self.tokenizer.patch_nums}; next-token "
                              "training needs a single-scale tokenizer (a MultiScaleVQVAE with one scale, or a VQModel)")
-        self.model = GPTTransformer(
-            dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, vocab_size=self.tokenizer.vocab_size,
-            num_classes=dataset.num_classes, grid_size=self.grid_side, multiple_of=cfg.multiple_of,
-            token_dropout_p=cfg.token_dropout, resid_dropout_p=cfg.resid_dropout, ffn_dropout_p=cfg.ffn_dropout,
-        ).to(device)
+        self.model = build_gpt(cfg, self.tokenizer.vocab_size, dataset.num_classes, self.grid_side).to(device)
 
     def token_loss(self, model: nn.Module, labels: torch.Tensor, tokens: torch.Tensor):
         logits = model(labels, tokens[:, :-1])  # [B, N, V]

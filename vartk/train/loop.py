@@ -39,7 +39,9 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoints import load_state_dict_strict
 from ..files import write_file_atomic, write_text_atomic
 from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
-from .data import Batch, BatchOrder, ImageFolder, fits_in_memory, iterate_batches, load_subset, mirror_some
+from .data import (
+    Batch, BatchOrder, ImageFolder, fits_in_memory, iterate_batches, load_subset, mirror_some, same_classes,
+)
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -73,7 +75,7 @@ class TrainConfig:
     min_lr_ratio: float = arg(0.1, "final learning rate as a fraction of --lr")
     grad_clip: float = arg(2.0, "clip the gradient norm to this value (0: no clipping)")
     seed: int = arg(0, "seed of the initialisation, the data order and every step's randomness")
-    log_every: int = arg(10, "write averaged metrics to log.jsonl every N steps")
+    log_every: int = arg(10, "write averaged metrics to log.jsonl every N steps (and at each checkpoint)")
     sample_every: int = arg(500, "write a sample grid to samples/ every N steps (0: only at the end)")
     num_samples: int = arg(16, "images in a sample grid")
     save_every: int = arg(500, "write a checkpoint every N steps (and at the end)")
@@ -85,7 +87,8 @@ class TrainConfig:
     device: str = arg("auto", "auto (cuda when available), cuda or cpu")
     precision: str = arg("auto", f"one of {PRECISIONS}; auto = bf16 autocast on CUDA, fp32 on CPU")
     num_workers: int = arg(0, "DataLoader workers when the dataset is not cached in memory")
-    cache_limit_gb: float = arg(4.0, "decode the whole dataset into memory (uint8) when it fits in this many GB")
+    cache_limit_gb: float = arg(4.0, "decode the whole dataset into memory (uint8) when the copies of all processes "
+                                     "of a machine fit in this many GB")
     class_balance: float = arg(0.0, "draw images of a class with n images with weight n ** -a (0: plain shuffle, "
                                     "1: every class equally often)")
     hflip: float = arg(0.0, "flip each training image left-right with this probability (0: never)")
@@ -115,9 +118,34 @@ class TrainConfig:
         if self.init_from and not (Path(self.init_from) / WEIGHTS_NAME).is_file():
             raise SystemExit(f"--init-from {self.init_from}: no {WEIGHTS_NAME} there; give a save_pretrained "
                              "folder such as <run>/transformer")
-        for name in ("batch_size", "max_steps", "log_every", "save_every", "image_size", "val_images"):
-            if getattr(self, name) < 1:
-                raise SystemExit(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        check_positive(self, ("batch_size", "max_steps", "log_every", "save_every", "image_size", "val_images",
+                              "num_samples", "keep_checkpoints"))
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "lr", "sample_every", "num_workers",
+                     "cache_limit_gb"):
+            if not getattr(self, name) >= 0:
+                raise SystemExit(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise SystemExit(f"--min-lr-ratio is a fraction of --lr in [0, 1], got {self.min_lr_ratio}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise SystemExit(f"--beta1 and --beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if not 0 <= self.seed < 2**32:
+            raise SystemExit(f"--seed must be in [0, 2**32), got {self.seed}")
+
+
+def check_positive(cfg, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
+
+
+def check_architecture(build) -> None:
+    """Build the model on the meta device (no memory, no time), so that flags that do not make a model fail before
+    the data is read; `build()` uses placeholders for what the data decides (classes, vocabulary)."""
+    try:
+        with torch.device("meta"):
+            build()
+    except ValueError as err:
+        raise SystemExit(f"these flags do not make a model: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -196,7 +224,7 @@ def check_resume(cfg: TrainConfig, state: dict, num_images: int, class_names: li
     if state.get("num_images", num_images) != num_images:
         raise SystemExit(f"--resume from {checkpoint}: --data {cfg.data} holds {num_images} images, the run was "
                          f"trained on {state['num_images']}; the data order would differ")
-    if state.get("class_names", class_names) != class_names:
+    if not same_classes(state.get("class_names", class_names), class_names):
         raise SystemExit(f"--resume from {checkpoint}: --data {cfg.data} has the classes {class_names}, the run "
                          f"was trained on {state['class_names']}; the class ids would differ")
     if cfg.max_steps < state["step"]:
@@ -315,7 +343,8 @@ def autocast_context(device: torch.device, precision: str):
 def averaged(metrics: dict[str, list[float]], dist: Distributed) -> dict[str, float]:
     """Mean of each metric over the logging window and over processes."""
     names = sorted(metrics)
-    values = torch.tensor([sum(metrics[n]) / len(metrics[n]) for n in names], dtype=torch.float64)
+    values = torch.tensor([sum(metrics[n]) / len(metrics[n]) for n in names], dtype=torch.float64,
+                          device=dist.device)  # [M] on the process group's device (nccl reduces no CPU tensors)
     if dist.world_size > 1:
         torch_dist.all_reduce(values)
         values /= dist.world_size
@@ -351,16 +380,21 @@ def load_validation_set(cfg: TrainConfig, class_names: list[str], dist: Distribu
     if not cfg.val_data:
         return None
     val = ImageFolder(cfg.val_data, cfg.image_size, cache=False)
-    if val.class_names != class_names:
-        raise SystemExit(f"--val-data {cfg.val_data} has classes {val.class_names}; --data {cfg.data} has "
-                         f"{class_names}: give a held-out folder with the same class folders")
+    if same_classes(val.class_names, class_names):
+        training_ids = torch.arange(len(class_names))  # [C_val]
+    else:
+        unknown = sorted(set(val.class_names) - set(class_names))
+        if unknown:
+            raise SystemExit(f"--val-data {cfg.val_data} has classes {unknown} that --data {cfg.data} lacks (its "
+                             f"classes: {class_names}); give a held-out folder with (some of) the same class folders")
+        training_ids = torch.tensor([class_names.index(name) for name in val.class_names])  # [C_val]
     picked = torch.linspace(0, len(val) - 1, min(cfg.val_images, len(val))).round().long()  # [M]
     share = picked[dist.rank::dist.world_size]
     if len(share) == 0:
         raise SystemExit(f"--val-data {cfg.val_data}: {len(picked)} images for {dist.world_size} processes; "
                          "give at least one per process")
     images, labels = load_subset(val, share.tolist())
-    return Batch(None, images, labels)
+    return Batch(None, images, training_ids[labels])
 
 
 def validate(job: Job, trainees: dict[str, Trainee], held_out: Batch, cfg: TrainConfig, dist: Distributed) -> dict:
@@ -374,7 +408,8 @@ def validate(job: Job, trainees: dict[str, Trainee], held_out: Batch, cfg: Train
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + float(value) * len(labels)
     names = sorted(totals)
-    sums = torch.tensor([totals[n] for n in names] + [len(held_out.labels)], dtype=torch.float64)
+    sums = torch.tensor([totals[n] for n in names] + [len(held_out.labels)], dtype=torch.float64,
+                        device=dist.device)  # [M + 1]
     if dist.world_size > 1:
         torch_dist.all_reduce(sums)
     return {name: value / sums[-1].item() for name, value in zip(names, sums[:-1].tolist())}
@@ -404,11 +439,20 @@ def log_validation(out: Path, step: int, validation: dict, progress) -> None:
     (progress.write if progress is not None else print)(line)
 
 
+def refuse_earlier_run(out: Path) -> None:
+    """A fresh run must not write into another run's folder: its log, checkpoints and copied inputs would mix."""
+    earlier = [f for f in (out / "config.json",) if f.is_file()] + sorted((out / "checkpoints").glob("step_*"))
+    if earlier:
+        raise SystemExit(f"--out {out} holds an earlier run ({earlier[-1].name}); continue it with --resume, "
+                         "or give another --out (or delete that folder)")
+
+
 def run_training(cfg: TrainConfig, job_cls: type) -> Path:
     """Train `job_cls(cfg, dataset, device)` as configured; returns the output folder."""
     dist = setup_distributed(cfg.device)
     out = Path(cfg.out)
-    cache = fits_in_memory(cfg.data, cfg.image_size, cfg.cache_limit_gb)
+    cache = fits_in_memory(cfg.data, cfg.image_size, cfg.cache_limit_gb,
+                           copies=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     dataset = ImageFolder(cfg.data, cfg.image_size, cache=cache)
     order = BatchOrder(len(dataset), cfg.batch_size, cfg.seed, dist.rank, dist.world_size, dataset.labels,
                        cfg.class_balance)
@@ -434,6 +478,8 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
     schedulers = {name: t.scheduler for name, t in trainees.items()}
 
     start_step = 0
+    if not cfg.resume:
+        refuse_earlier_run(out)
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None and dist.is_main:
         print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
@@ -478,7 +524,8 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
                 window.setdefault(prefix + key, []).append(float(value))
         job.after_step(step, batch)
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
+        # a window also ends at each checkpoint, so a resumed run logs the same windows as an uninterrupted one
+        if done % cfg.log_every == 0 or done % cfg.save_every == 0 or done == cfg.max_steps:
             record = averaged(window, dist)
             elapsed = time.perf_counter() - window_start
             record.update(step=step, **step_lrs, steps_per_s=len(window["loss"]) / elapsed)
@@ -489,8 +536,6 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
-        if dist.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.max_steps):
-            save_sample_grid(job, trainees, out / "samples" / f"step_{done:07d}.png")
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             validation = validate(job, trainees, held_out, cfg, dist) if held_out is not None else None
             if dist.is_main:
@@ -502,6 +547,8 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
                     state["validation"] = validation
                     log_validation(out, step, validation, progress)
                 save_checkpoint(out, done, modules, optimizers, schedulers, state, cfg.keep_checkpoints)
+        if dist.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.max_steps):
+            save_sample_grid(job, trainees, out / "samples" / f"step_{done:07d}.png")  # after the checkpoint
     if progress is not None:
         progress.close()
     if dist.is_main:

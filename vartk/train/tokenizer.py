@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..files import write_folder_atomic
 from ..tokenizers.msvq import MultiScaleVQVAE
 from .data import Batch
-from .loop import Job, TrainConfig, arg, parse_config, run_training
+from .loop import Job, TrainConfig, arg, check_architecture, check_positive, parse_config, run_training
 
 
 @dataclass
@@ -69,6 +69,12 @@ class TokenizerTrainConfig(TrainConfig):
                 f"--lpips-weights {self.lpips_weights}: the perceptual loss is not available in vartk (it needs "
                 "pretrained VGG weights that cannot be fetched offline); train with --l2-weight/--l1-weight and --gan-weight"
             )
+        check_positive(self, ("ch", "num_res_blocks", "z_channels", "norm_groups", "disc_channels", "disc_layers"))
+        if self.vocab_size < 2 or not self.ch_mult or min(self.ch_mult) < 1 or not self.patch_nums \
+                or min(self.patch_nums) < 1:
+            raise SystemExit(f"--vocab-size must be >= 2 (got {self.vocab_size}), --ch-mult and --patch-nums "
+                             f"positive integers (got {self.ch_mult}, {self.patch_nums})")
+        check_architecture(lambda: build_tokenizer(self))
         latent = self.image_size // 2 ** (len(self.ch_mult) - 1)
         if self.patch_nums[-1] != latent:
             raise SystemExit(
@@ -88,6 +94,14 @@ class TokenizerTrainConfig(TrainConfig):
         if self.train_decoder_only and self.restart_codes_every:
             raise SystemExit("--train-decoder-only keeps the codebook fixed; it cannot be combined with "
                              f"--restart-codes-every {self.restart_codes_every}")
+
+
+def build_tokenizer(cfg: TokenizerTrainConfig) -> MultiScaleVQVAE:
+    return MultiScaleVQVAE(
+        ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks, z_channels=cfg.z_channels,
+        vocab_size=cfg.vocab_size, patch_nums=cfg.patch_nums, beta=cfg.beta, quant_resi=cfg.quant_resi,
+        share_quant_resi=cfg.share_quant_resi, norm_groups=cfg.norm_groups,
+    )
 
 
 class PatchDiscriminator(nn.Module):
@@ -146,11 +160,7 @@ class TokenizerJob(Job):
 
     def __init__(self, cfg: TokenizerTrainConfig, dataset, device: torch.device):
         self.cfg = cfg
-        self.model = MultiScaleVQVAE(
-            ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks, z_channels=cfg.z_channels,
-            vocab_size=cfg.vocab_size, patch_nums=cfg.patch_nums, beta=cfg.beta, quant_resi=cfg.quant_resi,
-            share_quant_resi=cfg.share_quant_resi, norm_groups=cfg.norm_groups,
-        ).to(device)
+        self.model = build_tokenizer(cfg).to(device)
         if cfg.train_decoder_only:
             for name in MultiScaleVQVAE.token_modules:
                 getattr(self.model, name).requires_grad_(False)

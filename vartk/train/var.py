@@ -21,7 +21,7 @@ from ..models.var import VARTransformer
 from ..tokenizers.msvq import MultiScaleVQVAE
 from ..samplers.next_scale import NextScaleSampler
 from .conditional import ConditionalJob, ConditionalTrainConfig
-from .loop import arg, parse_config, run_training
+from .loop import arg, check_architecture, check_positive, parse_config, run_training
 
 
 @dataclass
@@ -36,6 +36,23 @@ class VARTrainConfig(ConditionalTrainConfig):
     drop_path_rate: float = arg(0.0, "stochastic depth rate of the last block")
     init_adaln_gamma: float = arg(1e-3, "initial scale of the AdaLN residual gates (official: 1e-3 for d16/d20)")
 
+    def check(self) -> None:
+        super().check()
+        check_positive(self, ("depth",))
+        if self.width < 0 or self.num_heads < 0 or not self.mlp_ratio > 0 or not 0 <= self.drop_path_rate < 1:
+            raise SystemExit(f"--width {self.width} and --num-heads {self.num_heads} must be >= 0 (0: the default), "
+                             f"--mlp-ratio {self.mlp_ratio} > 0, --drop-path-rate {self.drop_path_rate} in [0, 1)")
+        check_architecture(lambda: build_var(self, vocab_size=2, latent_channels=1, num_classes=1, patch_nums=(1,)))
+
+
+def build_var(cfg: VARTrainConfig, vocab_size: int, latent_channels: int, num_classes: int,
+              patch_nums: tuple[int, ...]) -> VARTransformer:
+    return VARTransformer(
+        depth=cfg.depth, width=cfg.width or None, num_heads=cfg.num_heads or None, mlp_ratio=cfg.mlp_ratio,
+        vocab_size=vocab_size, latent_channels=latent_channels, num_classes=num_classes, patch_nums=patch_nums,
+        drop_path_rate=cfg.drop_path_rate,
+    )
+
 
 class VARJob(ConditionalJob):
     official_tokenizer_cls = MultiScaleVQVAE
@@ -48,11 +65,8 @@ class VARJob(ConditionalJob):
             raise SystemExit(f"--tokenizer {cfg.tokenizer} is a {type(self.tokenizer).__name__}; "
                              "next-scale training needs a MultiScaleVQVAE")
         self.patch_nums = self.tokenizer.patch_nums
-        self.model = VARTransformer(
-            depth=cfg.depth, width=cfg.width or None, num_heads=cfg.num_heads or None, mlp_ratio=cfg.mlp_ratio,
-            vocab_size=self.tokenizer.vocab_size, latent_channels=self.tokenizer.latent_channels,
-            num_classes=dataset.num_classes, patch_nums=self.patch_nums, drop_path_rate=cfg.drop_path_rate,
-        ).to(device)
+        self.model = build_var(cfg, self.tokenizer.vocab_size, self.tokenizer.latent_channels, dataset.num_classes,
+                               self.patch_nums).to(device)
         self.model.init_weights(init_adaln_gamma=cfg.init_adaln_gamma)
 
     @torch.no_grad()

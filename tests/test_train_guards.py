@@ -1,0 +1,182 @@
+"""Training: what protects a run (refused flags, another run's folder, exports over foreign folders), resume
+exactness on the DataLoader path, held-out folders matched to the training classes by name, image reading."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_train import FAST, TOKENIZER_ARGS, job_args, kill_after, read_log, write_images
+
+from vartk.cli import class_arguments
+from vartk.cli import main as cli_main
+from vartk.images import list_images, open_rgb
+from vartk.train import train_main
+from vartk.train.data import find_images, fits_in_memory
+from vartk.train.gpt import GPTJob
+from vartk.train.loop import Distributed, TrainConfig, load_validation_set
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def images(tmp_path):
+    return write_images(tmp_path / "images", classes=2, per_class=4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gpt", "--dim", "100", "--n-head", "8"], "these flags do not make a model: dim=100 must split into n_head=8"),
+    (["var", "--depth", "0"], "--depth must be >= 1, got 0"),
+    (["var", "--width", "100", "--num-heads", "3"], "width 100 is not divisible by num_heads 3"),
+    (["tokenizer", "--vocab-size", "0"], "--vocab-size must be >= 2"),
+    (["tokenizer", "--ch", "8", "--norm-groups", "3"], "norm_groups=3 must divide every channel count"),
+    (["gpt", "--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+    (["gpt", "--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 0, got nan"),
+    (["gpt", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["var", "--seed", str(2**44)], r"--seed must be in \[0, 2\*\*32\)"),
+    (["var", "--min-lr-ratio", "-1"], r"--min-lr-ratio is a fraction of --lr in \[0, 1\], got -1.0"),
+    (["var", "--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["var", "--grad-clip", "-1"], "--grad-clip must be >= 0"),
+    (["var", "--warmup-steps", "-5"], "--warmup-steps must be >= 0"),
+    (["tokenizer", "--num-samples", "0"], "--num-samples must be >= 1"),
+])
+def test_bad_flags_are_refused_before_the_data_is_read(argv, message):
+    job, *flags = argv
+    needs = ["--tokenizer", "no-such-tokenizer"] if job != "tokenizer" else []
+    with pytest.raises(SystemExit, match=message):
+        train_main(job, ["--data", "no-such-folder", *needs, *flags])
+
+
+def test_a_fresh_run_does_not_write_into_another_runs_folder(images, tmp_path):
+    argv = ["--data", str(images), "--out", str(tmp_path / "run"), "--batch-size", "4", "--max-steps", "2",
+            *FAST, *TOKENIZER_ARGS]
+    train_main("tokenizer", argv)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(SystemExit, match=r"holds an earlier run \(step_0000002\); continue it with --resume"):
+        train_main("tokenizer", argv)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_exports_do_not_replace_folders_that_are_not_pipelines(images, tmp_path):
+    run = tmp_path / "run"
+    train_main("gpt", ["--data", str(images), "--out", str(run), "--batch-size", "4", "--max-steps", "2", *FAST,
+                       *job_args("gpt", images, tmp_path)])
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "notes.txt").write_text("mine")
+    for argv in (["train", "export", "--run", str(run), "--out", str(models)],
+                 ["train", "export", "--run", str(run), "--out", str(run)]):
+        with pytest.raises(SystemExit, match="holds other files \\(no model_index.json\\)"):
+            cli_main(argv)
+    assert (models / "notes.txt").read_text() == "mine" and (run / "checkpoints").is_dir()
+    cli_main(["train", "export", "--run", str(run), "--out", str(run / "pipeline")])  # an earlier export: replaced
+    assert (run / "pipeline" / "model_index.json").is_file()
+    with pytest.raises(SystemExit, match=f"--out {models} holds other files"):
+        cli_main(["convert", "--vae", "x.pth", "--var", "y.pth", "--out", str(models)])
+
+
+def test_resume_is_exact_when_images_are_read_by_the_dataloader(images, tmp_path):
+    """Uncached data goes through a DataLoader, whose iterator must not draw from the step's random stream:
+    the resumed run, the uninterrupted one and the cached one see the same dropout and label dropout."""
+    common = ["--data", str(images), "--batch-size", "4", "--max-steps", "6", "--log-every", "1",
+              "--save-every", "3", "--keep-checkpoints", "5", "--label-dropout", "0.5", *FAST,
+              *job_args("gpt", images, tmp_path)]
+    uncached = ["--cache-limit-gb", "0"]
+    train_main("gpt", ["--out", str(tmp_path / "cached"), *common])
+    train_main("gpt", ["--out", str(tmp_path / "full"), *common, *uncached])
+    kill_after(tmp_path / "full", 3, tmp_path / "killed")
+    train_main("gpt", ["--out", str(tmp_path / "killed"), "--resume", *common, *uncached])
+    losses = {name: [r["loss"] for r in read_log(tmp_path / name)] for name in ("cached", "full", "killed")}
+    assert losses["killed"] == losses["full"] == losses["cached"]
+
+
+def test_logs_of_a_resumed_run_equal_the_uninterrupted_ones_when_windows_straddle_checkpoints(images, tmp_path):
+    common = ["--data", str(images), "--batch-size", "4", "--max-steps", "6", "--log-every", "2",
+              "--save-every", "3", "--keep-checkpoints", "5", *FAST, *TOKENIZER_ARGS]
+    train_main("tokenizer", ["--out", str(tmp_path / "full"), *common])
+    kill_after(tmp_path / "full", 3, tmp_path / "killed")
+    train_main("tokenizer", ["--out", str(tmp_path / "killed"), "--resume", *common])
+    full, resumed = read_log(tmp_path / "full"), read_log(tmp_path / "killed")
+    assert [r["step"] for r in full] == [1, 2, 3, 5]  # every 2 steps, and at the checkpoint after step 3
+    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in full]
+
+
+def test_the_checkpoint_is_written_before_the_sample_grid(images, tmp_path, monkeypatch):
+    def broken(self, class_labels, generator):
+        raise RuntimeError("grid failed")
+
+    monkeypatch.setattr(GPTJob, "generate", broken)
+    with pytest.raises(RuntimeError, match="grid failed"):
+        train_main("gpt", ["--data", str(images), "--out", str(tmp_path / "run"), "--batch-size", "4",
+                           "--max-steps", "2", "--save-every", "2", *FAST, *job_args("gpt", images, tmp_path)])
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "model").is_dir()
+
+
+def test_a_moved_tokenizer_folder_may_be_given_on_resume(images, tmp_path):
+    argv = ["--data", str(images), "--batch-size", "4", "--save-every", "2", *FAST]
+    tokenizer_args = job_args("var", images, tmp_path)
+    train_main("var", ["--out", str(tmp_path / "run"), "--max-steps", "2", *argv, *tokenizer_args])
+    moved = shutil.move(tokenizer_args[1], tmp_path / "moved")
+    train_main("var", ["--out", str(tmp_path / "run"), "--max-steps", "4", "--resume", *argv, *tokenizer_args[:1],
+                       str(moved), *tokenizer_args[2:]])
+    assert [r["step"] for r in read_log(tmp_path / "run")][-1] == 3
+
+
+def test_held_out_classes_are_matched_to_the_training_ids_by_name(tmp_path):
+    train = write_images(tmp_path / "train", classes=3, per_class=2)
+    val = tmp_path / "val"
+    shutil.copytree(train / "class_2", val / "class_2")  # a held-out split that has only the last class
+    cfg = TrainConfig(data=str(train), val_data=str(val), image_size=8)
+    held_out = load_validation_set(cfg, ["class_0", "class_1", "class_2"], Distributed(0, 1, torch.device("cpu")))
+    assert held_out.labels.tolist() == [2, 2]
+    (val / "class_9").mkdir()
+    shutil.copy(next((train / "class_0").iterdir()), val / "class_9" / "x.png")
+    with pytest.raises(SystemExit, match=r"has classes \['class_9'\] that --data .* lacks"):
+        load_validation_set(cfg, ["class_0", "class_1", "class_2"], Distributed(0, 1, torch.device("cpu")))
+
+
+def test_flat_folders_of_other_names_hold_the_same_single_class(tmp_path):
+    train = write_images(tmp_path / "faces_train", classes=1, per_class=2) / "class_0"
+    val = shutil.copytree(train, tmp_path / "faces_val")
+    cfg = TrainConfig(data=str(train), val_data=str(val), image_size=8)
+    held_out = load_validation_set(cfg, find_images(train)[2], Distributed(0, 1, torch.device("cpu")))
+    assert held_out.labels.tolist() == [0, 0]
+
+
+def test_images_beside_class_folders_are_refused(images):
+    shutil.copy(next((images / "class_0").iterdir()), images / "stray.png")
+    with pytest.raises(ValueError, match=r"holds images \(stray.png, ...\) beside class folders \(class_0, class_1\)"):
+        find_images(images)
+
+
+def test_the_memory_limit_counts_one_copy_per_process(images):
+    size = 8 * 3 * 8 * 8  # 8 images of uint8 [3, 8, 8]
+    assert fits_in_memory(images, 8, 2 * size / 2**30, copies=2)
+    assert not fits_in_memory(images, 8, 2 * size / 2**30, copies=3)
+
+
+def test_numeric_class_folder_names_are_names_on_the_command_line():
+    assert class_arguments(["2", "10"], ["0", "1", "10", "2"]) == ["2", "10"]  # ids 3 and 2, by name
+    assert class_arguments(["2", "cat"], ["cat", "dog"]) == [2, "cat"]
+    assert class_arguments(["207"], None) == [207]
+
+
+def test_photos_are_turned_upright_and_tiff_files_are_read(tmp_path):
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)  # landscape as stored, red left half
+    pixels[:, :20, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    upright = np.asarray(open_rgb(tmp_path / "photo.jpg"))
+    assert upright.shape == (40, 20, 3)  # portrait, as a viewer shows it
+    assert upright[5, 10, 0] > 200 and upright[35, 10, 0] < 50  # the red half is now on top
+    Image.fromarray(pixels).save(tmp_path / "scan.tif")
+    assert [p.name for p in list_images(tmp_path)] == ["photo.jpg", "scan.tif"]
+    assert np.array_equal(np.asarray(open_rgb(tmp_path / "scan.tif")), pixels)
+
