@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from _fid_helpers import build_random_inception, random_images, register_stubs, write_folder
+from _fid_helpers import (
+    build_random_inception, independent_fid, independent_kid, random_images, register_stubs, write_folder,
+)
 from vartk import metrics
 from vartk.metrics import compute_metrics, frechet_distance
 
@@ -24,15 +26,6 @@ def image_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("sets")
     a, b = random_images(12, seed=0), random_images(12, seed=1) // 2  # b: darker, another distribution
     return {"a": write_folder(root / "a", a), "b": write_folder(root / "b", b), "a_array": a, "b_array": b}
-
-
-def independent_fid(features_1, features_2) -> float:
-    """Frechet distance via eigenvalues: tr sqrtm(S1 S2) = sum sqrt(eig(S1 S2)) (no scipy sqrtm)."""
-    f1, f2 = (np.asarray(f, dtype=np.float64) for f in (features_1, features_2))
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    eig = np.linalg.eigvals(s1 @ s2).real.clip(min=0)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum())
 
 
 def test_frechet_distance_of_1d_gaussians_is_closed_form():
@@ -58,6 +51,54 @@ def test_fid_equals_independent_frechet_distance(inception, image_sets):
     )
     assert expected > 1.0
     assert result["fid"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_kid_equals_independent_unbiased_mmd(inception, image_sets):
+    """With as many images as the subset size (default 1000, shrunk to 12), every KID subset is the whole
+    set, so KID is one unbiased MMD^2 whatever the subsets drawn."""
+    extractor = metrics.FeatureExtractor(weights=str(inception), device="cpu")
+    features_a = extractor.extract(image_sets["a"], ["64"])["64"]
+    features_b = extractor.extract(image_sets["b"], ["64"])["64"]
+    result = compute_metrics(
+        image_sets["a"], image_sets["b"], ["kid"], feature_extractor_weights=inception, cache=False, **FAST
+    )
+    assert result["kid_subset_size"] == 12
+    assert result["kid"] == pytest.approx(independent_kid(features_a, features_b), rel=1e-5)
+    assert abs(independent_kid(features_a, features_a)) < 0.01 * result["kid"]  # a's own MMD would not pass
+
+
+def knn_precision_recall(generated, reference, k: int) -> tuple[float, float]:
+    """Kynkaanniemi et al.: the share of each set inside the other's manifold, the union of balls around
+    its features reaching their k-th nearest neighbour in the same set."""
+
+    def share_inside(points, manifold):
+        radius = np.sort(np.linalg.norm(manifold[:, None] - manifold[None], axis=-1), axis=1)[:, k]  # [0] is itself
+        return float((np.linalg.norm(points[:, None] - manifold[None], axis=-1) <= radius).any(axis=1).mean())
+
+    generated, reference = (np.asarray(f, dtype=np.float64) for f in (generated, reference))
+    return share_inside(generated, reference), share_inside(reference, generated)
+
+
+def test_precision_recall_equal_independent_knn_manifolds(inception, image_sets):
+    a, b = image_sets["a_array"], image_sets["b_array"]
+    generated, reference = np.concatenate([a[:8], b[:4]]), np.concatenate([a[4:], b[6:]])  # overlapping mixes
+    extractor = metrics.FeatureExtractor(weights=str(inception), device="cpu")
+    features = [extractor.extract(images, ["64"])["64"] for images in (generated, reference)]
+    result = compute_metrics(generated, reference, ["prc"], feature_extractor_weights=inception, cache=False, **FAST)
+    expected = knn_precision_recall(*features, k=3)  # compute_metrics' default prc_neighborhood
+    assert expected[0] != expected[1] and expected != knn_precision_recall(*features, k=4)
+    assert (result["precision"], result["recall"]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_generated_subset_of_reference_has_precision_one_and_partial_recall(inception, image_sets):
+    """Every generated image is a reference image (precision 1); the reference's darker 12 are far from the 6
+    generated ones (recall 6 / 18)."""
+    a, b = image_sets["a_array"], image_sets["b_array"]
+    result = compute_metrics(
+        a[:6], np.concatenate([a[:6], b]), ["prc"], feature_extractor_weights=inception, cache=False, **FAST
+    )
+    assert result["precision"] == 1.0
+    assert result["recall"] == pytest.approx(1 / 3, abs=1e-6)
 
 
 def test_inception_score_of_known_predictions():
@@ -126,10 +167,16 @@ def test_precision_recall_of_a_set_with_itself_are_one(inception, image_sets):
 
 def test_adm_statistics_are_used_for_fid_and_images_for_kid(inception, image_sets, tmp_path, monkeypatch):
     # ADM's reference batch: mu / sigma next to other images under arr_0. Its statistics describe
-    # Inception layer "2048"; pretend they describe "64" so the test stays fast.
+    # Inception layer "2048" of the official weights; pretend they describe "64" of the test's random weights so
+    # the test stays fast.
     monkeypatch.setattr(metrics, "ADM_STATISTICS_LAYER", "64")
     mu, sigma = np.zeros(64), np.eye(64)
     np.savez(tmp_path / "VIRTUAL_like.npz", arr_0=image_sets["b_array"], mu=mu, sigma=sigma)
+    np.savez(tmp_path / "adm_stats_only.npz", mu=mu, sigma=sigma)
+    with pytest.raises(ValueError, match="come from the official weights-inception"):  # other weights: not used
+        compute_metrics(image_sets["a"], tmp_path / "adm_stats_only.npz", ["fid"], feature_extractor_weights=inception,
+                        cache=False, **FAST)
+    monkeypatch.setattr(metrics.FeatureExtractor, "has_official_inception_weights", True)
     result = compute_metrics(
         image_sets["a"], tmp_path / "VIRTUAL_like.npz", ["fid", "kid"], feature_extractor_weights=inception,
         kid_subset_size=6, cache=False, **FAST,

@@ -14,7 +14,7 @@ from PIL import Image
 from vartk.tokenizers.msvq import MultiScaleVQVAE
 from vartk.train import train_main
 from vartk.train.checkpoint import latest_checkpoint
-from vartk.train.data import BatchOrder, ImageFolder, find_images
+from vartk.train.data import Batch, BatchOrder, ImageFolder, find_images
 from vartk.train.loop import TrainConfig, lr_factor, parse_config
 
 SIZE = 8  # px; the tiny tokenizers downsample by 2 -> 4x4 latents
@@ -71,6 +71,16 @@ def job_args(job: str, images: Path, tmp_path: Path) -> list[str]:
             "--multiple-of", "16"]
 
 
+def tokenizer_job(images: Path, *flags: str):
+    """The TokenizerJob a run with these flags starts from (same seed, so the same initial weights), on CPU."""
+    from vartk.train.tokenizer import TokenizerJob, TokenizerTrainConfig
+
+    cfg = parse_config(TokenizerTrainConfig, ["--data", str(images), "--image-size", str(SIZE), *TOKENIZER_ARGS,
+                                              *flags], "test")
+    torch.manual_seed(cfg.seed)
+    return TokenizerJob(cfg, ImageFolder(images, SIZE, cache=True), torch.device("cpu"))
+
+
 # ---------------------------------------------------------------------------------------------- data
 def test_find_images_class_folders_and_flat_folder(images, tmp_path):
     paths, labels, names = find_images(images)
@@ -105,6 +115,22 @@ def test_image_folder_resizes_and_caches(images):
     image, label = dataset[5]
     assert dataset.images.shape == (8, 3, SIZE, SIZE) and dataset.images.dtype == torch.uint8 and label == 1
     assert torch.equal(image, ImageFolder(images, SIZE, cache=False)[5][0])
+
+
+def test_non_square_images_are_resized_on_the_short_side_and_centre_cropped(tmp_path):
+    """48x16 red | green | blue bands, wide and tall: the documented LANCZOS resize of the short side to 8 px and
+    centre crop, done here with PIL, keeps the green middle band."""
+    bands = np.zeros((16, 48, 3), np.uint8)  # [H, W, 3]: 16 px each
+    bands[:, :16, 0], bands[:, 16:32, 1], bands[:, 32:, 2] = 255, 255, 255
+    (tmp_path / "bands").mkdir()
+    Image.fromarray(bands).save(tmp_path / "bands" / "wide.png")
+    Image.fromarray(bands.transpose(1, 0, 2).copy()).save(tmp_path / "bands" / "tall.png")
+    dataset = ImageFolder(tmp_path / "bands", SIZE, cache=False)
+    for index, (size, crop) in enumerate([((SIZE, 24), (0, 8, SIZE, 16)), ((24, SIZE), (8, 0, 16, SIZE))]):
+        image = dataset[index][0]  # tall.png sorts first
+        expected = Image.open(dataset.paths[index]).resize(size, Image.Resampling.LANCZOS).crop(crop)
+        assert torch.equal(image, torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1))
+        assert (image[1] > 200).all() and (image[[0, 2]] < 50).all()  # green, with a tinge of red / blue at its ends
 
 
 def test_batch_order_is_a_seeded_partition_and_resumes_mid_epoch():
@@ -209,6 +235,22 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_factor(35, cfg) == pytest.approx(1 - 0.9 * 0.25)
 
 
+def test_trainee_step_returns_the_gradient_norm_and_clips_to_it():
+    """loss = 10 * (w . x + b) with x = (3, 4): gradient (30, 40, 10), norm 10 * sqrt(26); clipped to norm 2, which
+    SGD with lr 1 then subtracts; --grad-clip 0 leaves it whole."""
+    from vartk.train.loop import Trainee
+
+    x, gradient = torch.tensor([3.0, 4.0]), torch.tensor([30.0, 40.0, 10.0])
+    for clip, expected_norm, applied in ((2.0, 10 * 26**0.5, gradient * 2 / (10 * 26**0.5)), (0.0, 0.0, gradient)):
+        layer = torch.nn.Linear(2, 1)
+        start = torch.cat([layer.weight.detach().flatten(), layer.bias.detach()])
+        optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+        trainee = Trainee(layer, layer, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+        assert trainee.step(10 * layer(x).sum(), clip) == pytest.approx(expected_norm)
+        assert torch.allclose(torch.cat([layer.weight.grad.flatten(), layer.bias.grad]), applied)
+        assert torch.allclose(torch.cat([layer.weight.detach().flatten(), layer.bias.detach()]), start - applied)
+
+
 def test_discriminator_lr_warms_up_at_gan_start_and_decays_to_the_runs_end(images, tmp_path):
     out = tmp_path / "run"
     train_main("tokenizer", ["--data", str(images), "--out", str(out), "--batch-size", "4", "--max-steps", "10",
@@ -240,12 +282,43 @@ def test_loss_decreases_on_a_fixed_batch(job, images, tmp_path):
     assert (exported / "config.json").is_file()
 
 
-@pytest.mark.parametrize("job", ["tokenizer", "gpt"])
+def test_label_dropout_replaces_a_share_p_of_the_labels_by_the_null_class():
+    """The training loss reads labels of which a binomial share p became num_classes (10), the others unchanged;
+    the held-out loss reads them all unchanged."""
+    from vartk.train.conditional import ConditionalJob, ConditionalTrainConfig
+
+    class LabelEcho(ConditionalJob):  # its loss is the labels it was given
+        def __init__(self, p):
+            self.cfg, self.num_classes, self.model = ConditionalTrainConfig(label_dropout=p), 10, None
+
+        def batch_tokens(self, batch):
+            return batch.images
+
+        def token_loss(self, model, labels, tokens):
+            return labels, {}
+
+        generate = None  # never sampled
+
+    n = 10_000
+    labels = torch.arange(n) % 10
+    batch = Batch(None, torch.zeros(n), labels)
+    for p in (0.0, 0.1, 0.5, 1.0):
+        torch.manual_seed(0)
+        given = LabelEcho(p).loss("model", {"model": None}, batch, step=0)[0]
+        dropped = given == 10
+        assert torch.equal(given[~dropped], labels[~dropped])
+        assert abs(dropped.sum().item() - n * p) <= 5 * (n * p * (1 - p)) ** 0.5, (p, dropped.sum())
+        assert torch.equal(LabelEcho(p).validation_metrics(batch)["loss"], labels)
+
+
+@pytest.mark.parametrize("job", ["tokenizer", "var", "gpt"])
 def test_resume_gives_the_uninterrupted_losses(job, images, tmp_path):
     """Kill after step 3 (keep only that checkpoint), resume in a fresh run: steps 3..5 match exactly."""
-    # the tokenizer with a GAN has two optimizers and restarts codes; the GPT has dropout, label dropout, flips
-    extra = ["--gan-weight", "0.1", "--gan-start", "2", "--disc-layers", "1", "--restart-codes-every", "3"]
-    extra = extra if job == "tokenizer" else ["--hflip", "0.5"]
+    # the tokenizer with a GAN has two optimizers and restarts codes; the transformers have label dropout and flips,
+    # the VAR stochastic depth, the GPT dropout
+    extra = {"tokenizer": ["--gan-weight", "0.1", "--gan-start", "2", "--disc-layers", "1",
+                           "--restart-codes-every", "3"],
+             "var": ["--hflip", "0.5", "--drop-path-rate", "0.1"], "gpt": ["--hflip", "0.5"]}[job]
     common = ["--batch-size", "4", "--max-steps", "6", "--log-every", "1", "--save-every", "3",
               "--keep-checkpoints", "5", *FAST, *job_args(job, images, tmp_path), *extra]
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -392,9 +465,50 @@ def test_validation_loss_equals_a_direct_computation(job, images, tmp_path):
 
 def test_validation_data_must_have_the_training_classes(images, tmp_path):
     val = write_images(tmp_path / "val", classes=3, per_class=1)
-    with pytest.raises(SystemExit, match=r"--val-data .* has classes \['class_0', 'class_1', 'class_2'\]"):
+    with pytest.raises(SystemExit, match=r"--val-data .* has classes \['class_2'\] that --data .* lacks"):
         train_main("tokenizer", ["--data", str(images), "--out", str(tmp_path / "run"), "--batch-size", "4",
                                  "--max-steps", "1", "--val-data", str(val), *FAST, *TOKENIZER_ARGS])
+
+
+def test_tokenizer_validation_loss_is_the_weighted_sum_of_its_parts(images):
+    """loss = vq_weight * vq + l2_weight * l2 + l1_weight * l1, the quantiser loss written out per scale (beta 0.25)
+    and the pixel losses on the unclamped decoder output."""
+    import torch.nn.functional as F
+
+    job = tokenizer_job(images, "--vq-weight", "0.5", "--l2-weight", "2", "--l1-weight", "3")
+    model, pixels = job.model.eval(), job.preview  # [8, 3, 8, 8]
+    with torch.no_grad():
+        metrics = job.validation_metrics(Batch(None, pixels, torch.zeros(len(pixels), dtype=torch.long)))
+        f = model.encode_latent(pixels)
+        f_hats = [f_hat for _, f_hat in model.iter_residual_quantize(f)]
+        vq = sum(0.25 * F.mse_loss(f_hat, f) + F.mse_loss(f_hat, f) for f_hat in f_hats) / len(f_hats)
+        recon = (model.decoder(model.post_quant_conv(f_hats[-1])) + 1) / 2
+        expected = 0.5 * vq + 2 * F.mse_loss(recon, pixels) + 3 * F.l1_loss(recon, pixels)
+    assert metrics["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_patchgan_hinge_losses(images):
+    """With a discriminator whose logits are 8 * red - 2 per pixel: from --gan-start on the generator loss adds
+    -gan_weight * mean logit of the reconstructions; the discriminator's is the hinge
+    0.5 * (mean relu(1 - real logits) + mean relu(1 + fake logits))."""
+    import torch.nn.functional as F
+
+    class RedLogits(torch.nn.Module):
+        def forward(self, pixels):
+            return 8 * pixels[:, :1] - 2  # [B, 1, H, W]
+
+    job = tokenizer_job(images, "--gan-weight", "0.5", "--gan-start", "1")
+    job.discriminator = RedLogits()
+    real = job.preview  # [8, 3, 8, 8]
+    batch = Batch(None, real, torch.zeros(len(real), dtype=torch.long))
+    for step in (0, 1):
+        loss, metrics = job.loss("model", {"model": job.model}, batch, step)
+        fake = job.reconstruction
+        gan = -0.5 * (8 * fake[:, :1] - 2).mean() if step else 0.0
+        assert loss.item() == pytest.approx((metrics["vq"] + metrics["l2"] + gan).item(), rel=1e-5)
+    assert abs(gan) > 0.1
+    hinge = 0.5 * (F.relu(1 - (8 * real[:, :1] - 2)).mean() + F.relu(1 + (8 * fake[:, :1] - 2)).mean())
+    assert job.discriminator_loss(job.discriminator, real)[0].item() == pytest.approx(hinge.item(), rel=1e-6)
 
 
 def test_pruning_keeps_the_best_validated_checkpoint_and_export_picks_it(tmp_path):
@@ -434,6 +548,13 @@ def test_torchrun_two_processes_gloo(images, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     log = read_log(out)
     assert [r["step"] for r in log if "loss" in r] == [0, 1, 2]
+    job = tokenizer_job(images, "--gan-weight", "0.1", "--disc-layers", "1")
+    data = ImageFolder(images, SIZE, cache=True)
+    first_batches = [BatchOrder(8, 2, seed=0, rank=rank, world_size=2).epoch(0)[0] for rank in range(2)]
+    with torch.no_grad():  # step 0's loss on each process, from the run's initial weights
+        losses = [job.loss("model", {"model": job.model}, Batch(None, data.images[i].float() / 255, data.labels[i]),
+                           step=0)[0].item() for i in first_batches]
+    assert log[0]["loss"] == pytest.approx(np.mean(losses), rel=1e-5) and abs(losses[0] - losses[1]) > 1e-3
     held_out = [r for r in log if "val_loss" in r]  # 3 images split over the 2 processes, image-weighted
     assert len(held_out) == 1 and abs(held_out[0]["val_l2"] - held_out_metrics("tokenizer", out, val)["l2"]) <= 1e-5
     state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())

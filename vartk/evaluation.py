@@ -50,7 +50,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vartk.files import write_text_atomic
-from vartk.metrics import INCEPTION, compute_metrics, list_images, paired_psnr
+from vartk.metrics import INCEPTION, check_scoring, compute_metrics, list_images, paired_psnr
 from vartk.pipelines import images_to_uint8
 from vartk.samplers import KV_CACHE_SPEC_HELP, SAMPLER_SPEC_HELP
 
@@ -253,11 +253,11 @@ def collect_samples(samples: Path, plan: SamplingPlan) -> list[Path]:
     """The plan's image files, checking that every batch is complete and no image is missing or extra."""
     missing = [b for b in range(plan.num_batches) if not is_complete(samples, b)]
     if missing:
-        raise RuntimeError(f"{len(missing)} batches are not written yet (first: {missing[:5]}); rerun the command")
+        raise ValueError(f"{len(missing)} batches are not written yet (first: {missing[:5]}); rerun the command")
     files = [f for b in range(plan.num_batches) for f in list_images(batch_folder(samples, b))]
     expected = {f"{i:08d}.png" for i in range(plan.num_images)}
     if sorted(f.name for f in files) != sorted(expected):
-        raise RuntimeError(f"{samples} holds {len(files)} images, not the {plan.num_images} planned; use a new --out")
+        raise ValueError(f"{samples} holds {len(files)} images, not the {plan.num_images} planned; use a new --out")
     return files
 
 
@@ -388,13 +388,17 @@ def evaluate(
     pipe = vartk.load(model, device=device, torch_dtype=DTYPES[dtype]) if isinstance(model, str) else model.to(device)
     class_counts = (reference_class_counts(reference, pipe.class_names, pipe.num_classes)
                     if labels == "reference" else None)
-    plan = SamplingPlan(num_images or IMAGES_PER_CLASS * pipe.num_classes, batch_size, pipe.num_classes, seed, labels,
-                        class_counts)
+    plan = SamplingPlan(IMAGES_PER_CLASS * pipe.num_classes if num_images is None else num_images, batch_size,
+                        pipe.num_classes, seed, labels, class_counts)
+    metrics = metrics or _default_metrics(reference)
+    if not sample_only:  # everything scoring needs, before the first sample
+        check_scoring(reference, metrics, feature_extractor, feature_extractor_weights, feature_layer, str(device),
+                      score_batch_size, verbose=True)
     given = {"guidance_scale": guidance_scale, "top_k": top_k, "top_p": top_p}
     options = {**protocol_settings(pipe, model_name), **{k: v for k, v in given.items() if v is not None}}
     eval_size = resolve_eval_size(pipe, image_size_eval)
-    settings = {
-        "model": model_name, "weights": weights_fingerprint(pipe), "family": pipe.family,
+    settings = {  # what a resumed run must share with the first; the model's name is recorded, its weights pinned
+        "weights": weights_fingerprint(pipe), "generator": device.type, "family": pipe.family,
         "num_classes": plan.num_classes, "num_images": plan.num_images,
         "batch_size": batch_size, "seed": seed, "labels": labels,
         "class_counts": list(class_counts) if class_counts else None, **options,
@@ -424,13 +428,13 @@ def evaluate(
         return None
 
     files = collect_samples(samples, plan)
-    results = {"settings": settings, "resumed_batches": resumed}
+    results = {"model": model_name, "settings": settings, "resumed_batches": resumed}
     if sample_only:
         print(f"{model_name}: {len(files)} images in {samples} | sampling {times['sampling']:.0f}s")
         return {**results, "metrics": {}, "time_s": times}
     start = time.perf_counter()
     scores = compute_metrics(
-        files, reference, metrics or _default_metrics(reference), feature_extractor=feature_extractor,
+        files, reference, metrics, feature_extractor=feature_extractor,
         feature_extractor_weights=feature_extractor_weights, feature_layer=feature_layer, device=str(device),
         batch_size=score_batch_size, cache=cache_reference, verbose=True,
     )
@@ -452,11 +456,19 @@ def evaluate(
 PAIRING_SETTINGS = ("seed", "batch_size", "labels", "class_counts", "num_images", "num_classes")
 
 
+def run_settings(folder: Path) -> dict | None:
+    """The settings.json of a run folder given as itself or as its samples/ folder, or None."""
+    for run in (folder, folder.parent if folder.name == "samples" else None):
+        if run is not None and (run / "settings.json").is_file():
+            return json.loads((run / "settings.json").read_text())
+    return None
+
+
 def check_pairable(a: Path, b: Path) -> None:
     """Refuse to pair two runs whose image i was drawn from different seeds or labels."""
-    if not ((a / "settings.json").is_file() and (b / "settings.json").is_file()):
+    settings = [run_settings(a), run_settings(b)]
+    if None in settings:
         return
-    settings = [json.loads((run / "settings.json").read_text()) for run in (a, b)]
     differ = [f"{k} {settings[0].get(k)!r} vs {settings[1].get(k)!r}" for k in PAIRING_SETTINGS
               if settings[0].get(k) != settings[1].get(k)]
     if differ:
@@ -490,6 +502,28 @@ def compare(
     return results
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def eval_size(text: str) -> int | str | None:
+    """--image-size-eval: auto (the protocol's), native (no resize) or a size in pixels."""
+    if text in ("auto", "native"):
+        return None if text == "native" else text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, native or a size in pixels >= 1, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vartk fid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -497,18 +531,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="default", help="built-in, official (var-d16, llamagen-xl) or folder")
     parser.add_argument("--out", help="run folder (samples/, settings.json, results.json); a .json file with --compare")
     parser.add_argument("--reference", help="image folder, ADM .npz (arr_0 and/or mu, sigma) or our statistics .npz")
-    parser.add_argument("--num-images", type=int, default=None, help="default: 50 per class")
+    parser.add_argument("--num-images", type=positive_int, default=None, help="default: 50 per class")
     parser.add_argument("--labels", choices=LABEL_MODES, default="balanced",
                         help="balanced (i %% classes), random, or reference (the class mix of the --reference folder)")
-    parser.add_argument("--batch-size", type=int, default=50, help="images per batch (= per shard folder)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed; batch b uses SeedSequence([seed, b])")
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="images per batch (= per shard folder)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="base seed; batch b uses SeedSequence([seed, b])")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the protocol's)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--sampler", default=None, help=SAMPLER_SPEC_HELP)
     parser.add_argument("--kv-cache", default=None, help=KV_CACHE_SPEC_HELP)
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    parser.add_argument("--image-size-eval", default="auto", help="resize samples to this size; auto = protocol")
+    parser.add_argument("--image-size-eval", type=eval_size, default="auto",
+                        help="resize samples to this size; auto = the protocol's, native = no resize")
     parser.add_argument("--metrics", default=None, help="fid,is,kid,prc (default: what the reference allows)")
     parser.add_argument("--feature-extractor", default=INCEPTION, help="a torch-fidelity registered extractor")
     parser.add_argument(
@@ -516,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights file for the extractor (default: torch-fidelity's cache, $TORCH_HOME/hub/checkpoints/)",
     )
     parser.add_argument("--feature-layer", default=None, help="layer for FID / KID / PRC (default: the extractor's)")
-    parser.add_argument("--score-batch-size", type=int, default=64)
+    parser.add_argument("--score-batch-size", type=positive_int, default=64)
     parser.add_argument("--no-reference-cache", action="store_true", help="do not cache reference statistics")
     parser.add_argument("--sample-only", action="store_true", help="sample (resuming) without scoring")
     parser.add_argument("--json", default=None, help="results file (default: OUT/results.json)")
@@ -536,15 +571,16 @@ def main(argv: list[str] | None = None) -> dict | None:
             return compare(*args.compare, json_path=args.out or args.json, metrics=metrics or ("fid", "kid"), **scoring)
         if args.out is None:
             raise ValueError("--out is required: the run folder for samples and results")
-        size = args.image_size_eval
         return evaluate(
             args.model, args.out, args.reference, num_images=args.num_images, labels=args.labels,
             batch_size=args.batch_size, seed=args.seed, guidance_scale=args.cfg, top_k=args.top_k, top_p=args.top_p,
             sampler=args.sampler, kv_cache=args.kv_cache, dtype=args.dtype,
-            image_size_eval=size if size in ("auto", None) else int(size), metrics=metrics,
+            image_size_eval=args.image_size_eval, metrics=metrics,
             cache_reference=not args.no_reference_cache, sample_only=args.sample_only, json_path=args.json, **scoring,
         )
     except (ValueError, OSError) as err:
+        if os.environ.get("VARTK_DEBUG"):
+            raise
         raise SystemExit(f"vartk fid: {err}")
 
 

@@ -15,6 +15,8 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[Path], object]) 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        with open(tmp, "rb+") as written:  # on disk before the rename, so a power loss leaves the old file or this
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

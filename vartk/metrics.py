@@ -55,6 +55,7 @@ INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/down
 ADM_STATISTICS_LAYER = "2048"  # what the mu / sigma of a statistics file without metadata describe
 METRIC_NAMES = {"fid": "fid", "is": "isc", "kid": "kid", "prc": "prc"}  # ours -> torch-fidelity's
 FEATURE_METRICS = ("kid", "prc")  # metrics that need the reference's features, not only mu / sigma
+CACHE_FORMAT = "rgb-on-white-2"  # how reference images are decoded (vartk.images.to_rgb); part of the cache key
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,16 +238,33 @@ class FeatureExtractor:
         self.cls = FEATURE_EXTRACTORS_REGISTRY[self.name]
 
     @property
-    def weights_id(self) -> str:
-        """What identifies the weights in cache keys: the sha256 of the weights file or folder, given or the
-        extractor's own `default_weights()` (e.g. the shipped emoji classifier), else 'default' (Inception's file,
-        fixed by its name)."""
+    def default_weights(self) -> Path | None:
+        """The weights used when none are given: the extractor's `default_weights()` (e.g. the shipped emoji
+        classifier), or Inception's file in torch-fidelity's cache once it is there."""
         default = getattr(self.cls, "default_weights", None)
-        weights = self.weights or (default() if default else None)
-        if not weights:
+        if default is not None:
+            return Path(default())
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+        return cached if self.name == INCEPTION and cached.is_file() else None
+
+    @property
+    def weights_id(self) -> str:
+        """What identifies the weights in cache keys: the sha256 of the weights file (of its files' sha256s for a
+        folder), given or `default_weights`; 'default' while Inception's file is not downloaded yet."""
+        weights = Path(self.weights) if self.weights else self.default_weights
+        if weights is None:
             return "default"
-        files = sorted(Path(weights).rglob("*")) if Path(weights).is_dir() else [Path(weights)]
-        return hashlib.sha256("".join(file_sha256(f) for f in files if f.is_file()).encode()).hexdigest()
+        if weights.is_file():
+            return file_sha256(weights)
+        files = sorted(f for f in weights.rglob("*") if f.is_file())
+        return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+
+    @property
+    def has_official_inception_weights(self) -> bool:
+        """Inception with torch-fidelity's file (its name carries its sha256 prefix), which ADM's statistics
+        were computed with."""
+        prefix = INCEPTION_WEIGHTS_FILE.rsplit("-", 1)[1].removesuffix(".pth")
+        return self.name == INCEPTION and (self.weights_id == "default" or self.weights_id.startswith(prefix))
 
     def layer_for(self, metric: str, layer: str | None = None) -> str:
         """The layer `metric` ('fid', 'is', 'kid', 'prc') reads: `layer` if given, else the extractor's default."""
@@ -360,7 +378,8 @@ def _cache_files(reference: Path, digest: str, extractor: FeatureExtractor, laye
     else in the vartk cache."""
     from .checkpoints import default_cache_dir
 
-    key = hashlib.sha256(json.dumps([digest, extractor.name, layer, extractor.weights_id]).encode()).hexdigest()[:16]
+    key_parts = [digest, extractor.name, layer, extractor.weights_id, CACHE_FORMAT]
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
     name = f"{reference.name}.{extractor.name}-{layer}.{key}.stats.npz"
     return [reference.parent / name, default_cache_dir() / "fid_stats" / name]
 
@@ -383,6 +402,8 @@ def _statistics_mismatch(path: Path, meta: dict, extractor: FeatureExtractor, la
         described = (INCEPTION, ADM_STATISTICS_LAYER)
         if (extractor.name, layer) != described:
             return f"its statistics (no metadata: ADM's) are {INCEPTION} layer {ADM_STATISTICS_LAYER}"
+        if not extractor.has_official_inception_weights:
+            return f"its statistics (no metadata: ADM's) come from the official {INCEPTION_WEIGHTS_FILE}"
         return None
     described = (meta["feature_extractor"], meta["feature_layer"])
     if described != (extractor.name, layer):
@@ -399,9 +420,12 @@ def _image_statistics(reference, layers: list[str], extractor: FeatureExtractor,
     cache_files = {layer: _cache_files(path, digest, extractor, layer) for layer in layers} if digest else {}
     out = {}
     for layer, files in cache_files.items():
-        found = next((f for f in files if f.is_file()), None)
-        if found is not None:
-            out[layer] = read_statistics(found)[0]
+        for found in (f for f in files if f.is_file()):
+            try:
+                out[layer] = read_statistics(found)[0]
+                break
+            except Exception:  # a torn or foreign file: recompute and overwrite it
+                continue
     missing = [layer for layer in layers if layer not in out]
     if missing:
         features = extractor.extract(reference, missing)
@@ -424,8 +448,6 @@ def reference_statistics(
     A statistics file gives mu / sigma (and features, if it has them) where it describes (extractor,
     layer); everything else comes from the reference's images."""
     path = Path(reference) if isinstance(reference, (str, os.PathLike)) else None
-    if path is not None and not (path.is_dir() or (path.is_file() and path.suffix == ".npz")):
-        raise FileNotFoundError(f"reference {path} is neither an image folder nor an .npz file")
     has_images = path is None or path.is_dir() or "arr_0" in _npz_keys(path)
     from_file = {}
     if path is not None and path.suffix == ".npz" and {"mu", "sigma"} <= _npz_keys(path):
@@ -464,6 +486,30 @@ def _check_metrics(metrics) -> tuple[str, ...]:
     return metrics
 
 
+def check_scoring(reference, metrics, feature_extractor: str = INCEPTION, feature_extractor_weights=None,
+                  feature_layer: str | None = None, device: str | None = None, batch_size: int = 64,
+                  verbose: bool = False) -> tuple[FeatureExtractor, dict[str, str]]:
+    """(extractor, {metric: layer}) after checking all that scoring needs and that needs no generated image: the
+    metric names, a reference where one is needed, the extractor, its layers and weights (Inception's are
+    fetched now). eval/fid.py calls it before sampling, so a typo does not wait for 50k samples."""
+    metrics = _check_metrics(metrics)
+    if reference is None and set(metrics) - {"is"}:
+        raise ValueError(f"metrics {[m for m in metrics if m != 'is']} need a reference; only 'is' works without one")
+    if isinstance(reference, (str, os.PathLike)) and not (Path(reference).is_dir() or (
+            Path(reference).is_file() and Path(reference).suffix == ".npz")):
+        raise FileNotFoundError(f"reference {reference} is neither an image folder nor an .npz file")
+    if batch_size < 1:
+        raise ValueError(f"the scoring batch size must be >= 1, got {batch_size}")
+    extractor = FeatureExtractor(
+        feature_extractor, str(feature_extractor_weights) if feature_extractor_weights else None, device, batch_size,
+        verbose,
+    )
+    layers = {m: extractor.layer_for(m, None if m == "is" else feature_layer) for m in metrics}
+    _torch_fidelity_module(extractor.name, extractor.weights, extractor.weights_id, tuple(sorted(set(layers.values()))),
+                           extractor.device, verbose)
+    return extractor, layers
+
+
 def compute_metrics(
     generated,
     reference=None,
@@ -489,13 +535,8 @@ def compute_metrics(
     splits shrink to the number of images when there are fewer. Returns a flat dict of floats: fid, is,
     is_std, kid, kid_std, precision, recall, plus num_generated / num_reference."""
     metrics = _check_metrics(metrics)
-    if reference is None and set(metrics) - {"is"}:
-        raise ValueError(f"metrics {[m for m in metrics if m != 'is']} need a reference; only 'is' works without one")
-    extractor = FeatureExtractor(
-        feature_extractor, str(feature_extractor_weights) if feature_extractor_weights else None, device, batch_size,
-        verbose,
-    )
-    layers = {m: extractor.layer_for(m, None if m == "is" else feature_layer) for m in metrics}
+    extractor, layers = check_scoring(reference, metrics, feature_extractor, feature_extractor_weights,
+                                      feature_layer, device, batch_size, verbose)
     generated_features = extractor.extract(generated, layers.values())
     num_generated = len(next(iter(generated_features.values())))
     results = {"num_generated": num_generated}
@@ -518,12 +559,21 @@ def compute_metrics(
     if "kid" in metrics:
         ref_features = reference_stats[layers["kid"]].features
         subset_size = min(kid_subset_size, num_generated, len(ref_features))
+        if subset_size < 2:
+            raise ValueError(f"KID needs subsets of >= 2 images; the sets have {num_generated} and "
+                             f"{len(ref_features)} (kid_subset_size {kid_subset_size})")
         score = kid_features_to_metric(
             generated_features[layers["kid"]], ref_features, kid_subsets=kid_subsets, kid_subset_size=subset_size,
             verbose=False,
         )
-        results.update(kid=score[KEY_METRIC_KID_MEAN], kid_std=score[KEY_METRIC_KID_STD], kid_subset_size=subset_size)
+        whole_sets = subset_size == num_generated == len(ref_features)  # every subset is the same: no spread
+        results.update(kid=score[KEY_METRIC_KID_MEAN], kid_std=None if whole_sets else score[KEY_METRIC_KID_STD],
+                       kid_subset_size=subset_size)
     if "prc" in metrics:
+        num_reference = len(reference_stats[layers["prc"]].features)
+        if min(num_generated, num_reference) <= prc_neighborhood:
+            raise ValueError(f"precision / recall with k = {prc_neighborhood} neighbours need more than "
+                             f"{prc_neighborhood} images in each set; they have {num_generated} and {num_reference}")
         score = prc_features_to_metric(
             generated_features[layers["prc"]].to(extractor.device),
             reference_stats[layers["prc"]].features.to(extractor.device),

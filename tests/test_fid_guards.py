@@ -1,0 +1,113 @@
+"""FID runs: bad input is refused before any sample is drawn, reference caches never go stale or stay broken,
+small sets get errors instead of meaningless numbers, and a run resumes or pairs by what decides its images."""
+import json
+import shutil
+
+import pytest
+import torch
+from test_fid_script import RUN, fid, tiny_pipeline, uninterrupted  # noqa: F401  (fixtures)
+from test_metrics import FAST, image_sets, inception  # noqa: F401  (fixtures)
+
+from _fid_helpers import write_folder
+from vartk import metrics
+from vartk.metrics import INCEPTION_WEIGHTS_FILE, FeatureExtractor, compute_metrics, file_sha256
+
+
+def batch_folders(out):
+    return sorted((out / "samples").glob("batch_*")) if (out / "samples").is_dir() else []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(metrics=("fdi",)), r"unknown metric\(s\) \['fdi'\]"),
+    (dict(metrics=("fid",)), r"metrics \['fid'\] need a reference"),
+    (dict(metrics=("fid",), reference="no-such-folder"), "reference no-such-folder is neither an image folder"),
+    (dict(metrics=("is",), feature_extractor="inception-v4"), "feature extractor 'inception-v4' is not registered"),
+    (dict(metrics=("is",), score_batch_size=0), "the scoring batch size must be >= 1, got 0"),
+    (dict(num_images=0, metrics=("is",)), "num_images and batch_size must be >= 1, got 0"),
+])
+def test_scoring_settings_are_checked_before_the_first_sample(tiny_pipeline, tmp_path, kwargs, message):
+    run = dict(RUN, sample_only=False) | kwargs
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        fid.evaluate(str(tiny_pipeline), tmp_path / "run", **run)
+    assert batch_folders(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-images", "0"], "expected an integer >= 1, got '0'"),
+    (["--seed", "-1"], "expected an integer >= 0, got '-1'"),
+    (["--image-size-eval", "0"], "expected auto, native or a size in pixels >= 1, got '0'"),
+    (["--score-batch-size", "x"], "expected an integer >= 1, got 'x'"),
+])
+def test_bad_flags_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        fid.main(["--out", "x", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_native_eval_size_keeps_the_samples_size(tiny_pipeline, tmp_path):
+    args = fid.build_parser().parse_args(["--image-size-eval", "native"])
+    assert args.image_size_eval is None
+    fid.evaluate(str(tiny_pipeline), tmp_path / "run", **RUN, image_size_eval=args.image_size_eval)
+    assert json.loads((tmp_path / "run" / "settings.json").read_text())["image_size_eval"] is None
+
+
+def test_a_run_resumes_from_its_model_by_another_path_but_pins_the_generators_device(tiny_pipeline, tmp_path):
+    run = tmp_path / "run"
+    fid.evaluate(str(tiny_pipeline), run, **dict(RUN, num_images=4))
+    fid.evaluate(str(tiny_pipeline) + "/", run, **dict(RUN, num_images=4))  # same weights, other spelling
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["generator"] == "cpu" and "model" not in settings
+
+
+def test_compare_pairs_samples_folders_by_their_runs_settings(uninterrupted, tiny_pipeline, tmp_path):
+    other = tmp_path / "seed1"
+    fid.evaluate(str(tiny_pipeline), other, **dict(RUN, seed=1))
+    with pytest.raises(ValueError, match="drew image i from different seeds or labels \\(seed 0 vs 1\\)"):
+        fid.compare(uninterrupted / "samples", other / "samples")
+
+
+def test_incomplete_samples_are_a_plain_error(tiny_pipeline, tmp_path):
+    plan = fid.SamplingPlan(4, 2, 10)
+    (tmp_path / "samples").mkdir()
+    with pytest.raises(ValueError, match="2 batches are not written yet"):
+        fid.collect_samples(tmp_path / "samples", plan)
+
+
+def test_the_default_inception_file_is_identified_by_its_hash(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert FeatureExtractor(device="cpu").weights_id == "default"  # not downloaded yet
+    weights = tmp_path / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    weights.parent.mkdir()
+    weights.write_bytes(b"first download")
+    first = FeatureExtractor(device="cpu").weights_id
+    assert first == file_sha256(weights) == FeatureExtractor(weights=str(weights), device="cpu").weights_id
+    weights.write_bytes(b"fixed download")
+    assert FeatureExtractor(device="cpu").weights_id not in (first, "default")
+
+
+def test_a_new_cache_format_changes_the_cache_file(tmp_path, monkeypatch):
+    extractor = FeatureExtractor(device="cpu")
+    before = metrics._cache_files(tmp_path / "ref", "digest", extractor, "2048")
+    monkeypatch.setattr(metrics, "CACHE_FORMAT", "next")
+    assert metrics._cache_files(tmp_path / "ref", "digest", extractor, "2048")[0] != before[0]
+
+
+def test_a_torn_cache_file_is_recomputed(inception, image_sets, tmp_path):  # noqa: F811
+    reference = write_folder(tmp_path / "ref", image_sets["b_array"])
+    first = compute_metrics(image_sets["a"], reference, ["fid"], feature_extractor_weights=inception, **FAST)
+    cached = next(tmp_path.glob("ref.*.stats.npz"))
+    cached.write_bytes(cached.read_bytes()[:100])  # a power loss mid-write
+    again = compute_metrics(image_sets["a"], reference, ["fid"], feature_extractor_weights=inception, **FAST)
+    assert again["fid"] == first["fid"]
+    assert metrics.read_statistics(cached)[1]["num_images"] == 12  # rewritten whole
+
+
+def test_small_sets_get_errors_not_meaningless_numbers(inception, image_sets, tmp_path):  # noqa: F811
+    few = write_folder(tmp_path / "few", image_sets["b_array"][:3])
+    with pytest.raises(ValueError, match="more than 3 images in each set; they have 12 and 3"):
+        compute_metrics(image_sets["a"], few, ["prc"], feature_extractor_weights=inception, **FAST)
+    with pytest.raises(ValueError, match="KID needs subsets of >= 2 images"):
+        compute_metrics(image_sets["a"], few, ["kid"], feature_extractor_weights=inception, kid_subset_size=1, **FAST)
+    same_size = shutil.copytree(image_sets["b"], tmp_path / "b12")
+    whole = compute_metrics(image_sets["a"], same_size, ["kid"], feature_extractor_weights=inception, **FAST)
+    assert whole["kid_subset_size"] == 12 and whole["kid_std"] is None  # 100 copies of one subset: no spread
