@@ -8,10 +8,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import FrozenDict
 
-from _fid_helpers import REPO, load_fid_script, random_images, register_stubs, write_folder
-from vartk.metrics import read_image
+from _fid_helpers import (
+    REPO, independent_fid, independent_kid, load_fid_script, random_images, register_stubs, write_folder,
+)
+from vartk.metrics import LayerStatistics, read_image, save_statistics
 from vartk.models.var import VARTransformer
 from vartk.pipelines import VARPipeline
 from vartk.tokenizers.msvq import MultiScaleVQVAE
@@ -73,6 +76,27 @@ def test_killed_run_resumes_to_exactly_the_planned_images(tiny_pipeline, uninter
     assert len({image.tobytes() for image in plain.values()}) == 10  # seeds and labels differ per image
 
 
+def test_batch_b_is_sampled_from_seed_sequence_of_seed_and_b(tiny_pipeline, uninterrupted):
+    """README: batch b samples from SeedSequence([seed, b]); its meta.json records that seed, and sampling
+    image i's class (i % 10) from it with VAR's protocol gives the written images."""
+    seeds = [int(np.random.SeedSequence([0, b]).generate_state(1)[0]) for b in range(5)]
+    assert [m["seed"] for m in batch_metas(uninterrupted)] == seeds
+    pipe = VARPipeline.from_pretrained(tiny_pipeline)
+    generator = torch.Generator().manual_seed(seeds[3])  # batch 3: images 6 and 7
+    images = pipe(class_labels=[6, 7], guidance_scale=1.5, top_k=900, top_p=0.96, generator=generator,
+                  output_type="np", progress=False).images
+    written = images_of(uninterrupted)
+    assert np.array_equal(images, np.stack([written["00000006.png"], written["00000007.png"]]))
+
+
+def test_random_labels_are_drawn_per_batch_from_seed_and_batch(tiny_pipeline, tmp_path):
+    """--labels random: batch b's labels are default_rng([seed, b, 1]).integers(0, num_classes, size), pinned
+    so that earlier runs stay reproducible."""
+    fid.evaluate(str(tiny_pipeline), tmp_path, labels="random", seed=3, num_images=3, batch_size=2, sample_only=True)
+    expected = [np.random.default_rng([3, b, 1]).integers(0, 10, size).tolist() for b, size in enumerate([2, 1])]
+    assert [m["labels"] for m in batch_metas(tmp_path)] == expected
+
+
 def test_resuming_with_other_settings_is_refused(tiny_pipeline, uninterrupted):
     with pytest.raises(ValueError, match="guidance_scale: 1.5 -> 3.0"):
         fid.evaluate(str(tiny_pipeline), uninterrupted, guidance_scale=3.0, **RUN)
@@ -125,15 +149,37 @@ def test_scored_run_writes_results_json(tiny_pipeline, uninterrupted, tmp_path, 
     assert "FID" in capsys.readouterr().out.strip().splitlines()[-1]
 
 
-def test_compare_mode_psnr_matches_independent_computation(tiny_pipeline, uninterrupted, tmp_path):
+def test_scoring_without_metrics_gives_the_documented_default_set(tiny_pipeline, uninterrupted, tmp_path):
+    """No --metrics: FID, IS and precision/recall against a reference with images (the README's summary
+    line), FID and IS against statistics only, IS without a reference."""
+    register_stubs()
+    reference = write_folder(tmp_path / "ref", random_images(6, seed=0, size=8))
+    statistics = tmp_path / "stats.npz"
+    meta = {"feature_extractor": "stub-classifier", "feature_layer": "colour", "weights": "default"}
+    save_statistics(statistics, LayerStatistics(np.zeros(3), np.eye(3), None), meta)
+    run = ["--model", str(tiny_pipeline), "--out", str(uninterrupted), "--num-images", "10", "--batch-size", "2",
+           "--feature-extractor", "stub-classifier", "--json", str(tmp_path / "results.json")]
+    scored = lambda *reference: set(fid.main([*run, *reference])["metrics"])  # noqa: E731
+    assert scored("--reference", str(reference)) == {
+        "fid", "is", "is_std", "precision", "recall", "num_generated", "num_reference",
+    }
+    assert scored("--reference", str(statistics)) == {"fid", "is", "is_std", "num_generated"}
+    assert scored() == {"is", "is_std", "num_generated"}
+
+
+def test_compare_mode_matches_independent_computations(tiny_pipeline, uninterrupted, tmp_path):
+    """FID and KID (compare's default metrics) of the stub's features, the mean colours, and per-image PSNR."""
     register_stubs()
     other = tmp_path / "smooth"  # the same seeds and labels, another sampler: image i of both runs pairs up
-    fid.evaluate(str(tiny_pipeline), other, sampler="nextscalesampler:more_smooth=1", **RUN)
+    fid.evaluate(str(tiny_pipeline), other, sampler="nextscalesampler:more_smooth=true", **RUN)
     result = fid.main([
         "--compare", str(uninterrupted), str(other), "--out", str(tmp_path / "compare.json"),
-        "--feature-extractor", "stub-classifier", "--metrics", "fid",
+        "--feature-extractor", "stub-classifier",
     ])
     a, b = images_of(uninterrupted), images_of(other)
+    colours = [np.stack([image.reshape(-1, 3).mean(0) for image in run.values()]) for run in (a, b)]  # [10, 3]
+    assert result["metrics"]["fid"] == pytest.approx(independent_fid(*colours), rel=1e-5)
+    assert result["metrics"]["kid"] == pytest.approx(independent_kid(*colours), rel=1e-3)  # kernel ~1e12 in float32
     expected = {}
     for name in a:
         mse = ((torch.tensor(a[name], dtype=torch.float64) - torch.tensor(b[name], dtype=torch.float64)) ** 2).mean()
@@ -150,8 +196,8 @@ def test_compare_mode_psnr_matches_independent_computation(tiny_pipeline, uninte
 
 
 def test_sampler_specs_are_parsed_by_name(tiny_pipeline, tmp_path):
-    result = fid.evaluate(str(tiny_pipeline), tmp_path / "smooth", sampler="nextscalesampler:more_smooth=1", **RUN)
-    assert result["settings"]["sampler"] == "nextscalesampler:more_smooth=1"
+    result = fid.evaluate(str(tiny_pipeline), tmp_path / "smooth", sampler="nextscalesampler:more_smooth=true", **RUN)
+    assert result["settings"]["sampler"] == "nextscalesampler:more_smooth=true"
     with pytest.raises(SystemExit, match="available.*nextscalesampler"):
         fid.evaluate(str(tiny_pipeline), tmp_path / "bad", sampler="nosuch:window=16", **RUN)
 
@@ -167,6 +213,18 @@ def test_llamagen_protocol_follows_the_model_size():
     assert fid.protocol_settings(gpt(1, 1, 1), "llamagen-3b")["guidance_scale"] == 1.65
     assert fid.resolve_eval_size(gpt(768, 12, 12, grid_size=24), "auto") == 256  # 384 px -> 256 for FID
     assert fid.resolve_eval_size(gpt(768, 12, 12, grid_size=16), "auto") is None
+
+
+def test_resize_to_256_matches_llamagen_official_script():
+    """384 -> 256 px as LlamaGen's sample_c2i_ddp.py does it: bicubic on samples in [-1, 1], then
+    clamp(127.5 x + 128, 0, 255) cast to uint8; the two differ only where round(255 x) meets a tie."""
+    images = torch.rand(2, 3, 384, 384, generator=torch.Generator().manual_seed(0))  # [0, 1]; bicubic overshoots
+    samples = F.interpolate(2 * images - 1, size=(256, 256), mode="bicubic")
+    official = torch.clamp(127.5 * samples + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    ours = fid.to_uint8(images, 256)
+    assert ours.shape == official.shape == (2, 256, 256, 3) and ours.dtype == np.uint8
+    diff = np.abs(ours.astype(np.int64) - official)
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999
 
 
 def test_saved_sampling_defaults_replace_the_published_protocol_and_flags_replace_both(tiny_pipeline, tmp_path):
