@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import FAST, TOKENIZER_ARGS, job_args, kill_after, read_log, write_images
+from test_train import (  # noqa: F401  (one_thread: the autouse fixture)
+    FAST, TOKENIZER_ARGS, job_args, kill_after, one_thread, read_log, write_images,
+)
 
 from vartk.cli import class_arguments
 from vartk.cli import main as cli_main
@@ -15,14 +17,6 @@ from vartk.train import train_main
 from vartk.train.data import find_images, fits_in_memory
 from vartk.train.gpt import GPTJob
 from vartk.train.loop import Distributed, TrainConfig, load_validation_set
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
