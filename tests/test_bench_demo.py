@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from vartk.bench import Row, format_row
 from vartk.bench import main as bench_main
 from vartk.models.var import VARTransformer
 from vartk.pipelines import VARPipeline
@@ -24,16 +25,26 @@ def test_bench_tiny_runs_every_model_and_batch(capsys):
 @pytest.fixture(scope="module")
 def demo_folder(tmp_path_factory):
     torch.manual_seed(0)
+    transformer = VARTransformer(depth=2, width=64, num_heads=2, vocab_size=32, latent_channels=8, num_classes=3,
+                                 patch_nums=(1, 2, 4))
+    transformer.init_weights(init_adaln_gamma=0.5, init_head=1.0)  # large gates/head: the class shows in the samples
     pipe = VARPipeline(
         tokenizer=MultiScaleVQVAE(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32,
                                   patch_nums=(1, 2, 4), norm_groups=8),
-        transformer=VARTransformer(depth=2, width=64, num_heads=2, vocab_size=32, latent_channels=8, num_classes=3,
-                                   patch_nums=(1, 2, 4)),
+        transformer=transformer,
         class_names=["cat", "dog", "fox"],
     )
     folder = tmp_path_factory.mktemp("demo") / "tiny"
     pipe.save_pretrained(folder)
     return str(folder)
+
+
+def test_format_row_compares_with_the_official_throughput():
+    row = format_row(Row("GPT-B", "eager", 64, seconds=1.0, first_call=3.0, peak_mib=100.0))
+    # 64 img/s against the official GPT-B at batch 64: 18.1 img/s eager (64 / 18.1 = 3.54), 198.6 compiled (0.32)
+    assert row == "| GPT-B | eager | 64 | 1.000 | 64.0 | 100 | 3.00 | 3.533 | 18.1 | 2583 | 3.54x | 0.32x |"
+    row = format_row(Row("VAR-tiny", "eager", 2, seconds=0.5, first_call=1.0, peak_mib=float("nan")))
+    assert row == "| VAR-tiny | eager | 2 | 0.500 | 4.0 | nan | 1.00 | - | - | - | - | - |"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -57,6 +68,20 @@ def test_demo_backend_generates_named_classes(demo_folder):
     as_arrays = lambda images: [np.asarray(im) for im in images]  # noqa: E731
     assert np.array_equal(as_arrays(backend.generate(demo_folder, "dog", 3, 1.5, 10, 0.9, None)), as_arrays(images))
     assert len(backend.generate(demo_folder, "dog", 1, 1.5, 10, 0.9, 2**70)) == 1  # a cleared or huge seed box
+
+
+def test_demo_generate_is_the_pipeline_call_for_that_class_and_seed(demo_folder):
+    from vartk.demo import DemoBackend
+    from vartk.pipelines import load
+
+    pipe = load(demo_folder)
+    run = lambda label: pipe(class_labels=[label], num_images_per_label=2, guidance_scale=1.5, top_k=10,  # noqa: E731
+                             top_p=0.9, generator=torch.Generator().manual_seed(7), output_type="np",
+                             progress=False).images
+    images = DemoBackend([demo_folder], "cpu").generate(demo_folder, "fox", 2, 1.5, 10, 0.9, 7)
+    fox = np.stack([np.asarray(image) for image in images])
+    np.testing.assert_array_equal(fox, run(2))
+    assert not np.array_equal(fox, run(0))  # the class shows in the samples
 
 
 def test_demo_serves_on_loopback(demo_folder):

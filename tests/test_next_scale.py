@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_sampling import reference_filter
 from test_var import NUM_CLASSES, PATCH_NUMS, tiny_tokenizer, tiny_transformer
 
 import vartk.samplers.next_scale as next_scale
@@ -101,6 +102,22 @@ def test_more_smooth_is_reproducible_and_changes_the_latent(models):
     assert latent_a.shape == (1, 8, 3, 3) and not torch.allclose(latent_a, latent_hard)
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_more_smooth_codes_are_the_official_gumbel_softmax_mixture(models, ratio):
+    _, tokenizer = models
+    logits = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(1)) * 2
+    tokens, codes = NextScaleSampler(more_smooth=True).draw(logits, tokenizer, ratio, 8, 0.9,
+                                                             torch.Generator().manual_seed(0))
+    keep = torch.from_numpy(np.stack([reference_filter(row, 8, 0.9) for row in logits.double().view(-1, 32).numpy()]))
+    filtered = logits.masked_fill(~keep.view(2, 4, 32), float("-inf"))
+    twin = torch.Generator().manual_seed(0)  # replays the draws: the hard token first, then the Gumbel noise
+    assert torch.equal(tokens, torch.multinomial(filtered.softmax(-1).view(-1, 32), 1, generator=twin).view(2, 4))
+    gumbel = -torch.empty(2, 4, 32).exponential_(generator=twin).log()
+    tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+    weights = ((filtered * (1 + ratio) + gumbel) / tau).softmax(-1)  # [B, l, V]
+    torch.testing.assert_close(codes, weights @ tokenizer.quantize.embedding.weight)
+
+
 def test_all_ones_mask_keeps_the_image(models):
     transformer, tokenizer = models
     images = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
@@ -122,6 +139,18 @@ def test_partial_mask_keeps_tokens_where_resized_mask_is_set(models):
             F.interpolate(mask[None, None], size=(pn, pn), mode="bilinear") > 0.5)[0]
         assert torch.equal(e[keep], k[keep])
     assert torch.equal(edited[-1][0, :, :2], known[-1][0, :, :2])
+
+
+def test_inpainting_without_a_class_uses_the_null_class(models):
+    transformer, tokenizer = models
+    images = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(3, 3)
+    mask[:, 0] = 1
+    edit = lambda labels: edit_next_scale(transformer, tokenizer, images, mask, class_labels=labels,  # noqa: E731
+                                          progress=False, generator=torch.Generator().manual_seed(0))
+    no_class = edit(None)
+    assert all(torch.equal(a, b) for a, b in zip(no_class, edit([NUM_CLASSES])))
+    assert not all(torch.equal(a, b) for a, b in zip(no_class, edit([0])))
 
 
 def test_invalid_arguments(models):

@@ -1,9 +1,10 @@
+import numpy as np
 import pytest
 import torch
+from test_sampling import reference_filter
 
 from vartk.models.gpt import GPTTransformer
 from vartk.samplers.next_token import NextTokenSampler
-from vartk.samplers.sampling import sample_from_logits
 
 NUM_CLASSES = 10
 
@@ -41,10 +42,10 @@ def test_greedy_cfg_matches_reference_loop(model):
     assert not torch.equal(tokens, reference_loop(model, labels, 1.0))  # guidance changes the result here
 
 
-def test_scale_one_is_the_conditional_branch(model):
+@pytest.mark.parametrize("guidance_scale", [1.0, 0.5])
+def test_scale_up_to_one_is_the_conditional_branch(model, guidance_scale):
     labels = torch.tensor([2, 5])
-    tokens = NextTokenSampler()(model, labels, guidance_scale=1.0, top_k=1, progress=False)
-    assert torch.equal(tokens, reference_loop(model, labels, 1.0))
+    tokens = NextTokenSampler()(model, labels, guidance_scale=guidance_scale, top_k=1, progress=False)
     assert torch.equal(tokens, reference_loop(model, labels, None))
 
 
@@ -61,10 +62,14 @@ def test_guidance_is_applied_before_temperature_and_filtering(model):
     tokens = sampler(model, labels, guidance_scale=1.5, top_k=20, top_p=0.9,
                      generator=torch.Generator().manual_seed(3), progress=False)
     generator = torch.Generator().manual_seed(3)
-    expected = reference_loop(
-        model, labels, 1.5, draw=lambda logits: sample_from_logits(logits, 20, 0.9, 0.8, generator)
-    )
-    assert torch.equal(tokens, expected)
+
+    def draw(logits):
+        """Divide by the temperature, filter with the plain-Python reference, draw from the same generator."""
+        scaled = logits.double().numpy() / 0.8
+        kept = np.array([np.where(reference_filter(row, 20, 0.9), np.exp(row - row.max()), 0.0) for row in scaled])
+        return torch.multinomial(torch.from_numpy(kept).float(), 1, generator=generator)[:, 0]
+
+    assert torch.equal(tokens, reference_loop(model, labels, 1.5, draw=draw))
 
 
 def test_same_generator_same_tokens(model):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vartk.checkpoints import CheckpointError
+from vartk.checkpoints import KNOWN_MODELS, CheckpointError, KnownModel
 from vartk.cli import main as cli_main
-from vartk.models.gpt import GPTTransformer
+from vartk.models.gpt import GPT_CONFIGS, GPTTransformer
 from vartk.models.var import VARTransformer
 from vartk.pipelines import GPTPipeline, VARPipeline, load
 from vartk.tokenizers.msvq import MultiScaleVQVAE
@@ -140,6 +140,61 @@ def test_cli_inpaint(converted, tmp_path):
         cli_main(["inpaint", "--model", str(converted), "--image", str(big), "--box", "0,0,0.5,0.5", "--out", str(out)])
 
 
+@pytest.mark.parametrize("flags,keep_box,label", [([], False, None), (["--outpaint", "--class", "3"], True, 3)])
+def test_cli_inpaint_is_the_pipeline_with_the_box_mask(converted, tmp_path, flags, keep_box, label):
+    pixels = np.random.default_rng(0).integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    cli_main(["inpaint", "--model", str(converted), "--image", str(tmp_path / "in.png"), "--box", "0.25,0.25,0.75,0.75",
+              "--seed", "2", "--out", str(tmp_path / "out.png"), "--device", "cpu", *flags])
+    box = torch.zeros(16, 16)
+    box[4:12, 4:12] = 1  # the tokens of that box on the 16x16 token map
+    expected = load(str(converted)).inpaint(pixels, box if keep_box else 1 - box, class_label=label, output_type="np",
+                                            generator=torch.Generator().manual_seed(2), progress=False).images
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), expected[0])
+
+
+def test_inpaint_defaults_are_the_official_demo_settings(converted):
+    pipe = load(str(converted))
+    image = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(16, 16)
+    mask[:, :8] = 1
+    # class-conditional editing: with the null class alone, guidance changes nothing
+    edit = lambda **settings: pipe.inpaint(  # noqa: E731
+        image, mask, class_label=3, output_type="pt", progress=False, generator=torch.Generator().manual_seed(0),
+        **settings).images
+    default = edit()
+    assert torch.equal(default, edit(guidance_scale=3.0, top_k=900, top_p=0.95))
+    assert not torch.equal(default, edit(guidance_scale=1.5, top_k=900, top_p=0.96))  # the sampling defaults
+
+
+def test_inpaint_default_top_k_is_900():
+    """1024 codes and flat logits: top-p 0.95 keeps about 970 tokens, so top-k 900 cuts some."""
+    patch_nums = (1, 2, 4, 8)
+    torch.manual_seed(0)
+    transformer = VARTransformer(depth=2, width=64, num_heads=2, vocab_size=1024, latent_channels=8, num_classes=10,
+                                 patch_nums=patch_nums)
+    tokenizer = MultiScaleVQVAE(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=8, vocab_size=1024,
+                                patch_nums=patch_nums)
+    pipe = VARPipeline(tokenizer=tokenizer.eval(), transformer=transformer.eval())
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(8, 8)
+    mask[:, :4] = 1
+    edit = lambda **settings: pipe.inpaint(  # noqa: E731
+        image, mask, output_type="pt", progress=False, generator=torch.Generator().manual_seed(0), **settings).images
+    default = edit()
+    assert torch.equal(default, edit(guidance_scale=3.0, top_k=900, top_p=0.95))
+    assert not torch.equal(default, edit(guidance_scale=3.0, top_k=0, top_p=0.95))
+
+
+def test_cli_sample_seed_gives_the_pipelines_images(converted, tmp_path):
+    cli_main(["sample", "--model", str(converted), "--class", "1", "--class", "3", "--n", "1", "--seed", "1",
+              "--out", str(tmp_path / "samples"), "--device", "cpu"])
+    expected = load(str(converted))(class_labels=[1, 3], generator=torch.Generator().manual_seed(1), output_type="np",
+                                    progress=False).images
+    written = np.stack([np.asarray(Image.open(tmp_path / "samples" / f"{i:05d}.png")) for i in range(2)])
+    np.testing.assert_array_equal(written, expected)
+
+
 @pytest.mark.parametrize("argv,match", [
     (["inpaint", "--image", "in.png", "--box", "0.5,0.5,0.2,0.9"], r"--box: '0.5,0.5,0.2,0.9' must be four fractions"),
     (["inpaint", "--image", "in.png", "--box", "0.25,0.25"], r"--box: '0.25,0.25' must be four fractions"),
@@ -242,6 +297,51 @@ def test_wrong_file_names_the_key(official_files, tmp_path):
     torch.save(state, tmp_path / "var_bad.pth")
     with pytest.raises(CheckpointError, match=r"head.bias: file \(65,\) vs model \(64,\)"):
         VARPipeline.from_official(vae=official_files / "vae_tiny.pth", var=tmp_path / "var_bad.pth")
+
+
+TINY_GPT = dict(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=10)
+
+
+@pytest.fixture
+def tiny_llamagen(tmp_path, monkeypatch):
+    """Official-layout files of a tiny LlamaGen in VARTK_HOME, known as "llamagen-t": preset "GPT-T" at 64 px,
+    a 4x4 grid of VQ-16 tokens."""
+    from vartk.tokenizers.vq import VQModel
+
+    torch.manual_seed(0)
+    vq = VQModel(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, z_channels=32, codebook_size=64,
+                 usage_queue_size=256)
+    gpt = GPTTransformer(**TINY_GPT, grid_size=4)
+    gpt.init_weights(randomize_output=True)
+    torch.save({"model": vq.state_dict()}, tmp_path / "vq_tiny.pt")
+    torch.save({"model": gpt.state_dict()}, tmp_path / "c2i_T_64.pt")
+    monkeypatch.setitem(GPT_CONFIGS, "GPT-T", TINY_GPT)
+    monkeypatch.setitem(KNOWN_MODELS, "llamagen-t", KnownModel(
+        "llamagen", "FoundationVision/LlamaGen", {"vq": "vq_tiny.pt", "gpt": "c2i_T_64.pt"},
+        {"model": "GPT-T", "image_size": 64}))
+    monkeypatch.setenv("VARTK_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_an_official_llamagen_name_loads_its_files_at_its_image_size(tiny_llamagen):
+    pipe = load("llamagen-t")
+    assert isinstance(pipe, GPTPipeline) and pipe.transformer.config.grid_size == 64 // 16
+    file_sd = torch.load(tiny_llamagen / "c2i_T_64.pt", weights_only=True)["model"]
+    assert pipe.transformer.state_dict().keys() == file_sd.keys()
+    assert all(torch.equal(value, file_sd[key]) for key, value in pipe.transformer.state_dict().items())
+    vq_sd = torch.load(tiny_llamagen / "vq_tiny.pt", weights_only=True)["model"]
+    assert torch.equal(pipe.tokenizer.quantize.embedding.weight, vq_sd["quantize.embedding.weight"])
+
+
+def test_convert_llamagen_files_then_load_samples_as_from_official(tiny_llamagen):
+    files = dict(vq=tiny_llamagen / "vq_tiny.pt", gpt=tiny_llamagen / "c2i_T_64.pt")
+    cli_main(["convert", "--vq", str(files["vq"]), "--gpt", str(files["gpt"]), "--gpt-model", "GPT-T",
+              "--image-size", "64", "--out", str(tiny_llamagen / "tiny-gpt")])
+    greedy = dict(class_labels=[1, 7], top_k=1, output_type="pt", progress=False)
+    converted = load(str(tiny_llamagen / "tiny-gpt"))(**greedy).images
+    official = GPTPipeline.from_official(**files, model="GPT-T", image_size=64)(**greedy).images
+    assert converted.shape == (2, 3, 64, 64) and torch.equal(converted, official)
 
 
 def test_gpt_pipeline_round_trip_and_class_names(tmp_path):

@@ -48,11 +48,26 @@ def test_sampling_follows_generator_and_greedy():
     assert torch.equal(sample_from_logits(logits, temperature=0), logits.argmax(-1))
 
 
-def test_sampling_distribution_matches_softmax():
-    logits = torch.tensor([[0.0, 1.0, 2.0]]).expand(20000, 3)
-    draws = sample_from_logits(logits, generator=torch.Generator().manual_seed(0))
-    freq = torch.bincount(draws, minlength=3).float() / draws.numel()
-    assert torch.allclose(freq, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0), atol=0.02)
+def draw_frequencies(row, **kwargs) -> torch.Tensor:
+    """How often each token of one row of logits is drawn, over 20000 draws."""
+    draws = sample_from_logits(torch.tensor([row]).expand(20000, len(row)), generator=torch.Generator().manual_seed(0),
+                               **kwargs)
+    return torch.bincount(draws, minlength=len(row)).float() / draws.numel()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampling_distribution_matches_softmax(temperature):
+    freq = draw_frequencies([0.0, 1.0, 2.0], temperature=temperature)
+    assert torch.allclose(freq, torch.softmax(torch.tensor([0.0, 1.0, 2.0]) / temperature, 0), atol=0.02)
+
+
+def test_temperature_is_applied_before_top_p():
+    row, temperature, top_p = np.array([0.0, 1.0, 2.0]), 2.0, 0.6
+    keep = reference_filter(row / temperature, 0, top_p)
+    assert keep.sum() > reference_filter(row, 0, top_p).sum()  # T = 2 lets a token through that T = 1 filters
+    probs = np.where(keep, np.exp(row / temperature), 0.0)
+    freq = draw_frequencies(row.tolist(), top_p=top_p, temperature=temperature)
+    assert torch.allclose(freq, torch.tensor(probs / probs.sum(), dtype=torch.float32), atol=0.02)
 
 
 @pytest.mark.parametrize("kwargs,match", [
