@@ -490,6 +490,8 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         start_step = state["step"]
         for scheduler in schedulers.values():
             apply_current_lr(scheduler)
+    if dist.world_size > 1:  # every process has read --out before the main one writes into it
+        torch_dist.barrier()
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
