@@ -118,3 +118,11 @@ def test_cli_passes_flags_through_to_bench_and_train(capsys):
         cli_main(["train", "--data", "x"])
     with pytest.raises(SystemExit, match="unknown job 'nope'"):
         cli_main(["train", "nope"])
+
+
+def test_demo_port_is_checked_by_the_parser(capsys):
+    from vartk.demo import main as demo_main
+
+    with pytest.raises(SystemExit):
+        demo_main(["--port", "99999"])
+    assert "expected a port in 1-65535, got '99999'" in capsys.readouterr().err

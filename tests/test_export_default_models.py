@@ -56,6 +56,17 @@ def test_a_bad_export_replaces_nothing(assets, change, message):
     assert not list(destinations["default"].parent.glob("*.staged"))
 
 
+def test_models_of_other_classes_are_refused(assets):
+    argv, sources, destinations = assets
+    config_file = sources["classifier"] / "config.json"
+    config = json.loads(config_file.read_text())
+    config["class_names"] = config["class_names"][::-1]  # the same 9 classes, other ids
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="the models must share their classes"):
+        tool.main(argv)
+    assert untouched(destinations)
+
+
 def test_a_good_export_replaces_every_asset(assets):
     argv, _, destinations = assets
     tool.main([*argv, "--var-sampling", '{"guidance_scale": 5.0, "top_k": 10, "top_p": 0.9}'])

@@ -20,7 +20,7 @@ def batch_folders(out):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(metrics=("fdi",)), r"unknown metric\(s\) \['fdi'\]"),
     (dict(metrics=("fid",)), r"metrics \['fid'\] need a reference"),
-    (dict(metrics=("fid",), reference="no-such-folder"), "reference no-such-folder is neither an image folder"),
+    (dict(metrics=("fid",), reference="no-such-folder"), "reference no-such-folder does not exist"),
     (dict(metrics=("is",), feature_extractor="inception-v4"), "feature extractor 'inception-v4' is not registered"),
     (dict(metrics=("is",), score_batch_size=0), "the scoring batch size must be >= 1, got 0"),
     (dict(num_images=0, metrics=("is",)), "num_images and batch_size must be >= 1, got 0"),

@@ -174,3 +174,21 @@ def test_photos_are_turned_upright_and_tiff_files_are_read(tmp_path):
     assert [p.name for p in list_images(tmp_path)] == ["photo.jpg", "scan.tif"]
     assert np.array_equal(np.asarray(open_rgb(tmp_path / "scan.tif")), pixels)
 
+
+
+def test_walkthrough_mistakes_get_one_clear_line(images, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="--val-data .*nosuch is not a folder"):
+        train_main("tokenizer", ["--data", str(images), "--out", str(tmp_path / "a"), "--val-data",
+                                 str(tmp_path / "nosuch"), "--batch-size", "4", *FAST, *TOKENIZER_ARGS])
+    with pytest.raises(SystemExit, match="--train-decoder-only fine-tunes the decoder of a trained tokenizer"):
+        train_main("tokenizer", ["--data", str(images), "--train-decoder-only", *FAST, *TOKENIZER_ARGS])
+    single_scale = job_args("gpt", images, tmp_path)[1]  # a one-scale MultiScaleVQVAE folder
+    with pytest.raises(SystemExit, match="next-scale training needs a multi-scale MultiScaleVQVAE"):
+        train_main("var", ["--data", str(images), "--out", str(tmp_path / "v"), "--tokenizer", single_scale,
+                           "--batch-size", "4", *FAST])
+    (tmp_path / "fake.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="fake.pth': not a torch checkpoint of tensors"):
+        cli_main(["convert", "--vae", str(tmp_path / "fake.pth"), "--var", str(tmp_path / "fake.pth"),
+                  "--out", str(tmp_path / "c")])
+    cli_main(["train", "--help"])
+    assert "JOB is tokenizer, var, gpt or export" in capsys.readouterr().out

@@ -68,6 +68,10 @@ def prepare(args) -> list[tuple[object, Path]]:
         models.append((pipe, BUILTIN_MODELS[name]))
     classifier = ImageClassifier.from_pretrained(args.classifier, low_cpu_mem_usage=False).to(torch.float16)
     name_as_asset(classifier, SHIPPED_WEIGHTS.name)
+    classes = {source: list(model.config.class_names or []) for source, model in
+               ((args.var, models[0][0]), (args.gpt, models[1][0]), (args.classifier, classifier))}
+    if len({tuple(names) for names in classes.values()}) != 1:
+        raise SystemExit(f"the models must share their classes (the classifier scores the others by id): {classes}")
     return models + [(classifier, SHIPPED_WEIGHTS)]
 
 

@@ -31,6 +31,8 @@ step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, record the wall time
     echo "$name: exit $status, $((SECONDS - start)) s" | tee -a "$out/steps.txt"
 }
 
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_checks.sh: no CUDA device here')" \
+    || exit 1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch; print(torch.__version__, torch.version.cuda)"; } > "$out/device.txt" 2>&1
 step cuda-tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py

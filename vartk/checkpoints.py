@@ -34,7 +34,8 @@ def read_official_file(path: str | os.PathLike, containers: tuple[str, ...] = ()
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated or pickled with disallowed objects
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}") from err
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: not a torch checkpoint of tensors "
+                              f"({type(err).__name__}: {err})") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict of tensors")
     return unwrap_state_dict(obj, containers, f"checkpoint {str(path)!r}")

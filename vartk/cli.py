@@ -222,8 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run_train(argv: list[str]) -> None:
     from .train import train_main
 
+    usage = "vartk train JOB [flags]: JOB is tokenizer, var, gpt or export (`vartk train JOB --help` lists its flags)"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return
     if not argv or argv[0].startswith("-"):
-        raise SystemExit("vartk train: give a job first: tokenizer, var, gpt or export (then --help for its flags)")
+        raise SystemExit(usage)
     train_main(argv[0], argv[1:])
 
 

@@ -495,9 +495,11 @@ def check_scoring(reference, metrics, feature_extractor: str = INCEPTION, featur
     metrics = _check_metrics(metrics)
     if reference is None and set(metrics) - {"is"}:
         raise ValueError(f"metrics {[m for m in metrics if m != 'is']} need a reference; only 'is' works without one")
-    if isinstance(reference, (str, os.PathLike)) and not (Path(reference).is_dir() or (
-            Path(reference).is_file() and Path(reference).suffix == ".npz")):
-        raise FileNotFoundError(f"reference {reference} is neither an image folder nor an .npz file")
+    if isinstance(reference, (str, os.PathLike)):
+        if not Path(reference).exists():
+            raise FileNotFoundError(f"reference {reference} does not exist")
+        if not (Path(reference).is_dir() or Path(reference).suffix == ".npz"):
+            raise FileNotFoundError(f"reference {reference} is neither an image folder nor an .npz file")
     if batch_size < 1:
         raise ValueError(f"the scoring batch size must be >= 1, got {batch_size}")
     extractor = FeatureExtractor(

@@ -18,23 +18,24 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..images import IMAGE_EXTENSIONS, list_images, open_rgb
 
-def find_images(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
-    """(image paths, class indices, class names) of an ImageFolder tree or a flat folder (one class)."""
+def find_images(root: str | Path, flag: str = "--data") -> tuple[list[Path], list[int], list[str]]:
+    """(image paths, class indices, class names) of an ImageFolder tree or a flat folder (one class); errors name
+    the folder as `flag`."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data {root} is not a folder; give a folder of images or of class subfolders")
+        raise FileNotFoundError(f"{flag} {root} is not a folder; give a folder of images or of class subfolders")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     per_class = [list_images(d) for d in class_dirs]
     top_level = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
                  and not f.name.startswith(".")]
     if any(per_class) and top_level:
-        raise ValueError(f"--data {root} holds images ({top_level[0].name}, ...) beside class folders "
+        raise ValueError(f"{flag} {root} holds images ({top_level[0].name}, ...) beside class folders "
                          f"({', '.join(d.name for d in class_dirs)}); move them into a class folder or give a folder "
                          "of either kind")
     if any(per_class):
         empty = [d.name for d, files in zip(class_dirs, per_class) if not files]
         if empty:
-            raise FileNotFoundError(f"class folders {empty} of --data {root} hold no images; class ids are the "
+            raise FileNotFoundError(f"class folders {empty} of {flag} {root} hold no images; class ids are the "
                                     "positions of the sorted folder names, so remove or fill them")
         paths = [p for files in per_class for p in files]
         labels = [index for index, files in enumerate(per_class) for _ in files]
@@ -63,8 +64,8 @@ def load_image(path: Path, size: int) -> torch.Tensor:
 class ImageFolder(Dataset):
     """Images of a folder as (uint8 [3, S, S], class index); `cache=True` decodes everything once."""
 
-    def __init__(self, root: str | Path, image_size: int, cache: bool):
-        self.paths, labels, self.class_names = find_images(root)
+    def __init__(self, root: str | Path, image_size: int, cache: bool, flag: str = "--data"):
+        self.paths, labels, self.class_names = find_images(root, flag)
         self.image_size = image_size
         self.labels = torch.tensor(labels)  # [N]
         self.images = None  # [N, 3, S, S] uint8 when cached

@@ -379,7 +379,7 @@ def load_validation_set(cfg: TrainConfig, class_names: list[str], dist: Distribu
     """This process's share of the --val-data images (uint8, on CPU), or None without --val-data."""
     if not cfg.val_data:
         return None
-    val = ImageFolder(cfg.val_data, cfg.image_size, cache=False)
+    val = ImageFolder(cfg.val_data, cfg.image_size, cache=False, flag="--val-data")
     if same_classes(val.class_names, class_names):
         training_ids = torch.arange(len(class_names))  # [C_val]
     else:

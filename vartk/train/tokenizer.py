@@ -51,7 +51,7 @@ class TokenizerTrainConfig(TrainConfig):
     vq_weight: float = arg(1.0, "weight of the quantiser loss")
     l2_weight: float = arg(1.0, "weight of the pixel MSE")
     l1_weight: float = arg(0.0, "weight of the pixel L1")
-    lpips_weights: str = arg("", "perceptual loss weights file (not available offline; leave empty)")
+    lpips_weights: str = arg("", "refused: vartk has no perceptual (LPIPS) loss (its VGG weights cannot be fetched offline)")
     gan_weight: float = arg(0.0, "weight of the PatchGAN hinge generator loss (0: no GAN)")
     gan_start: int = arg(0, "step at which the GAN losses start")
     disc_channels: int = arg(64, "PatchGAN base channels")
@@ -94,6 +94,9 @@ class TokenizerTrainConfig(TrainConfig):
         if self.train_decoder_only and self.restart_codes_every:
             raise SystemExit("--train-decoder-only keeps the codebook fixed; it cannot be combined with "
                              f"--restart-codes-every {self.restart_codes_every}")
+        if self.train_decoder_only and not self.init_from:
+            raise SystemExit("--train-decoder-only fine-tunes the decoder of a trained tokenizer: give it with "
+                             "--init-from <tokenizer run>/tokenizer")
 
 
 def build_tokenizer(cfg: TokenizerTrainConfig) -> MultiScaleVQVAE:

@@ -61,9 +61,9 @@ class VARJob(ConditionalJob):
 
     def __init__(self, cfg: VARTrainConfig, dataset, device: torch.device):
         super().__init__(cfg, dataset, device)
-        if not isinstance(self.tokenizer, MultiScaleVQVAE):
-            raise SystemExit(f"--tokenizer {cfg.tokenizer} is a {type(self.tokenizer).__name__}; "
-                             "next-scale training needs a MultiScaleVQVAE")
+        if not isinstance(self.tokenizer, MultiScaleVQVAE) or len(self.tokenizer.patch_nums) < 2:
+            raise SystemExit(f"--tokenizer {cfg.tokenizer} is a {type(self.tokenizer).__name__} with one scale; "
+                             "next-scale training needs a multi-scale MultiScaleVQVAE (e.g. --patch-nums 1,2,...,16)")
         self.patch_nums = self.tokenizer.patch_nums
         self.model = build_var(cfg, self.tokenizer.vocab_size, self.tokenizer.latent_channels, dataset.num_classes,
                                self.patch_nums).to(device)
