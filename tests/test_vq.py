@@ -126,3 +126,11 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     tokens = model.encode(images)
     assert torch.equal(tokens, loaded.encode(images))
     assert torch.equal(model.decode(tokens), loaded.decode(tokens))
+
+
+def test_decode_takes_a_one_map_list_as_a_single_scale_multiscale_tokenizer_gives():
+    model = tiny_vq()
+    tokens = model.encode(tiny_images())
+    assert torch.equal(model.decode([tokens]), model.decode(tokens))
+    with pytest.raises(ValueError, match="a VQModel has one scale; got a list of 2 token maps"):
+        model.decode([tokens, tokens])

@@ -125,8 +125,13 @@ class VQModel(ModelMixin, ConfigMixin):
         return self.quantize.nearest_code(self.encode_latent(images))
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token map [B, h, w] or [B, h*w] (square) -> images [B, C, f*h, f*w] in [0, 1]."""
+    def decode(self, tokens: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Token map [B, h, w] or [B, h*w] (square) -> images [B, C, f*h, f*w] in [0, 1]. A one-map list, as a
+        single-scale MultiScaleVQVAE encodes, is taken too."""
+        if isinstance(tokens, (list, tuple)):
+            if len(tokens) != 1:
+                raise ValueError(f"a VQModel has one scale; got a list of {len(tokens)} token maps")
+            tokens = tokens[0]
         return self.decode_latent(self.embed_tokens(tokens))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
