@@ -114,7 +114,7 @@ def test_cli_passes_flags_through_to_bench_and_train(capsys):
     cli_main(["bench", "--tiny", "--device", "cpu", "--dtype", "float32", "--batches", "1", "--repeats", "1",
               "--only", "VAR-tiny"])
     assert "| VAR-tiny | eager | 1 |" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="give a job first"):
+    with pytest.raises(SystemExit, match="JOB is tokenizer, var, gpt or export"):
         cli_main(["train", "--data", "x"])
     with pytest.raises(SystemExit, match="unknown job 'nope'"):
         cli_main(["train", "nope"])
