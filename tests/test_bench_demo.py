@@ -49,7 +49,7 @@ def test_format_row_compares_with_the_official_throughput():
 
 @pytest.mark.parametrize("argv,message", [
     (["--tiny", "--only", "GPT-B"], r"--only \['GPT-B'\] unknown; the tiny models are \['GPT-tiny', 'VAR-tiny'\]"),
-    (["--tiny", "--repeats", "0"], "--repeats: 0 must be >= 1"),
+    (["--tiny", "--repeats", "0"], "--repeats: expected an integer >= 1, got '0'"),
     ([], "take hours per row on a CPU; run on a GPU, or pass --tiny"),
 ])
 def test_bench_refuses_what_would_mislead_or_take_hours(argv, message, capsys):
@@ -125,4 +125,4 @@ def test_demo_port_is_checked_by_the_parser(capsys):
 
     with pytest.raises(SystemExit):
         demo_main(["--port", "99999"])
-    assert "expected a port in 1-65535, got '99999'" in capsys.readouterr().err
+    assert "expected an integer in 1-65535, got '99999'" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def test_cuda_graph_decode_in_bf16_is_deterministic_and_captured_once(model):
     for _ in range(2):  # the second call replays the first call's graph on its kept caches
         draws.append(sampler(on_gpu, labels, guidance_scale=2.0, top_k=20,
                              generator=torch.Generator(CUDA).manual_seed(3), progress=False))
-        graphs.append(sampler._graph)
+        graphs.append(sampler._graph[1])
     assert draws[0].shape == (8, 16) and torch.equal(draws[0], draws[1])
     assert graphs[0] is graphs[1]
     eager = NextTokenSampler(cuda_graph=False)(on_gpu, labels, guidance_scale=2.0, top_k=20,

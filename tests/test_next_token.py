@@ -127,8 +127,8 @@ class EagerStep:
 
     captures = 0
 
-    def __init__(self, transformer, caches, key=()):
-        self.transformer, self.caches, self.key = transformer, caches, key
+    def __init__(self, transformer, caches):
+        self.transformer, self.caches = transformer, caches
         EagerStep.captures += 1
 
     def __call__(self, tokens, positions):

@@ -145,22 +145,15 @@ def build(kind: str, builder, dtype: torch.dtype, device: torch.device):
     return transformer.to(device, dtype).eval(), tokenizer.to(device).eval() if tokenizer is not None else None
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return value
-
-
 def main(argv: list[str] | None = None) -> list[Row]:
-    from .cli import DEFAULT_DEVICE, parse_device
+    from .cli import DEFAULT_DEVICE, int_in_range, parse_device
 
     parser = argparse.ArgumentParser(prog="vartk bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", type=parse_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--batches", type=int_in_range(1), nargs="+", default=[1, 16, 64])
+    parser.add_argument("--repeats", type=int_in_range(1), default=3)
     parser.add_argument("--only", nargs="+", default=None, help="model names to run, e.g. VAR-d16 GPT-B")
     parser.add_argument("--tiny", action="store_true", help="tiny random models: a smoke run of the code path")
     parser.add_argument("--force", action="store_true", help="run the full-size models on a CPU anyway (hours)")

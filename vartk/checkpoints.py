@@ -176,13 +176,12 @@ def resolve_official_files(name: str, search_dirs: list[Path] | None = None) -> 
         from huggingface_hub import constants, hf_hub_download
 
         reason = hub_unreachable()
-        for role in missing:
+        for role in missing if reason is None else ():
             try:
-                if reason is not None:
-                    break
                 paths[role] = Path(hf_hub_download(known.hub_repo, known.files[role]))
             except Exception as err:
                 reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+                break
         if reason is not None:
             absent = [known.files[r] for r in missing if paths[r] is None]
             urls = " ".join(f"{constants.ENDPOINT}/{known.hub_repo}/resolve/main/{f}" for f in absent)

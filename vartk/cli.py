@@ -66,6 +66,17 @@ def class_arguments(classes: list[str], class_names: list[str] | None) -> list[i
     return [c if c in (class_names or ()) or not c.lstrip("-").isdigit() else int(c) for c in classes]
 
 
+def int_in_range(minimum: int, maximum: int | None = None):
+    """argparse type: an integer in [minimum, maximum] (no maximum: >= minimum)."""
+    allowed = f">= {minimum}" if maximum is None else f"in {minimum}-{maximum}"
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < minimum or (maximum is not None and int(text) > maximum):
+            raise argparse.ArgumentTypeError(f"expected an integer {allowed}, got {text!r}")
+        return int(text)
+    return parse
+
+
 def parse_device(text: str) -> str:
     """argparse type of --device: a torch device that exists here."""
     try:

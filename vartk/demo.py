@@ -72,21 +72,15 @@ def build_demo(backend: DemoBackend):
     return demo
 
 
-def port_number(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in 1-65535, got {text!r}")
-    return int(text)
-
-
 def main(argv: list[str] | None = None) -> None:
-    from .cli import DEFAULT_DEVICE, parse_device
+    from .cli import DEFAULT_DEVICE, int_in_range, parse_device
 
     parser = argparse.ArgumentParser(prog="vartk demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=None, help="repeatable; default: the built-in models")
     parser.add_argument("--device", type=parse_device, default=DEFAULT_DEVICE)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=port_number, default=7860, help="TCP port, 1-65535")
+    parser.add_argument("--port", type=int_in_range(1, 65535), default=7860, help="TCP port, 1-65535")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     backend = DemoBackend(args.model or ["default", "default-gpt"], args.device)

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from vartk.cli import int_in_range
 from vartk.files import write_text_atomic
 from vartk.metrics import INCEPTION, check_scoring, compute_metrics, list_images, paired_psnr
 from vartk.pipelines import images_to_uint8
@@ -502,24 +503,12 @@ def compare(
     return results
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
-def non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
-
-
 def eval_size(text: str) -> int | str | None:
     """--image-size-eval: auto (the protocol's), native (no resize) or a size in pixels."""
     if text in ("auto", "native"):
         return None if text == "native" else text
     try:
-        return positive_int(text)
+        return int_in_range(1)(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected auto, native or a size in pixels >= 1, got {text!r}") from None
 
@@ -531,11 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="default", help="built-in, official (var-d16, llamagen-xl) or folder")
     parser.add_argument("--out", help="run folder (samples/, settings.json, results.json); a .json file with --compare")
     parser.add_argument("--reference", help="image folder, ADM .npz (arr_0 and/or mu, sigma) or our statistics .npz")
-    parser.add_argument("--num-images", type=positive_int, default=None, help="default: 50 per class")
+    parser.add_argument("--num-images", type=int_in_range(1), default=None, help="default: 50 per class")
     parser.add_argument("--labels", choices=LABEL_MODES, default="balanced",
                         help="balanced (i %% classes), random, or reference (the class mix of the --reference folder)")
-    parser.add_argument("--batch-size", type=positive_int, default=50, help="images per batch (= per shard folder)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="base seed; batch b uses SeedSequence([seed, b])")
+    parser.add_argument("--batch-size", type=int_in_range(1), default=50, help="images per batch (= per shard folder)")
+    parser.add_argument("--seed", type=int_in_range(0), default=0,
+                        help="base seed; batch b uses SeedSequence([seed, b])")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the protocol's)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
@@ -551,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights file for the extractor (default: torch-fidelity's cache, $TORCH_HOME/hub/checkpoints/)",
     )
     parser.add_argument("--feature-layer", default=None, help="layer for FID / KID / PRC (default: the extractor's)")
-    parser.add_argument("--score-batch-size", type=positive_int, default=64)
+    parser.add_argument("--score-batch-size", type=int_in_range(1), default=64)
     parser.add_argument("--no-reference-cache", action="store_true", help="do not cache reference statistics")
     parser.add_argument("--sample-only", action="store_true", help="sample (resuming) without scoring")
     parser.add_argument("--json", default=None, help="results file (default: OUT/results.json)")

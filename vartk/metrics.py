@@ -536,9 +536,9 @@ def compute_metrics(
     Inception); IS always reads the extractor's class logits. KID's subset size and IS's number of
     splits shrink to the number of images when there are fewer. Returns a flat dict of floats: fid, is,
     is_std, kid, kid_std, precision, recall, plus num_generated / num_reference."""
-    metrics = _check_metrics(metrics)
     extractor, layers = check_scoring(reference, metrics, feature_extractor, feature_extractor_weights,
                                       feature_layer, device, batch_size, verbose)
+    metrics = tuple(layers)  # checked, without repeats
     generated_features = extractor.extract(generated, layers.values())
     num_generated = len(next(iter(generated_features.values())))
     results = {"num_generated": num_generated}

@@ -34,13 +34,13 @@ class NextTokenSampler:
     temperature: float = 1.0
     cfg_interval: int = -1
     cuda_graph: bool | str = "auto"
-    _graph: CUDAGraphDecodeStep | None = field(default=None, init=False, repr=False, compare=False)
+    _graph: tuple[tuple, CUDAGraphDecodeStep] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         check_non_negative("temperature", self.temperature, "0 = greedy")
         interval = self.cfg_interval
         if not isinstance(interval, numbers.Integral) or isinstance(interval, bool) or interval < -1:
-            raise ValueError(f"cfg_interval must be an integer >= -1 (-1 = guide every token), got {self.cfg_interval!r}")
+            raise ValueError(f"cfg_interval must be an integer >= -1 (-1 = guide every token), got {interval!r}")
         if not (self.cuda_graph == "auto" or isinstance(self.cuda_graph, bool)):
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {self.cuda_graph!r}")
 
@@ -108,10 +108,10 @@ class NextTokenSampler:
         tensors = (*transformer.parameters(), *transformer.buffers())
         key = (id(transformer), rows, torch.is_inference_mode_enabled(),  # inference-mode caches stay in it
                tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors))
-        if self._graph is None or self._graph.key != key:
+        if self._graph is None or self._graph[0] != key:
             self._graph = None  # free the old graph and its caches before capturing the new one
-            self._graph = CUDAGraphDecodeStep(transformer, transformer.new_kv_caches(rows), key)
-        return self._graph
+            self._graph = key, CUDAGraphDecodeStep(transformer, transformer.new_kv_caches(rows))
+        return self._graph[1]
 
 
 class CUDAGraphDecodeStep:
@@ -123,8 +123,8 @@ class CUDAGraphDecodeStep:
     before anything attends to it.
     """
 
-    def __init__(self, transformer, caches: list[StaticKVCache], key: tuple = (), warmup_steps: int = 2):
-        self.caches, self.key = caches, key
+    def __init__(self, transformer, caches: list[StaticKVCache], warmup_steps: int = 2):
+        self.caches = caches
         rows = caches[0].k.shape[0]
         device = caches[0].k.device
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # [R, 1]

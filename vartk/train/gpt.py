@@ -21,7 +21,7 @@ from ..tokenizers.msvq import MultiScaleVQVAE
 from ..tokenizers.vq import VQModel
 from ..samplers.next_token import NextTokenSampler
 from .conditional import ConditionalJob, ConditionalTrainConfig
-from .loop import arg, check_architecture, check_positive, parse_config, run_training
+from .loop import arg, check_architecture, check_at_least, parse_config, run_training
 
 
 @dataclass
@@ -44,7 +44,7 @@ class GPTTrainConfig(ConditionalTrainConfig):
 
     def check(self) -> None:
         super().check()
-        check_positive(self, ("dim", "n_layer", "n_head", "multiple_of"))
+        check_at_least(self, 1, ("dim", "n_layer", "n_head", "multiple_of"))
         for name in ("token_dropout", "resid_dropout", "ffn_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise SystemExit(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")

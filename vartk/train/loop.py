@@ -118,12 +118,10 @@ class TrainConfig:
         if self.init_from and not (Path(self.init_from) / WEIGHTS_NAME).is_file():
             raise SystemExit(f"--init-from {self.init_from}: no {WEIGHTS_NAME} there; give a save_pretrained "
                              "folder such as <run>/transformer")
-        check_positive(self, ("batch_size", "max_steps", "log_every", "save_every", "image_size", "val_images",
-                              "num_samples", "keep_checkpoints"))
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "lr", "sample_every", "num_workers",
-                     "cache_limit_gb"):
-            if not getattr(self, name) >= 0:
-                raise SystemExit(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, 1, ("batch_size", "max_steps", "log_every", "save_every", "image_size", "val_images",
+                                 "num_samples", "keep_checkpoints"))
+        check_at_least(self, 0, ("warmup_steps", "weight_decay", "grad_clip", "lr", "sample_every", "num_workers",
+                                 "cache_limit_gb"))
         if not 0 <= self.min_lr_ratio <= 1:
             raise SystemExit(f"--min-lr-ratio is a fraction of --lr in [0, 1], got {self.min_lr_ratio}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -132,15 +130,17 @@ class TrainConfig:
             raise SystemExit(f"--seed must be in [0, 2**32), got {self.seed}")
 
 
-def check_positive(cfg, names: tuple[str, ...]) -> None:
+def check_at_least(cfg, minimum: int, names: tuple[str, ...]) -> None:
+    """Refuse a flag below `minimum` (or NaN)."""
     for name in names:
-        if getattr(cfg, name) < 1:
-            raise SystemExit(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
+        if not getattr(cfg, name) >= minimum:
+            raise SystemExit(f"{flag(name)} must be >= {minimum}, got {getattr(cfg, name)}")
 
 
 def check_architecture(build) -> None:
     """Build the model on the meta device (no memory, no time), so that flags that do not make a model fail before
-    the data is read; `build()` uses placeholders for what the data decides (classes, vocabulary)."""
+    the data is read. `build()` passes the smallest valid values for what only the data decides (number of
+    classes, vocabulary): the shape checks do not depend on them."""
     try:
         with torch.device("meta"):
             build()
@@ -441,9 +441,10 @@ def log_validation(out: Path, step: int, validation: dict, progress) -> None:
 
 def refuse_earlier_run(out: Path) -> None:
     """A fresh run must not write into another run's folder: its log, checkpoints and copied inputs would mix."""
-    earlier = [f for f in (out / "config.json",) if f.is_file()] + sorted((out / "checkpoints").glob("step_*"))
-    if earlier:
-        raise SystemExit(f"--out {out} holds an earlier run ({earlier[-1].name}); continue it with --resume, "
+    checkpoints = sorted((out / "checkpoints").glob("step_*"))
+    if checkpoints or (out / "config.json").is_file():
+        found = checkpoints[-1].name if checkpoints else "config.json"
+        raise SystemExit(f"--out {out} holds an earlier run ({found}); continue it with --resume, "
                          "or give another --out (or delete that folder)")
 
 

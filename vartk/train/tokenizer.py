@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..files import write_folder_atomic
 from ..tokenizers.msvq import MultiScaleVQVAE
 from .data import Batch
-from .loop import Job, TrainConfig, arg, check_architecture, check_positive, parse_config, run_training
+from .loop import Job, TrainConfig, arg, check_architecture, check_at_least, parse_config, run_training
 
 
 @dataclass
@@ -51,7 +51,8 @@ class TokenizerTrainConfig(TrainConfig):
     vq_weight: float = arg(1.0, "weight of the quantiser loss")
     l2_weight: float = arg(1.0, "weight of the pixel MSE")
     l1_weight: float = arg(0.0, "weight of the pixel L1")
-    lpips_weights: str = arg("", "refused: vartk has no perceptual (LPIPS) loss (its VGG weights cannot be fetched offline)")
+    lpips_weights: str = arg("", "refused: vartk has no perceptual (LPIPS) loss (its VGG weights cannot be "
+                                 "fetched offline)")
     gan_weight: float = arg(0.0, "weight of the PatchGAN hinge generator loss (0: no GAN)")
     gan_start: int = arg(0, "step at which the GAN losses start")
     disc_channels: int = arg(64, "PatchGAN base channels")
@@ -69,7 +70,8 @@ class TokenizerTrainConfig(TrainConfig):
                 f"--lpips-weights {self.lpips_weights}: the perceptual loss is not available in vartk (it needs "
                 "pretrained VGG weights that cannot be fetched offline); train with --l2-weight/--l1-weight and --gan-weight"
             )
-        check_positive(self, ("ch", "num_res_blocks", "z_channels", "norm_groups", "disc_channels", "disc_layers"))
+        check_at_least(self, 1, ("ch", "num_res_blocks", "z_channels", "norm_groups", "disc_channels",
+                                 "disc_layers"))
         if self.vocab_size < 2 or not self.ch_mult or min(self.ch_mult) < 1 or not self.patch_nums \
                 or min(self.patch_nums) < 1:
             raise SystemExit(f"--vocab-size must be >= 2 (got {self.vocab_size}), --ch-mult and --patch-nums "

@@ -21,7 +21,7 @@ from ..models.var import VARTransformer
 from ..tokenizers.msvq import MultiScaleVQVAE
 from ..samplers.next_scale import NextScaleSampler
 from .conditional import ConditionalJob, ConditionalTrainConfig
-from .loop import arg, check_architecture, check_positive, parse_config, run_training
+from .loop import arg, check_architecture, check_at_least, parse_config, run_training
 
 
 @dataclass
@@ -38,7 +38,7 @@ class VARTrainConfig(ConditionalTrainConfig):
 
     def check(self) -> None:
         super().check()
-        check_positive(self, ("depth",))
+        check_at_least(self, 1, ("depth",))
         if self.width < 0 or self.num_heads < 0 or not self.mlp_ratio > 0 or not 0 <= self.drop_path_rate < 1:
             raise SystemExit(f"--width {self.width} and --num-heads {self.num_heads} must be >= 0 (0: the default), "
                              f"--mlp-ratio {self.mlp_ratio} > 0, --drop-path-rate {self.drop_path_rate} in [0, 1)")
