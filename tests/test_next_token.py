@@ -47,6 +47,8 @@ def test_scale_up_to_one_is_the_conditional_branch(model, guidance_scale):
     labels = torch.tensor([2, 5])
     tokens = NextTokenSampler()(model, labels, guidance_scale=guidance_scale, top_k=1, progress=False)
     assert torch.equal(tokens, reference_loop(model, labels, None))
+    if guidance_scale == 1.0:  # u + 1 (c - u) = c: the guided formula at scale 1 agrees
+        assert torch.equal(tokens, reference_loop(model, labels, 1.0))
 
 
 def test_cfg_interval_turns_guidance_off_after_that_decode_step(model):
