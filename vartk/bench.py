@@ -137,10 +137,9 @@ def full_models() -> dict:
 
 def build(kind: str, builder, dtype: torch.dtype, device: torch.device):
     """(transformer in `dtype`, tokenizer in float32 or None) on `device`, randomly initialised, in eval mode."""
-    transformer, tokenizer = builder()
-    if kind == "var":
-        transformer.init_weights()
-    else:
+    with torch.device(device):  # initialising VAR-d30's 2B parameters on a CPU would take minutes
+        transformer, tokenizer = builder()  # VAR: the official init already ran in __init__
+    if kind == "gpt":
         transformer.init_weights(randomize_output=True)
     return transformer.to(device, dtype).eval(), tokenizer.to(device).eval() if tokenizer is not None else None
 

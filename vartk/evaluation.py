@@ -39,6 +39,7 @@ import platform
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,10 +219,14 @@ def write_batch(samples: Path, batch: int, images: np.ndarray, meta: dict, batch
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for index, image in zip(meta["indices"], images):
+
+    def save(index: int, image: np.ndarray) -> None:
         Image.fromarray(image).save(tmp / f"{index:08d}.png", compress_level=1)  # lossless; fast to write
-        if _stop_after() == batches_done:
-            raise RuntimeError(f"{STOP_AFTER_ENV}={batches_done}: stopping inside batch {batch} (test hook)")
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # zlib releases the GIL
+        list(pool.map(save, meta["indices"], images))
+    if _stop_after() == batches_done:
+        raise RuntimeError(f"{STOP_AFTER_ENV}={batches_done}: stopping inside batch {batch} (test hook)")
     (tmp / "meta.json").write_text(json.dumps(meta))
     os.rename(tmp, batch_folder(samples, batch))
 

@@ -137,7 +137,8 @@ class CUDAGraphDecodeStep:
                     transformer.forward_cached(self.tokens, None, self.positions, caches)
             torch.cuda.current_stream(device).wait_stream(side_stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: a DataLoader's pin-memory thread may call CUDA while a training job captures
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.logits = transformer.forward_cached(self.tokens, None, self.positions, caches)  # [R, 1, V]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -448,6 +448,78 @@ def refuse_earlier_run(out: Path) -> None:
                          "or give another --out (or delete that folder)")
 
 
+def build_trainees(job: Job, cfg: TrainConfig, dist: Distributed) -> dict[str, Trainee]:
+    """Each module the job trains, in train mode, DDP-wrapped when there are several processes, with its
+    optimizer and LR schedule."""
+    trainees = {}
+    for name, (module, no_decay) in job.trainees().items():
+        module.train()
+        wrapped = module
+        if dist.world_size > 1:
+            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
+                                              find_unused_parameters=job.find_unused_parameters)
+        fused = dist.device.type == "cuda"
+        trainees[name] = Trainee(module, wrapped, *build_optimizer(module, cfg, no_decay, fused, job.first_step(name)))
+    return trainees
+
+
+def restore_latest(cfg: TrainConfig, out: Path, trainees: dict[str, Trainee], dataset: ImageFolder,
+                   dist: Distributed) -> int:
+    """The step to start from: 0 for a fresh run (refused in another run's folder), else the step of the
+    latest checkpoint, whose modules, optimizers and schedules are restored in place."""
+    if not cfg.resume:
+        refuse_earlier_run(out)
+        return 0
+    resume_from = latest_checkpoint(out)
+    if resume_from is None:
+        if dist.is_main:
+            print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
+        return 0
+    state = read_trainer_state(resume_from)
+    check_resume(cfg, state, len(dataset), dataset.class_names, dist.world_size, resume_from)
+    load_checkpoint(resume_from, *trainee_parts(trainees))
+    for trainee in trainees.values():
+        apply_current_lr(trainee.scheduler)
+    return state["step"]
+
+
+def trainee_parts(trainees: dict[str, Trainee]) -> tuple[dict, dict, dict]:
+    """{name: module}, {name: optimizer}, {name: scheduler}: what a checkpoint holds."""
+    return ({name: t.module for name, t in trainees.items()}, {name: t.optimizer for name, t in trainees.items()},
+            {name: t.scheduler for name, t in trainees.items()})
+
+
+def write_checkpoint(out: Path, done: int, trainees: dict[str, Trainee], cfg: TrainConfig, dataset: ImageFolder,
+                     order: BatchOrder, dist: Distributed, validation: dict | None, progress) -> None:
+    """Checkpoint `done` with the trainer state a resume needs (data position, config, held-out metrics)."""
+    epoch, batch_in_epoch = divmod(done, order.batches_per_epoch)
+    state = dict(epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=dist.world_size, batch_size=cfg.batch_size,
+                 seed=cfg.seed, num_images=len(dataset), class_names=dataset.class_names,
+                 config=dataclasses.asdict(cfg))
+    if validation is not None:
+        state["validation"] = validation
+        log_validation(out, done - 1, validation, progress)
+    save_checkpoint(out, done, *trainee_parts(trainees), state, cfg.keep_checkpoints)
+
+
+def train_step(job: Job, trainees: dict[str, Trainee], batch: Batch, step: int, cfg: TrainConfig,
+               window: dict[str, list[float]], step_lrs: dict[str, float]) -> torch.Tensor:
+    """Every phase of one step (the model; a GAN's discriminator); appends each metric to `window` and each
+    trainee's rate to `step_lrs` ("lr", "discriminator_lr"). Returns the last phase's loss."""
+    wrapped = {name: t.wrapped for name, t in trainees.items()}
+    for name in job.phases(step):
+        prefix = "" if name == "model" else f"{name}_"
+        step_lrs[prefix + "lr"] = trainees[name].optimizer.param_groups[0]["lr"]  # the rate this step uses
+        with autocast_context(batch.images.device, cfg.precision):
+            loss, metrics = job.loss(name, wrapped, batch, step)
+        grad_norm = trainees[name].step(loss, cfg.grad_clip)
+        for key, value in {"loss": loss.detach(), **metrics, "grad_norm": grad_norm}.items():
+            window.setdefault(prefix + key, []).append(float(value))
+    job.after_step(step, batch)
+    return loss
+
+
 def run_training(cfg: TrainConfig, job_cls: type) -> Path:
     """Train `job_cls(cfg, dataset, device)` as configured; returns the output folder."""
     dist = setup_distributed(cfg.device)
@@ -463,34 +535,8 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
     if cfg.init_from:
         init_weights = load_file(Path(cfg.init_from) / WEIGHTS_NAME, device=str(dist.device))
         load_state_dict_strict(job.trainees()["model"][0], init_weights, source=cfg.init_from)
-
-    trainees = {}
-    for name, (module, no_decay) in job.trainees().items():
-        module.train()
-        wrapped = module
-        if dist.world_size > 1:
-            device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
-                                              find_unused_parameters=job.find_unused_parameters)
-        fused = dist.device.type == "cuda"
-        trainees[name] = Trainee(module, wrapped, *build_optimizer(module, cfg, no_decay, fused, job.first_step(name)))
-    modules = {name: t.module for name, t in trainees.items()}
-    optimizers = {name: t.optimizer for name, t in trainees.items()}
-    schedulers = {name: t.scheduler for name, t in trainees.items()}
-
-    start_step = 0
-    if not cfg.resume:
-        refuse_earlier_run(out)
-    resume_from = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume_from is None and dist.is_main:
-        print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
-    if resume_from is not None:
-        state = read_trainer_state(resume_from)
-        check_resume(cfg, state, len(dataset), dataset.class_names, dist.world_size, resume_from)
-        load_checkpoint(resume_from, modules, optimizers, schedulers)
-        start_step = state["step"]
-        for scheduler in schedulers.values():
-            apply_current_lr(scheduler)
+    trainees = build_trainees(job, cfg, dist)
+    start_step = restore_latest(cfg, out, trainees, dataset, dist)
     if dist.world_size > 1:  # every process has read --out before the main one writes into it
         torch_dist.barrier()
 
@@ -506,10 +552,9 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         progress = tqdm(total=cfg.max_steps, initial=start_step, desc=type(job).__name__, dynamic_ncols=True)
 
     window: dict[str, list[float]] = {}
-    step_lrs: dict[str, float] = {}  # each trainee's rate at its last update: "lr", "discriminator_lr"
+    step_lrs: dict[str, float] = {}
     window_start = time.perf_counter()
     batches = iterate_batches(dataset, order, start_step, cfg.num_workers)
-    wrapped = {name: t.wrapped for name, t in trainees.items()}
     for step in range(start_step, cfg.max_steps):
         torch.manual_seed(step_seed(cfg.seed, step, dist.rank))
         batch = next(batches)
@@ -517,18 +562,11 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
                       batch.labels.to(dist.device, non_blocking=True))
         if cfg.hflip > 0:
             batch = mirror_some(batch, cfg.hflip, step_seed(cfg.seed, step, dist.rank))
-        for name in job.phases(step):
-            prefix = "" if name == "model" else f"{name}_"
-            step_lrs[prefix + "lr"] = trainees[name].optimizer.param_groups[0]["lr"]  # the rate this step uses
-            with autocast_context(dist.device, cfg.precision):
-                loss, metrics = job.loss(name, wrapped, batch, step)
-            grad_norm = trainees[name].step(loss, cfg.grad_clip)
-            for key, value in {"loss": loss.detach(), **metrics, "grad_norm": grad_norm}.items():
-                window.setdefault(prefix + key, []).append(float(value))
-        job.after_step(step, batch)
+        loss = train_step(job, trainees, batch, step, cfg, window, step_lrs)
         done = step + 1
+        checkpoint_due = done % cfg.save_every == 0 or done == cfg.max_steps
         # a window also ends at each checkpoint, so a resumed run logs the same windows as an uninterrupted one
-        if done % cfg.log_every == 0 or done % cfg.save_every == 0 or done == cfg.max_steps:
+        if done % cfg.log_every == 0 or checkpoint_due:
             record = averaged(window, dist)
             elapsed = time.perf_counter() - window_start
             record.update(step=step, **step_lrs, steps_per_s=len(window["loss"]) / elapsed)
@@ -539,17 +577,10 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
+        if checkpoint_due:
             validation = validate(job, trainees, held_out, cfg, dist) if held_out is not None else None
             if dist.is_main:
-                epoch, batch_in_epoch = divmod(done, order.batches_per_epoch)
-                state = dict(epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=dist.world_size,
-                             batch_size=cfg.batch_size, seed=cfg.seed, num_images=len(dataset),
-                             class_names=dataset.class_names, config=dataclasses.asdict(cfg))
-                if validation is not None:
-                    state["validation"] = validation
-                    log_validation(out, step, validation, progress)
-                save_checkpoint(out, done, modules, optimizers, schedulers, state, cfg.keep_checkpoints)
+                write_checkpoint(out, done, trainees, cfg, dataset, order, dist, validation, progress)
         if dist.is_main and ((cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.max_steps):
             save_sample_grid(job, trainees, out / "samples" / f"step_{done:07d}.png")  # after the checkpoint
     if progress is not None:
