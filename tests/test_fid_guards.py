@@ -3,14 +3,20 @@ small sets get errors instead of meaningless numbers, and a run resumes or pairs
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from test_fid_script import RUN, fid, tiny_pipeline, uninterrupted  # noqa: F401  (fixtures)
-from test_metrics import FAST, image_sets, inception  # noqa: F401  (fixtures)
+from test_metrics import FAST, STUB_META, image_sets, inception  # noqa: F401  (fixtures)
 
-from _fid_helpers import write_folder
+from _fid_helpers import random_images, register_stubs, write_folder
 from vartk import metrics
 from vartk.metrics import INCEPTION_WEIGHTS_FILE, FeatureExtractor, compute_metrics, file_sha256
+from vartk.models.gpt import GPTTransformer
+from vartk.pipelines import GPTPipeline
+from vartk.tokenizers.vq import VQModel
+
+SCORED = dict(RUN, sample_only=False, metrics=("fid",), feature_extractor="stub-classifier")  # stub: 3 features
 
 
 def batch_folders(out):
@@ -29,6 +35,96 @@ def test_scoring_settings_are_checked_before_the_first_sample(tiny_pipeline, tmp
     run = dict(RUN, sample_only=False) | kwargs
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         fid.evaluate(str(tiny_pipeline), tmp_path / "run", **run)
+    assert batch_folders(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(guidance_scale=-1.0), "guidance_scale must be a finite number >= 0, got -1.0"),
+    (dict(top_p=2.0), r"top_p must be in \(0, 1\] \(1 = no top-p filtering\), got 2.0"),
+    (dict(top_k=-5), r"top_k must be an integer >= 0 \(0 = no top-k filtering\), got -5"),
+    (dict(sampler="nexttokensampler"), "sampler NextTokenSampler is not a NextScaleSampler, which next-scale models "
+                                       "need"),
+])
+def test_bad_sampling_options_are_refused_before_settings_are_pinned(tiny_pipeline, tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        fid.evaluate(str(tiny_pipeline), tmp_path / "run", **RUN, **options)
+    assert not (tmp_path / "run").exists()  # no settings.json to refuse the corrected rerun
+
+
+def test_a_kv_cache_policy_for_a_llamagen_model_is_refused_before_settings_are_pinned(tmp_path):
+    tokenizer = VQModel(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=16, codebook_size=64, codebook_embed_dim=8)
+    transformer = GPTTransformer(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=3, grid_size=4)
+    pipe = GPTPipeline(tokenizer=tokenizer, transformer=transformer)
+    with pytest.raises(ValueError, match=r"kv_cache policies apply to next-scale models; GPTPipeline uses a static cache"):
+        fid.evaluate(pipe, tmp_path / "run", kv_cache="fullkvcache", **RUN)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("out, reference", [("ref", "ref"), ("ref/run", "ref"), ("run", "run/ref")])
+def test_an_out_nested_with_the_reference_folder_is_refused(tiny_pipeline, tmp_path, out, reference):
+    write_folder(tmp_path / reference, random_images(4, seed=0, size=8))
+    with pytest.raises(ValueError, match="lie inside one another, so samples would mix with the reference images"):
+        fid.evaluate(str(tiny_pipeline), tmp_path / out, str(tmp_path / reference), **RUN)
+    assert not list(tmp_path.rglob("samples"))
+
+
+def _statistics(path, mu=np.zeros(3), sigma=np.eye(3), meta=json.dumps(STUB_META)):
+    np.savez(path, mu=mu, sigma=sigma, meta=np.array(meta))
+
+
+REFERENCES = {  # file name: (writes a reference the stub cannot score against, the error)
+    "empty": (lambda p: p.mkdir(), r"reference \S*empty holds 0 image\(s\); its statistics need at least 2"),
+    "one": (lambda p: write_folder(p, random_images(1, seed=0, size=8)), "holds 1 image"),
+    "one.npz": (lambda p: np.savez(p, arr_0=random_images(1, seed=0, size=8)), "one.npz holds 1 image"),
+    "keys.npz": (lambda p: np.savez(p, images=random_images(4, seed=0, size=8)),
+                 r"holds neither images \('arr_0'\) nor statistics \('mu' and 'sigma'\); its keys are \['images'\]"),
+    "float.npz": (lambda p: np.savez(p, arr_0=random_images(4, seed=0, size=8) / 255),
+                  r"float.npz must be uint8 \[N, H, W, 3\], got float64 \[4, 8, 8, 3\]"),
+    "chw.npz": (lambda p: np.savez(p, arr_0=random_images(4, seed=0, size=8).transpose(0, 3, 1, 2)),
+                r"got uint8 \[4, 3, 8, 8\]"),
+    "gray.npz": (lambda p: np.savez(p, arr_0=random_images(4, seed=0, size=8)[..., 0]), r"got uint8 \[4, 8, 8\]"),
+    "junk.npz": (lambda p: p.write_bytes(b"not an npz"), "junk.npz is not an .npz of arrays as np.savez writes"),
+    "adm.npz": (lambda p: np.savez(p, mu=np.zeros(3), sigma=np.eye(3)),
+                r"cannot be used for stub-classifier layer colour: its statistics \(no metadata: ADM's\)"),
+    "dim.npz": (lambda p: _statistics(p, np.zeros(5), np.eye(5)),
+                "dim.npz holds statistics of 5 features, but stub-classifier layer colour gives 3"),
+    "nan.npz": (lambda p: _statistics(p, mu=np.array([0, np.nan, 0])), "nan.npz: mu and sigma must be finite"),
+    "meta.npz": (lambda p: _statistics(p, meta='{"feature_extractor": "stub-classifier"}'),
+                 r"meta.npz: its 'meta' must be a JSON object with \['feature_extractor', 'feature_layer', 'weights"),
+    "json.npz": (lambda p: _statistics(p, meta="not json"), "json.npz: its 'meta' must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+def test_a_reference_that_cannot_be_scored_against_is_refused_before_the_first_sample(tiny_pipeline, tmp_path, name):
+    register_stubs()
+    write, message = REFERENCES[name]
+    write(tmp_path / name)
+    with pytest.raises(ValueError, match=message):
+        fid.evaluate(str(tiny_pipeline), tmp_path / "run", str(tmp_path / name), **SCORED)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("json_path, message", [
+    ("folder", "results file .*folder is a folder; give a file name such as .*folder/results.json"),
+    ("file/results.json", "results file .*file/results.json cannot be written: .*file is not a writable folder"),
+])
+def test_a_results_file_that_cannot_be_written_is_refused_before_the_first_sample(tiny_pipeline, tmp_path,
+                                                                                   json_path, message):
+    register_stubs()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    reference = write_folder(tmp_path / "ref", random_images(4, seed=0, size=8))
+    with pytest.raises(ValueError, match=message):
+        fid.evaluate(str(tiny_pipeline), tmp_path / "run", str(reference), **SCORED, json_path=tmp_path / json_path)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_settings_file_is_named(tiny_pipeline, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "settings.json").write_text('{"seed": 0,\n')  # hand-edited
+    with pytest.raises(ValueError, match=r"run/settings.json is not the JSON object .*; restore it .* new --out"):
+        fid.evaluate(str(tiny_pipeline), tmp_path / "run", **RUN)
     assert batch_folders(tmp_path / "run") == []
 
 

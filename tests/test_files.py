@@ -3,7 +3,10 @@ import os
 
 import pytest
 
-from vartk.files import write_file_atomic, write_text_atomic
+import torch
+from safetensors.torch import save_file
+
+from vartk.files import write_file_atomic, write_folder_atomic, write_text_atomic
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -25,3 +28,16 @@ def test_written_files_are_readable_as_the_umask_allows(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644  # a tempfile.NamedTemporaryFile would have made it 0o600
+
+
+def test_a_written_folder_of_safetensors_is_readable_as_the_umask_allows(tmp_path):
+    def write(folder):
+        folder.mkdir()
+        save_file({"w": torch.zeros(2)}, folder / "model.safetensors")  # safetensors makes it 0o600
+
+    umask = os.umask(0o022)
+    try:
+        folder = write_folder_atomic(tmp_path / "pipeline", write)
+    finally:
+        os.umask(umask)
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -35,3 +35,5 @@ def test_hidden_files_and_folders_are_not_images(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["a/1.png", "b/c/3.JPG"]
+    with pytest.raises(FileNotFoundError, match=r"missing.png does not exist$"):
+        open_rgb(tmp_path / "missing.png")

@@ -1,4 +1,5 @@
 """vartk.metrics against independent computations, on a random Inception and a handful of images."""
+import json
 import urllib.error
 from unittest import mock
 
@@ -14,6 +15,7 @@ from vartk import metrics
 from vartk.metrics import compute_metrics, frechet_distance
 
 FAST = dict(feature_layer="64", device="cpu", batch_size=16)  # layer "64" stops Inception after its stem
+STUB_META = {"feature_extractor": "stub-classifier", "feature_layer": "colour", "weights": "default"}
 
 
 @pytest.fixture(scope="session")
@@ -229,6 +231,27 @@ def test_bad_arguments_say_what_is_allowed(inception, image_sets):
         compute_metrics(
             image_sets["a"], image_sets["b"], ["fid"], feature_extractor_weights=inception, feature_layer="4096"
         )
+
+
+def test_metrics_may_be_one_string_of_names():
+    register_stubs()
+    images = random_images(8, seed=2)
+    result = compute_metrics(images, None, "is", feature_extractor="stub-classifier", device="cpu", isc_splits=1)
+    assert {"is", "is_std"} <= result.keys()
+    assert metrics._check_metrics("fid, kid") == ("fid", "kid")
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(sigma=np.full((3, 3), np.inf)), "mu and sigma must be finite, but they hold NaN or inf"),
+    (dict(mu=np.zeros((3, 3)), sigma=np.zeros(3)), r"mu must be numbers \[D\] and sigma \[D, D\], got float64"),
+    (dict(meta=np.array('{"feature_layer": 1}')), r"its 'meta' must be a JSON object with \['feature_extractor'"),
+    (dict(meta=np.array("{")), "its 'meta' must be a JSON object"),
+])
+def test_a_statistics_file_fid_cannot_use_is_named(tmp_path, arrays, message):
+    path = tmp_path / "stats.npz"
+    np.savez(path, **{"mu": np.zeros(3), "sigma": np.eye(3), "meta": np.array(json.dumps(STUB_META)), **arrays})
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        metrics.read_statistics(path)
 
 
 def test_transparent_images_are_scored_as_on_white(inception, tmp_path):

@@ -216,3 +216,15 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
         tokens = model.encode(images)
         assert all(torch.equal(a, b) for a, b in zip(tokens, loaded.encode(images)))
         assert torch.equal(model.decode(tokens), loaded.decode(tokens))
+
+
+def test_next_scale_input_is_the_area_average_over_overlapping_windows():
+    """4x4 -> 3x3 (the ratio is not whole, unlike 4 -> 2, where bilinear gives the same): output cell i averages input
+    rows floor(4i/3) .. ceil(4(i+1)/3) - 1, the windows of torch's / the official 'area' resize."""
+    model = tiny_vae(patch_nums=(1, 3, 4))
+    f_hat = torch.randn(2, model.latent_channels, 4, 4)  # [B, Cz, 4, 4]
+    bounds = [(4 * i // 3, -(-4 * (i + 1) // 3)) for i in range(3)]  # [(0, 2), (1, 3), (2, 4)]
+    expected = torch.stack([torch.stack([f_hat[:, :, r0:r1, c0:c1].mean(dim=(2, 3)) for c0, c1 in bounds], -1)
+                            for r0, r1 in bounds], -2)  # [B, Cz, 3, 3]
+    got = model.next_scale_input(f_hat, 0)  # after scale 0, the input of scale 1 (3x3): [B, 9, Cz]
+    torch.testing.assert_close(got, expected.flatten(2).transpose(1, 2), rtol=0, atol=1e-6)

@@ -37,6 +37,8 @@ def test_top_k_keeps_ties_and_top_p_keeps_argmax():
     assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, True, False]]
     peaked = torch.tensor([[10.0, 0.0, 0.0]])
     assert torch.isfinite(filter_logits(peaked, top_p=1e-6)).tolist() == [[True, False, False]]
+    flat = torch.zeros(1, 3)  # in float32 1 - 1e-8 == 1: every cumulative mass is "below", yet the argmax stays
+    assert torch.isfinite(filter_logits(flat, top_p=1e-8)).sum() == 1
 
 
 def test_sampling_follows_generator_and_greedy():

@@ -183,8 +183,8 @@ def test_hflip_1_trains_as_on_a_mirrored_folder(job, tokens, images, tmp_path):
     mirrored = resized_copy(images, tmp_path / "mirrored", mirror=True)
     losses = {}
     for name, data, flip in [("flip", upright, "1"), ("mirrored", mirrored, "0"), ("upright", upright, "0")]:
-        train_main(job, ["--data", str(data), "--out", str(tmp_path / name), "--hflip", flip, *common])
-        losses[name] = [r["loss"] for r in read_log(tmp_path / name)]
+        train_main(job, ["--data", str(data), "--out", str(tmp_path / "runs" / name), "--hflip", flip, *common])
+        losses[name] = [r["loss"] for r in read_log(tmp_path / "runs" / name)]
     assert losses["flip"] == pytest.approx(losses["mirrored"], abs=1e-6)
     assert max(abs(a - b) for a, b in zip(losses["upright"], losses["mirrored"])) > 1e-4  # the flips matter
 

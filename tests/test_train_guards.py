@@ -1,5 +1,6 @@
-"""Training: what protects a run (refused flags, another run's folder, exports over foreign folders), resume
-exactness on the DataLoader path, held-out folders matched to the training classes by name, image reading."""
+"""Training: what protects a run (refused flags and --out folders, another run's folder, exports over foreign
+folders, a missing `latest`, damaged checkpoints, divergence), resume exactness on the DataLoader path, held-out
+folders matched to the training classes by name, image reading."""
 import shutil
 
 import numpy as np
@@ -7,21 +8,42 @@ import pytest
 import torch
 from PIL import Image
 from test_train import (  # noqa: F401  (one_thread: the autouse fixture)
-    FAST, TOKENIZER_ARGS, job_args, kill_after, one_thread, read_log, write_images,
+    FAST, TOKENIZER_ARGS, job_args, kill_after, one_thread, read_log, save_tokenizer, write_images,
 )
 
 from vartk.cli import class_arguments
 from vartk.cli import main as cli_main
 from vartk.images import list_images, open_rgb
 from vartk.train import train_main
-from vartk.train.data import find_images, fits_in_memory
+from vartk.train.checkpoint import latest_checkpoint
+from vartk.train.conditional import load_tokenizer
+from vartk.train.data import BatchOrder, find_images, fits_in_memory
 from vartk.train.gpt import GPTJob
 from vartk.train.loop import Distributed, TrainConfig, load_validation_set
+from vartk.tokenizers.msvq import MultiScaleVQVAE
 
 
 @pytest.fixture
 def images(tmp_path):
     return write_images(tmp_path / "images", classes=2, per_class=4)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A tokenizer run with checkpoints step_0000001 and step_0000002, and the flags that resume it."""
+    root = tmp_path_factory.mktemp("saved_run")
+    argv = ["--data", str(write_images(root / "images", classes=2, per_class=4)), "--batch-size", "4",
+            "--save-every", "1", "--keep-checkpoints", "5", "--log-every", "1", *FAST, *TOKENIZER_ARGS]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train_main("tokenizer", ["--out", str(root / "run"), "--max-steps", "2", *argv])
+    torch.set_num_threads(threads)
+    return root / "run", argv
+
+
+def copy_of(saved_run, tmp_path):
+    run, argv = saved_run
+    return shutil.copytree(run, tmp_path / "run"), argv
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -31,7 +53,20 @@ def images(tmp_path):
     (["tokenizer", "--vocab-size", "0"], "--vocab-size must be >= 2"),
     (["tokenizer", "--ch", "8", "--norm-groups", "3"], "norm_groups=3 must divide every channel count"),
     (["gpt", "--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
-    (["gpt", "--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 0, got nan"),
+    (["gpt", "--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
+    (["var", "--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["var", "--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
+    (["var", "--init-adaln-gamma", "nan"], "--init-adaln-gamma must be a finite number, got nan"),
+    (["gpt", "--class-balance", "nan"], "--class-balance must be a finite number, got nan"),
+    (["gpt", "--class-balance", "inf"], "--class-balance must be a finite number, got inf"),
+    (["tokenizer", "--beta", "-1"], "--beta must be >= 0, got -1.0"),
+    (["tokenizer", "--l2-weight", "-1"], "--l2-weight must be >= 0, got -1.0"),
+    (["tokenizer", "--gan-weight", "-1"], "--gan-weight must be >= 0, got -1.0"),
+    (["var", "--drop-path-rate", "-1"], r"^--drop-path-rate must be in \[0, 1\), got -1.0$"),
+    (["var", "--width", "-1"], "^--width must be >= 0, got -1$"),
+    (["var", "--out", "no-such-folder"], "--out no-such-folder is inside --data no-such-folder"),
+    (["var", "--out", "no-such-folder/run"], "--out no-such-folder/run is inside --data no-such-folder"),
+    (["var", "--val-data", "held-out", "--out", "held-out/run"], "--out held-out/run is inside --val-data held-out"),
     (["gpt", "--temperature", "-1"], "--temperature must be >= 0"),
     (["var", "--seed", str(2**44)], r"--seed must be in \[0, 2\*\*32\)"),
     (["var", "--min-lr-ratio", "-1"], r"--min-lr-ratio is a fraction of --lr in \[0, 1\], got -1.0"),
@@ -187,8 +222,87 @@ def test_walkthrough_mistakes_get_one_clear_line(images, tmp_path, capsys):
         train_main("var", ["--data", str(images), "--out", str(tmp_path / "v"), "--tokenizer", single_scale,
                            "--batch-size", "4", *FAST])
     (tmp_path / "fake.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="fake.pth': not a torch checkpoint of tensors"):
+    with pytest.raises(SystemExit, match=r"fake\.pth'.*not a .*checkpoint"):
         cli_main(["convert", "--vae", str(tmp_path / "fake.pth"), "--var", str(tmp_path / "fake.pth"),
                   "--out", str(tmp_path / "c")])
     cli_main(["train", "--help"])
     assert "JOB is tokenizer, var, gpt or export" in capsys.readouterr().out
+
+
+def test_resume_without_the_latest_file_continues_from_the_newest_complete_checkpoint(saved_run, tmp_path):
+    run, argv = copy_of(saved_run, tmp_path)
+    (run / "checkpoints" / "latest").unlink()
+    (run / "checkpoints" / "step_0000009.tmp").mkdir()  # a checkpoint cut short: not one to resume
+    assert latest_checkpoint(run).name == "step_0000002"
+    with pytest.raises(SystemExit, match="these settings differ from the run's \\(--lr 0.0002 -> 0.001\\)"):
+        train_main("tokenizer", ["--out", str(run), "--max-steps", "3", "--resume", "--lr", "1e-3", *argv])
+    train_main("tokenizer", ["--out", str(run), "--max-steps", "3", "--resume", *argv])
+    assert [r["step"] for r in read_log(run)] == [0, 1, 2]  # steps 1 and 2 were not trained again
+
+
+def test_a_latest_file_naming_a_missing_checkpoint_points_at_the_saved_ones(saved_run, tmp_path):
+    run, argv = copy_of(saved_run, tmp_path)
+    (run / "checkpoints" / "latest").write_text("step_0000099\n")
+    with pytest.raises(FileNotFoundError, match="names step_0000099, which is missing; delete .*latest to use the "
+                                                "newest saved checkpoint \\(step_0000002\\)"):
+        train_main("tokenizer", ["--out", str(run), "--max-steps", "3", "--resume", *argv])
+
+
+@pytest.mark.parametrize("damaged", ["model/diffusion_pytorch_model.safetensors", "optimizer.pt",
+                                     "trainer_state.json"])
+def test_a_damaged_checkpoint_is_named_with_the_way_back_to_the_one_before(saved_run, tmp_path, damaged):
+    run, argv = copy_of(saved_run, tmp_path)
+    newest = run / "checkpoints" / "step_0000002"
+    file = newest / damaged
+    file.write_bytes(file.read_bytes()[:20])
+    resume = ["--out", str(run), "--max-steps", "3", "--resume", *argv]
+    with pytest.raises(SystemExit, match=f"checkpoint {newest} is unreadable .*; delete it and .*latest to go on "
+                                         "from the newest one left \\(step_0000001\\)$") as refused:
+        train_main("tokenizer", resume)
+    assert "\n" not in str(refused.value)  # one line, not torch.load's page of advice
+    shutil.rmtree(newest)  # as the message says
+    (run / "checkpoints" / "latest").unlink()
+    train_main("tokenizer", resume)
+    assert [r["step"] for r in read_log(run)] == [0, 1, 2]
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_data_is_read(tmp_path):
+    (tmp_path / "afile.txt").write_text("mine")
+    for out in (tmp_path / "afile.txt", tmp_path / "afile.txt" / "run"):
+        with pytest.raises(SystemExit, match=f"--out {out}: {tmp_path / 'afile.txt'} is a file; give a folder"):
+            train_main("tokenizer", ["--data", "no-such-folder", "--out", str(out), *TOKENIZER_ARGS])
+    assert (tmp_path / "afile.txt").read_text() == "mine"
+
+
+def test_a_diverging_run_stops_before_it_saves_nan_weights(images, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"training diverged at step 2: loss nan.*; the checkpoints before it are "
+                                         r"kept \(newest: .*step_0000001\)\. Start again with a lower --lr \(now 1e\+30\)"):
+        train_main("tokenizer", ["--data", str(images), "--out", str(out), "--batch-size", "4", "--max-steps", "3",
+                                 "--save-every", "1", "--lr", "1e30", *FAST, *TOKENIZER_ARGS])
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_0000001"]
+    assert not (out / "tokenizer").exists()  # nothing exported
+
+
+def test_class_balance_that_weighs_every_image_zero_is_refused():
+    with pytest.raises(ValueError, match=r"--class-balance 1e\+30 weighs every image 0 .*classes of \[2, 6\] images"):
+        BatchOrder(8, 4, 0, 0, 1, torch.tensor([0] * 2 + [1] * 6), 1e30)
+
+
+def test_tokenizer_folders_that_are_not_tokenizers_are_named(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{\n")
+    with pytest.raises(SystemExit, match=r"--tokenizer: .*broken/config.json is not valid JSON \(Expecting"):
+        load_tokenizer(str(tmp_path / "broken"), MultiScaleVQVAE)
+    pipeline = tmp_path / "pipeline"
+    save_tokenizer(pipeline / "tokenizer", (1, 2, 4))
+    (pipeline / "model_index.json").write_text("{}")
+    with pytest.raises(SystemExit, match=f"found class None; did you mean --tokenizer {pipeline / 'tokenizer'}\\?"):
+        load_tokenizer(str(pipeline), MultiScaleVQVAE)
+
+
+def test_an_empty_held_out_folder_is_named_as_val_data(images, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"no images .* under --val-data {tmp_path / 'empty'}"):
+        train_main("tokenizer", ["--data", str(images), "--out", str(tmp_path / "run"), "--val-data",
+                                 str(tmp_path / "empty"), "--batch-size", "4", *FAST, *TOKENIZER_ARGS])

@@ -8,6 +8,8 @@ the offending keys with both shapes.
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -34,8 +36,9 @@ def read_official_file(path: str | os.PathLike, containers: tuple[str, ...] = ()
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated or pickled with disallowed objects
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: not a torch checkpoint of tensors "
-                              f"({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint: a file written by torch.save "
+                              "holding only tensors (it is corrupt, truncated, or pickles other Python objects, "
+                              "which vartk does not unpickle)") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict of tensors")
     return unwrap_state_dict(obj, containers, f"checkpoint {str(path)!r}")
@@ -95,6 +98,65 @@ def load_state_dict_strict(
         raise CheckpointError(f"{source} does not match {type(module).__name__}: " + "; ".join(parts))
     to_load = {k: v for k, v in state_dict.items() if k in expected and not (ignorable(k) and v.shape != expected[k].shape)}
     module.load_state_dict(to_load, strict=False)
+
+
+SAFETENSORS_FILE = "diffusion_pytorch_model.safetensors"  # what save_pretrained writes into a component's folder
+SAFETENSORS_INDEX = SAFETENSORS_FILE + ".index.json"  # ... or, for a large model, this list of shards
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object {...} in `path`; one CheckpointError naming the file if it is missing, not JSON or not an
+    object."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not a readable JSON file: {err}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}; expected an object {{...}}")
+    return value
+
+
+def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """The state dict save_pretrained wrote into `folder`: its safetensors file, or all the shards its index lists."""
+    from safetensors.torch import load_file
+
+    index = folder / SAFETENSORS_INDEX
+    shards = read_json_object(index).get("weight_map", {}).values() if index.is_file() else [SAFETENSORS_FILE]
+    state = {}
+    for name in sorted(set(shards)):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        try:
+            state.update(load_file(path))
+        except Exception as err:  # safetensors raises its own error type for a corrupt or truncated file
+            raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from None
+    return state
+
+
+CONFIG_TYPES = {bool: ((bool,), "true or false"), int: ((int,), "an integer"), float: ((int, float), "a number"),
+                str: ((str,), "a string"), tuple: ((list,), "a list"), list: ((list,), "a list")}
+
+
+def config_arguments(config: dict, cls: type, source: str) -> dict:
+    """The `cls.__init__` arguments in a saved config.json: every parameter present (keys starting with "_" are
+    diffusers' notes), no other, each of its default's JSON type (a None default takes anything). Raises one
+    CheckpointError naming `source` and every bad field."""
+    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items() if name != "self"}
+    arguments = {key: value for key, value in config.items() if not key.startswith("_")}
+    problems = [f"lacks {name!r}" for name in defaults if name not in arguments]
+    unknown = [name for name in arguments if name not in defaults]
+    if unknown:
+        problems.append(f"has unknown fields {unknown} ({cls.__name__} takes {list(defaults)})")
+    for name, value in arguments.items():
+        types, wanted = CONFIG_TYPES.get(type(defaults.get(name)), (None, None))
+        if types and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+            problems.append(f"has {name}={value!r}, which must be {wanted}")
+    if problems:
+        raise CheckpointError(f"{source} {'; '.join(problems)}")
+    return arguments
 
 
 @dataclass(frozen=True)

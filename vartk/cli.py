@@ -17,9 +17,15 @@ SAMPLE_FILE = re.compile(r"\d{5}\.png")  # the names of the PNGs a folder --out 
 
 
 def check_output(out: Path) -> Path:
-    """Refuse, before any sampling, an --out that could not be written: a .png path that is a folder or under a
-    file, a folder that is a file or holds anything but earlier samples (which a new run replaces)."""
-    if out.suffix.lower() == ".png":
+    """Refuse, before any sampling, an --out that could not be written: another image type than .png, a .png path
+    that is a folder or under a file, a folder that is a file or holds anything but earlier samples (which a new
+    run replaces), a place we may not write to."""
+    from PIL import Image
+
+    suffix = out.suffix.lower()
+    if suffix != ".png" and suffix in Image.registered_extensions():
+        raise SystemExit(f"vartk: --out {out}: grids are written as PNG; give a .png path, or a folder name")
+    if suffix == ".png":
         if out.is_dir():
             raise SystemExit(f"vartk: --out {out} is a folder; give a .png file for a grid, or a folder name")
         try:
@@ -32,7 +38,20 @@ def check_output(out: Path) -> Path:
         others = sorted(p.name for p in out.iterdir() if not SAMPLE_FILE.fullmatch(p.name))
         if others:
             raise SystemExit(f"vartk: --out {out} holds other files ({others[:3]}); give a new or empty folder")
+    check_writable(out.absolute().parent)
     return out
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a folder (or, if it is yet to be made, the nearest existing folder above it) that a file cannot be
+    written into: a probe file is made and removed (permission bits say nothing for root or read-only mounts)."""
+    import tempfile
+
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise SystemExit(f"vartk: cannot write into {existing} ({err.strerror}); give an --out elsewhere")
 
 
 def save_images(images: torch.Tensor, out: Path) -> None:
@@ -71,20 +90,25 @@ def int_in_range(minimum: int, maximum: int | None = None):
     allowed = f">= {minimum}" if maximum is None else f"in {minimum}-{maximum}"
 
     def parse(text: str) -> int:
-        if not text.isdigit() or int(text) < minimum or (maximum is not None and int(text) > maximum):
+        digits = text.isascii() and text.isdigit()  # no sign, no unicode digits
+        if not digits or int(text) < minimum or (maximum is not None and int(text) > maximum):
             raise argparse.ArgumentTypeError(f"expected an integer {allowed}, got {text!r}")
         return int(text)
     return parse
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 ... 2^64 - 1 (negative ones wrap around)
+parse_seed = int_in_range(0, MAX_SEED)
+
+
 def parse_device(text: str) -> str:
     """argparse type of --device: a torch device that exists here."""
+    from .pipelines import check_device
+
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device here; use --device cpu")
+        check_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err))
     return text
 
 
@@ -140,10 +164,16 @@ def cmd_convert(args) -> None:
     from .pipelines import PIPELINE_INDEX, GPTPipeline, VARPipeline
 
     refuse_foreign_folder(args.out, PIPELINE_INDEX)
+    llamagen_flags = [flag for flag, given in (("--vq", args.vq), ("--gpt", args.gpt), ("--gpt-model", args.gpt_model),
+                                               ("--image-size", args.image_size)) if given is not None]
+    if (args.var or args.vae) and llamagen_flags:
+        raise SystemExit(f"vartk convert: {llamagen_flags} are LlamaGen flags, but --vae / --var convert a VAR model; "
+                         "convert one family at a time")
     if args.var and args.vae:
         pipe = VARPipeline.from_official(vae=args.vae, var=args.var)
     elif args.gpt and args.vq:
-        pipe = GPTPipeline.from_official(vq=args.vq, gpt=args.gpt, model=args.gpt_model, image_size=args.image_size)
+        pipe = GPTPipeline.from_official(vq=args.vq, gpt=args.gpt, model=args.gpt_model or "GPT-B",
+                                         image_size=args.image_size or 256)
     else:
         raise SystemExit("vartk convert: give --vae and --var (VAR) or --vq and --gpt (LlamaGen)")
     write_folder_atomic(Path(args.out), pipe.save_pretrained)
@@ -190,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="class ids or names, repeatable (default: 0)")
     sample.add_argument("--n", type=int, default=4, help="images per class")
     add_sampling_flags(sample, "the family's official one")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=parse_seed, default=0)
     sample.add_argument("--sampler", default=None, help=SAMPLER_SPEC_HELP)
     sample.add_argument("--kv-cache", default=None, help=KV_CACHE_SPEC_HELP)
     sample.add_argument("--device", type=parse_device, default=DEFAULT_DEVICE)
@@ -202,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--var", help="var_d16.pth ... var_d36.pth")
     convert.add_argument("--vq", help="vq_ds16_c2i.pt")
     convert.add_argument("--gpt", help="c2i_B_256.pt ...")
-    convert.add_argument("--gpt-model", default="GPT-B", help="GPT-B, GPT-L, GPT-XL, GPT-XXL or GPT-3B")
-    convert.add_argument("--image-size", type=int, default=256, help="256 or 384, as in the c2i file name")
+    convert.add_argument("--gpt-model", help="GPT-B (default), GPT-L, GPT-XL, GPT-XXL or GPT-3B")
+    convert.add_argument("--image-size", type=int, help="256 (default) or 384, as in the c2i file name")
     convert.add_argument("--out", required=True)
     convert.set_defaults(func=cmd_convert)
 
@@ -215,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--outpaint", action="store_true", help="keep the box, regenerate the rest")
     inpaint.add_argument("--class", dest="class_label", default=None, help="class for editing; none = in/out-paint")
     add_sampling_flags(inpaint, "VAR's demo: 3 / 900 / 0.95")
-    inpaint.add_argument("--seed", type=int, default=0)
+    inpaint.add_argument("--seed", type=parse_seed, default=0)
     inpaint.add_argument("--device", type=parse_device, default=DEFAULT_DEVICE)
     inpaint.add_argument("--out", default="inpaint.png")
     inpaint.set_defaults(func=cmd_inpaint)

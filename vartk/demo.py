@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import numbers
 import os
 
 import torch
@@ -32,13 +34,36 @@ class DemoBackend:
 
     def generate(self, model_name: str, class_choice: str, count: int, guidance_scale: float, top_k: int,
                  top_p: float, seed: int):
-        """Images for the UI's values; an empty seed box means 0, any integer is taken modulo 2^63."""
-        pipe = self.pipes[model_name]
-        label = self.class_choices(model_name).index(class_choice)
-        generator = torch.Generator(device=self.device).manual_seed(int(seed or 0) % 2**63)
-        return pipe(class_labels=[label], num_images_per_label=int(count), guidance_scale=float(guidance_scale),
-                    top_k=int(top_k), top_p=float(top_p), generator=generator, output_type="pil",
-                    progress=False).images
+        """Images for the UI's values; an empty seed box means 0, any integer is taken modulo 2^63. A bad value
+        raises one ValueError naming the field and what it allows (the UI shows it)."""
+        if model_name not in self.pipes:
+            raise ValueError(f"unknown model {model_name!r}; choose one of {list(self.pipes)}")
+        choices = self.class_choices(model_name)
+        if class_choice not in choices:
+            raise ValueError(f"unknown class {class_choice!r}; choose one of {choices[:20]}"
+                             + (f" (+{len(choices) - 20} more)" if len(choices) > 20 else ""))
+        seed = 0 if seed is None or seed == "" else ui_number("seed", seed, "a whole number", integer=True,
+                                                              minimum=-math.inf)
+        generator = torch.Generator(device=self.device).manual_seed(seed % 2**63)
+        return self.pipes[model_name](
+            class_labels=[choices.index(class_choice)],
+            num_images_per_label=ui_number("images", count, "a whole number >= 1", integer=True, minimum=1),
+            guidance_scale=ui_number("guidance scale", guidance_scale, "a number >= 0"),
+            top_k=ui_number("top-k", top_k, "a whole number >= 0 (0 = off)", integer=True),
+            top_p=ui_number("top-p", top_p, "a number in (0, 1]"),
+            generator=generator, output_type="pil", progress=False,
+        ).images
+
+
+def ui_number(field: str, value, allowed: str, integer: bool = False, minimum: float = 0) -> int | float:
+    """A value from the UI as a finite number >= minimum (a whole one when `integer`: Gradio sends 4.0 for 4);
+    else one ValueError naming the field and what it allows."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        finite = isinstance(value, numbers.Integral) or math.isfinite(value)  # a huge int is no float
+        whole = isinstance(value, numbers.Integral) or finite and float(value).is_integer()
+        if (whole if integer else finite) and value >= minimum:
+            return int(value) if integer else float(value)
+    raise ValueError(f"{field} must be {allowed}, got {value!r}")
 
 
 def build_demo(backend: DemoBackend):

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from vartk.cli import int_in_range
 from vartk.files import write_text_atomic
-from vartk.metrics import INCEPTION, check_scoring, compute_metrics, list_images, paired_psnr
+from vartk.metrics import INCEPTION, check_scoring, compute_metrics, list_images, npz_keys, paired_psnr
 from vartk.pipelines import images_to_uint8
 from vartk.samplers import KV_CACHE_SPEC_HELP, SAMPLER_SPEC_HELP
 
@@ -181,7 +181,8 @@ def reference_class_counts(reference, class_names: list[str] | None, num_classes
     after the pipeline's class names, else `num_classes` subfolders in sorted order (ImageFolder)."""
     folder = Path(reference) if reference is not None else None
     if folder is None or not folder.is_dir():
-        raise ValueError(f"--labels reference needs --reference to be a folder of class subfolders, got {reference}")
+        raise ValueError("--labels reference needs --reference DIR, a folder of class subfolders"
+                         + (f"; {reference} is not a folder" if reference is not None else ""))
     counts = {d.name: len(list_images(d)) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
     names = class_names or sorted(counts)
     if sorted(counts) != sorted(names) or len(names) != num_classes:
@@ -275,11 +276,23 @@ def _atomic_write_json(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2))
 
 
+def read_settings(path: Path) -> dict:
+    """A run's settings.json; one that is not a JSON object raises one ValueError naming it."""
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        settings = None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} is not the JSON object of sampling settings this command writes; restore it (a "
+                         "scored run's results.json holds a copy under 'settings') or use a new --out")
+    return settings
+
+
 def pin_settings(out: Path, settings: dict, write: bool) -> None:
     """Refuse to resume a run sampled with other settings; record them on the first run."""
     path = out / "settings.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = read_settings(path)
         changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
         if changed:
             raise ValueError(
@@ -318,6 +331,33 @@ def _as_object(spec, kind: str):
         raise SystemExit(f"bad --{kind} {spec!r}: {err}")
 
 
+def check_sampling(pipe, options: dict) -> None:
+    """What the pipeline checks when called, checked before --out is written: a bad option would otherwise fail the
+    first batch after settings.json pinned it, and the corrected rerun would be refused."""
+    pipe.sampling_options(options["guidance_scale"], options["top_k"], options["top_p"])
+    pipe.check_sampler(options["sampler"], options["kv_cache"])
+
+
+def check_out_and_reference(out: Path, reference) -> None:
+    """Refuse an --out that is, or lies inside or around, a reference folder: the samples would be read as
+    reference images."""
+    if reference is None or not Path(reference).is_dir():
+        return
+    run, folder = out.resolve(), Path(reference).resolve()
+    if run.is_relative_to(folder) or folder.is_relative_to(run):
+        raise ValueError(f"--out {out} and --reference {reference} lie inside one another, so samples would mix with "
+                         "the reference images; give an --out outside the reference folder")
+
+
+def check_json_path(path: Path) -> None:
+    """Refuse, before sampling, a results file that could not be written after scoring."""
+    if path.is_dir():
+        raise ValueError(f"results file {path} is a folder; give a file name such as {path / 'results.json'}")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):
+        raise ValueError(f"results file {path} cannot be written: {folder} is not a writable folder")
+
+
 def _init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world_size, device); starts a process group under torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -341,10 +381,8 @@ def _default_metrics(reference) -> tuple[str, ...]:
     if reference is None:
         return ("is",)
     path = Path(reference)
-    if path.suffix == ".npz" and path.is_file():
-        with np.load(path) as npz:
-            if "arr_0" not in npz.files and "features" not in npz.files:
-                return ("fid", "is")
+    if path.suffix == ".npz" and path.is_file() and not {"arr_0", "features"} & npz_keys(path):
+        return ("fid", "is")
     return ("fid", "is", "prc")
 
 
@@ -400,6 +438,8 @@ def evaluate(
     if not sample_only:  # everything scoring needs, before the first sample
         check_scoring(reference, metrics, feature_extractor, feature_extractor_weights, feature_layer, str(device),
                       score_batch_size, verbose=True)
+        if json_path:
+            check_json_path(Path(json_path))
     given = {"guidance_scale": guidance_scale, "top_k": top_k, "top_p": top_p}
     options = {**protocol_settings(pipe, model_name), **{k: v for k, v in given.items() if v is not None}}
     eval_size = resolve_eval_size(pipe, image_size_eval)
@@ -413,8 +453,9 @@ def evaluate(
         "dtype": dtype, "image_size_eval": eval_size, "png": "uint8 = round(255 x)",
     }
     options.update(sampler=_as_object(sampler, "sampler"), kv_cache=_as_object(kv_cache, "kv-cache"))
-
+    check_sampling(pipe, options)
     out = Path(out)
+    check_out_and_reference(out, reference)
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     pin_settings(out, settings, write=rank == 0)
@@ -466,7 +507,7 @@ def run_settings(folder: Path) -> dict | None:
     """The settings.json of a run folder given as itself or as its samples/ folder, or None."""
     for run in (folder, folder.parent if folder.name == "samples" else None):
         if run is not None and (run / "settings.json").is_file():
-            return json.loads((run / "settings.json").read_text())
+            return read_settings(run / "settings.json")
     return None
 
 
@@ -491,6 +532,8 @@ def compare(
     folders of this script (their samples/ are compared) must share what makes image i's seed and label: the
     same seed, batch size, label mode and image count; two plain folders are paired by file name as they are."""
     check_pairable(Path(a), Path(b))
+    if json_path is not None:
+        check_json_path(Path(json_path))
     a, b = (Path(p) / "samples" if (Path(p) / "samples").is_dir() else Path(p) for p in (a, b))
     start = time.perf_counter()
     scores = compute_metrics(
@@ -556,21 +599,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else None
     scoring = dict(
         feature_extractor=args.feature_extractor, feature_extractor_weights=args.weights,
         feature_layer=args.feature_layer, score_batch_size=args.score_batch_size,
     )
     try:
         if args.compare:
-            return compare(*args.compare, json_path=args.out or args.json, metrics=metrics or ("fid", "kid"), **scoring)
+            return compare(*args.compare, json_path=args.out or args.json, metrics=args.metrics or ("fid", "kid"),
+                           **scoring)
         if args.out is None:
             raise ValueError("--out is required: the run folder for samples and results")
         return evaluate(
             args.model, args.out, args.reference, num_images=args.num_images, labels=args.labels,
             batch_size=args.batch_size, seed=args.seed, guidance_scale=args.cfg, top_k=args.top_k, top_p=args.top_p,
             sampler=args.sampler, kv_cache=args.kv_cache, dtype=args.dtype,
-            image_size_eval=args.image_size_eval, metrics=metrics,
+            image_size_eval=args.image_size_eval, metrics=args.metrics,
             cache_reference=not args.no_reference_cache, sample_only=args.sample_only, json_path=args.json, **scoring,
         )
     except (ValueError, OSError) as err:

@@ -34,6 +34,7 @@ def write_folder_atomic(destination: str | os.PathLike, write: Callable[[Path], 
     tmp = destination.with_name(destination.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
+    give_umask_permissions(tmp)
     if destination.exists():
         old = destination.with_name(destination.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -43,6 +44,16 @@ def write_folder_atomic(destination: str | os.PathLike, write: Callable[[Path], 
     else:
         os.replace(tmp, destination)
     return destination
+
+
+def give_umask_permissions(folder: Path) -> None:
+    """Give every file under `folder` the umask's ordinary permissions: safetensors writes its files private (0600),
+    unlike the JSON beside them, which breaks a model folder shared between users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def refuse_foreign_folder(destination: str | os.PathLike, marker: str, flag: str = "--out") -> None:

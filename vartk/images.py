@@ -29,6 +29,8 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             return to_rgb(ImageOps.exif_transpose(image))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path} is not a readable image ({err})") from err
 

@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,18 +57,25 @@ ADM_STATISTICS_LAYER = "2048"  # what the mu / sigma of a statistics file withou
 METRIC_NAMES = {"fid": "fid", "is": "isc", "kid": "kid", "prc": "prc"}  # ours -> torch-fidelity's
 FEATURE_METRICS = ("kid", "prc")  # metrics that need the reference's features, not only mu / sigma
 CACHE_FORMAT = "rgb-on-white-2"  # how reference images are decoded (vartk.images.to_rgb); part of the cache key
+STATISTICS_META = ("feature_extractor", "feature_layer", "weights")  # what our statistics files' meta must say
+MIN_REFERENCE_IMAGES = 2  # a covariance (FID) and KID's subsets need two images
 
 
 # ----------------------------------------------------------------------------------------------------
 # Image sets
 
 
+def check_image_array(dtype, shape: tuple[int, ...], what: str = "images") -> None:
+    """Raise one ValueError unless (dtype, shape) are those of uint8 images [N, H, W, 3]."""
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{what} must be uint8 [N, H, W, 3], got {dtype} {list(shape)}")
+
+
 class _ArrayImages(Dataset):
     """uint8 [N, H, W, 3] array -> uint8 [3, H, W] tensors, as torch-fidelity's extractors take them."""
 
     def __init__(self, array: np.ndarray):
-        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 [N, H, W, 3], got {array.dtype} {list(array.shape)}")
+        check_image_array(array.dtype, array.shape)
         self.array = array
 
     def __len__(self):
@@ -97,9 +105,29 @@ class _FileImages(Dataset):
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # [3, H, W]
 
 
-def _npz_keys(path: Path) -> set[str]:
-    with np.load(path) as npz:
+def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
+    """An .npz, opened lazily and never unpickled; a file that is not one raises one ValueError naming it."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not an .npz of arrays as np.savez writes ({err})") from err
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # a .npy file renamed
+        raise ValueError(f"{path} holds a single array (.npy), not an .npz of named arrays as np.savez writes")
+    return npz
+
+
+def npz_keys(path: str | os.PathLike) -> set[str]:
+    with open_npz(path) as npz:
         return set(npz.files)
+
+
+def _array_header(npz: np.lib.npyio.NpzFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of an array in an open .npz, from its .npy header: the array itself is not read."""
+    with npz.zip.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    return shape, dtype
 
 
 def image_dataset(images) -> Dataset:
@@ -120,9 +148,9 @@ def image_dataset(images) -> Dataset:
             raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in {path}")
         return _FileImages(files)
     if path.suffix == ".npz" and path.is_file():
-        if "arr_0" not in _npz_keys(path):
-            raise ValueError(f"{path} holds no images (no 'arr_0'; keys {sorted(_npz_keys(path))})")
-        with np.load(path) as npz:
+        with open_npz(path) as npz:
+            if "arr_0" not in npz.files:
+                raise ValueError(f"{path} holds no images (no 'arr_0'; keys {sorted(npz.files)})")
             return _ArrayImages(npz["arr_0"])
     raise FileNotFoundError(f"{images!r} is neither an image folder nor an .npz file with images under 'arr_0'")
 
@@ -274,16 +302,27 @@ class FeatureExtractor:
             raise ValueError(f"feature layer {layer!r} is not provided by {self.name!r}; choose one of {provided}")
         return layer
 
-    def extract(self, images, layers) -> dict[str, torch.Tensor]:
-        """Features {layer: float [N, D]} (on the CPU) of an image set; the network runs only as deep as
-        the deepest layer asked for."""
-        module = _torch_fidelity_module(
+    def module(self, layers) -> FeatureExtractorBase:
+        """The torch-fidelity module computing `layers` (built once per process; Inception's weights are fetched
+        now); the network runs only as deep as the deepest layer asked for."""
+        return _torch_fidelity_module(
             self.name, self.weights, self.weights_id, tuple(sorted(set(layers))), self.device, self.verbose
         )
+
+    def extract(self, images, layers) -> dict[str, torch.Tensor]:
+        """Features {layer: float [N, D]} (on the CPU) of an image set."""
         cuda = torch.device(self.device).type == "cuda"
         return get_featuresdict_from_dataset(
-            image_dataset(images), module, self.batch_size, cuda, save_cpu_ram=not cuda, verbose=self.verbose
+            image_dataset(images), self.module(layers), self.batch_size, cuda, save_cpu_ram=not cuda,
+            verbose=self.verbose,
         )
+
+    def dimensions(self, layers) -> dict[str, int]:
+        """{layer: D}, the feature size of each layer, from one pass of the extractor's dummy input."""
+        module = self.module(layers)
+        with torch.no_grad():
+            features = module(self.cls.get_dummy_input_for_compile().to(self.device))
+        return {layer: f.shape[-1] for layer, f in module.convert_features_tuple_to_dict(features).items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -347,14 +386,39 @@ def save_statistics(path: str | os.PathLike, stats: LayerStatistics, meta: dict)
     write_file_atomic(path, write)
 
 
+def _statistics_meta(npz: np.lib.npyio.NpzFile, path) -> dict:
+    """The JSON `meta` of our statistics files, saying what they describe; {} for ADM's, which have none."""
+    if "meta" not in npz.files:
+        return {}
+    try:
+        meta = json.loads(str(npz["meta"]))
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or not set(STATISTICS_META) <= meta.keys():
+        raise ValueError(f"{path}: its 'meta' must be a JSON object with {list(STATISTICS_META)} (as vartk writes "
+                         f"it) or be absent (ADM's statistics), got {str(npz['meta'])[:200]!r}")
+    return meta
+
+
+def _read_mu_sigma(npz: np.lib.npyio.NpzFile, path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(mu [D], sigma [D, D], meta) of an open statistics .npz; what FID cannot use raises one ValueError."""
+    if not {"mu", "sigma"} <= set(npz.files):
+        raise ValueError(f"{path} is not a statistics file: it has no 'mu' and 'sigma' (keys {npz.files})")
+    mu, sigma = npz["mu"], npz["sigma"]
+    if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu" or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path}: mu must be numbers [D] and sigma [D, D], got {mu.dtype} {list(mu.shape)} and "
+                         f"{sigma.dtype} {list(sigma.shape)}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: mu and sigma must be finite, but they hold NaN or inf")
+    return mu, sigma, _statistics_meta(npz, path)
+
+
 def read_statistics(path: str | os.PathLike) -> tuple[LayerStatistics, dict]:
     """(statistics, meta) of a statistics .npz; meta is {} for files without it (ADM's)."""
-    with np.load(path) as npz:
-        if not {"mu", "sigma"} <= set(npz.files):
-            raise ValueError(f"{path} is not a statistics file: it has no 'mu' and 'sigma' (keys {npz.files})")
+    with open_npz(path) as npz:
+        mu, sigma, meta = _read_mu_sigma(npz, path)
         features = torch.from_numpy(npz["features"]) if "features" in npz.files else None
-        meta = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
-        return LayerStatistics(npz["mu"], npz["sigma"], features), meta
+        return LayerStatistics(mu, sigma, features), meta
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -440,6 +504,58 @@ def _image_statistics(reference, layers: list[str], extractor: FeatureExtractor,
     return out
 
 
+def _split_layers(path, meta: dict | None, has_features: bool, has_images: bool, layers: dict[str, bool],
+                  extractor: FeatureExtractor) -> tuple[list[str], list[str]]:
+    """(layers whose mu / sigma come from the statistics file `path`, layers whose statistics or features come from
+    the reference's images), for `layers` {layer: features needed?}; meta None: the reference holds no statistics.
+    A layer that neither can give raises one ValueError."""
+    if meta is None:
+        return [], list(layers)
+    from_file = []
+    for layer, needs_features in layers.items():
+        reason = _statistics_mismatch(path, meta, extractor, layer)
+        if reason is None and needs_features and not has_features and not has_images:
+            reason = "it holds no features or images (KID and precision/recall need them)"
+        if reason is None:
+            from_file.append(layer)
+        elif not has_images:
+            raise ValueError(f"reference {path} cannot be used for {extractor.name} layer {layer}: {reason}")
+    from_images = [layer for layer, needs_features in layers.items()
+                   if layer not in from_file or (needs_features and not has_features)]
+    return from_file, from_images
+
+
+def _check_image_count(path, count: int) -> None:
+    if count < MIN_REFERENCE_IMAGES:
+        raise ValueError(f"reference {path} holds {count} image(s); its statistics need at least "
+                         f"{MIN_REFERENCE_IMAGES} ({'/'.join(IMAGE_EXTENSIONS)} files in a folder, or uint8 "
+                         "[N, H, W, 3] under 'arr_0' in an .npz)")
+
+
+def check_reference(reference: str | os.PathLike, layers: dict[str, bool], extractor: FeatureExtractor) -> None:
+    """Raise now what `reference_statistics` would raise only after sampling, reading little: a folder's image
+    names, or an .npz's array headers, meta, mu and sigma (not its images or features)."""
+    path = Path(reference)
+    if path.is_dir():
+        return _check_image_count(path, len(list_images(path)))
+    with open_npz(path) as npz:
+        keys = set(npz.files)
+        if "arr_0" not in keys and not {"mu", "sigma"} <= keys:
+            raise ValueError(f"reference {path} holds neither images ('arr_0') nor statistics ('mu' and 'sigma'); "
+                             f"its keys are {sorted(keys)}")
+        if "arr_0" in keys:
+            shape, dtype = _array_header(npz, "arr_0")
+            check_image_array(dtype, shape, f"the images ('arr_0') of reference {path}")
+        mu, _, meta = _read_mu_sigma(npz, path) if {"mu", "sigma"} <= keys else (None, None, None)
+    from_file, from_images = _split_layers(path, meta, "features" in keys, "arr_0" in keys, layers, extractor)
+    if from_images:
+        _check_image_count(path, shape[0])
+    for layer, size in (extractor.dimensions(from_file) if from_file else {}).items():
+        if size != len(mu):
+            raise ValueError(f"reference {path} holds statistics of {len(mu)} features, but {extractor.name} layer "
+                             f"{layer} gives {size}")
+
+
 def reference_statistics(
     reference, layers: dict[str, bool], extractor: FeatureExtractor, cache: bool = True
 ) -> dict[str, LayerStatistics]:
@@ -448,29 +564,18 @@ def reference_statistics(
     A statistics file gives mu / sigma (and features, if it has them) where it describes (extractor,
     layer); everything else comes from the reference's images."""
     path = Path(reference) if isinstance(reference, (str, os.PathLike)) else None
-    has_images = path is None or path.is_dir() or "arr_0" in _npz_keys(path)
-    from_file = {}
-    if path is not None and path.suffix == ".npz" and {"mu", "sigma"} <= _npz_keys(path):
-        stats, meta = read_statistics(path)
-        for layer, needs_features in layers.items():
-            reason = _statistics_mismatch(path, meta, extractor, layer)
-            if reason is None and needs_features and stats.features is None and not has_images:
-                reason = "it holds no features or images (KID and precision/recall need them)"
-            if reason is None:
-                from_file[layer] = stats
-            elif not has_images:
-                raise ValueError(f"reference {path} cannot be used for {extractor.name} layer {layer}: {reason}")
-    from_images = [
-        layer for layer, needs_features in layers.items()
-        if layer not in from_file or (needs_features and from_file[layer].features is None)
-    ]
+    is_npz = path is not None and path.is_file()
+    keys = npz_keys(path) if is_npz else set()
+    stats, meta = read_statistics(path) if {"mu", "sigma"} <= keys else (None, None)
+    has_features = stats is not None and stats.features is not None
+    from_file, from_images = _split_layers(path, meta, has_features, not is_npz or "arr_0" in keys, layers, extractor)
     images = _image_statistics(reference, from_images, extractor, cache) if from_images else {}
     out = {}
     for layer in layers:
         if layer in from_file and layer in images:  # the file's mu / sigma with the images' features
-            out[layer] = LayerStatistics(from_file[layer].mu, from_file[layer].sigma, images[layer].features)
+            out[layer] = LayerStatistics(stats.mu, stats.sigma, images[layer].features)
         else:
-            out[layer] = from_file.get(layer) or images[layer]
+            out[layer] = stats if layer in from_file else images[layer]
     return out
 
 
@@ -479,6 +584,8 @@ def reference_statistics(
 
 
 def _check_metrics(metrics) -> tuple[str, ...]:
+    if isinstance(metrics, str):  # one name or a comma list, as --metrics takes them
+        metrics = [m.strip() for m in metrics.split(",")]
     metrics = tuple(dict.fromkeys(metrics))
     unknown = [m for m in metrics if m not in METRIC_NAMES]
     if unknown or not metrics:
@@ -486,12 +593,23 @@ def _check_metrics(metrics) -> tuple[str, ...]:
     return metrics
 
 
+def _reference_layers(layers: dict[str, str]) -> dict[str, bool]:
+    """{layer: features needed?} that the reference must give for {metric: layer}: none for IS; mu / sigma for FID;
+    features for KID and precision/recall."""
+    out = {}
+    for metric, layer in layers.items():
+        if metric != "is":
+            out[layer] = out.get(layer, False) or metric in FEATURE_METRICS
+    return out
+
+
 def check_scoring(reference, metrics, feature_extractor: str = INCEPTION, feature_extractor_weights=None,
                   feature_layer: str | None = None, device: str | None = None, batch_size: int = 64,
                   verbose: bool = False) -> tuple[FeatureExtractor, dict[str, str]]:
     """(extractor, {metric: layer}) after checking all that scoring needs and that needs no generated image: the
-    metric names, a reference where one is needed, the extractor, its layers and weights (Inception's are
-    fetched now). eval/fid.py calls it before sampling, so a typo does not wait for 50k samples."""
+    metric names (a list, or one string of comma-separated names), a reference where one is needed and what it holds
+    (`check_reference`), the extractor, its layers and weights (Inception's are fetched now). eval/fid.py calls it
+    before sampling, so a typo does not wait for 50k samples."""
     metrics = _check_metrics(metrics)
     if reference is None and set(metrics) - {"is"}:
         raise ValueError(f"metrics {[m for m in metrics if m != 'is']} need a reference; only 'is' works without one")
@@ -507,8 +625,10 @@ def check_scoring(reference, metrics, feature_extractor: str = INCEPTION, featur
         verbose,
     )
     layers = {m: extractor.layer_for(m, None if m == "is" else feature_layer) for m in metrics}
-    _torch_fidelity_module(extractor.name, extractor.weights, extractor.weights_id, tuple(sorted(set(layers.values()))),
-                           extractor.device, verbose)
+    extractor.module(layers.values())
+    reference_layers = _reference_layers(layers)
+    if reference_layers and isinstance(reference, (str, os.PathLike)):
+        check_reference(reference, reference_layers, extractor)
     return extractor, layers
 
 
@@ -531,7 +651,8 @@ def compute_metrics(
 ) -> dict:
     """Score `generated` (an image set) against `reference` (an image set or statistics file).
 
-    metrics: any of "fid", "is" (Inception score, needs no reference), "kid", "prc" (precision/recall).
+    metrics: any of "fid", "is" (Inception score, needs no reference), "kid", "prc" (precision/recall), as a list
+    or one comma-separated string.
     feature_layer: the layer FID, KID and precision/recall read (default: the extractor's, "2048" for
     Inception); IS always reads the extractor's class logits. KID's subset size and IS's number of
     splits shrink to the number of images when there are fewer. Returns a flat dict of floats: fid, is,
@@ -542,11 +663,7 @@ def compute_metrics(
     generated_features = extractor.extract(generated, layers.values())
     num_generated = len(next(iter(generated_features.values())))
     results = {"num_generated": num_generated}
-    reference_layers = {}
-    for metric in metrics:
-        if metric != "is":
-            layer = layers[metric]
-            reference_layers[layer] = reference_layers.get(layer, False) or metric in FEATURE_METRICS
+    reference_layers = _reference_layers(layers)
     reference_stats = reference_statistics(reference, reference_layers, extractor, cache) if reference_layers else {}
     for layer, needs_features in reference_layers.items():
         if needs_features:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
+import numbers
 import operator
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,10 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
+from .checkpoints import (
+    KNOWN_MODELS, CheckpointError, config_arguments, load_state_dict_strict, read_json_object,
+    read_safetensors_folder, resolve_official_files,
+)
 from .images import to_rgb
 from .models.attention import KVCachePolicy
 from .models.gpt import TOKENIZER_DOWNSAMPLE, GPTTransformer
@@ -67,10 +72,22 @@ class _AutoregressivePipeline(DiffusionPipeline):
 
     family: str = ""
     official_sampling: dict = {}  # the family's published sampling settings, used when nothing else is given
+    component_classes: dict[str, tuple[type, ...]] = {}  # component name -> the classes it may be
 
     def __init__(self, tokenizer, transformer, class_names: list[str] | None = None,
                  sampling_defaults: dict | None = None):
         super().__init__()
+        for name, component in (("tokenizer", tokenizer), ("transformer", transformer)):
+            classes = self.component_classes[name]
+            if not isinstance(component, classes):
+                raise TypeError(f"a {type(self).__name__}'s {name} is a {' or '.join(c.__name__ for c in classes)}, "
+                                f"got a {type(component).__name__}")
+        if class_names is not None and not (isinstance(class_names, (list, tuple))
+                                            and all(isinstance(c, str) for c in class_names)):
+            raise TypeError(f"class_names must be a list of strings, got {class_names!r}")
+        if sampling_defaults is not None and not isinstance(sampling_defaults, dict):
+            raise TypeError(f"sampling_defaults must be a dict such as {self.official_sampling}, got "
+                            f"{sampling_defaults!r}")
         self.check_components(tokenizer, transformer)
         self.register_modules(tokenizer=tokenizer, transformer=transformer)
         if class_names is not None and len(class_names) != transformer.config.num_classes:
@@ -82,6 +99,24 @@ class _AutoregressivePipeline(DiffusionPipeline):
             raise ValueError(f"sampling_defaults {unknown} unknown; allowed: {sorted(self.official_sampling)}")
         self.register_to_config(class_names=list(class_names) if class_names is not None else None,
                                 sampling_defaults=dict(sampling_defaults) if sampling_defaults else None)
+        self.sampling_options()  # the saved settings are valid ones
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """A folder save_pretrained wrote loads strictly (`load_folder`: every config field and weight present, of
+        the right type and shape), its transformer cast to `torch_dtype` if given (`with_transformer_dtype`); anything
+        else (a hub id) goes to diffusers."""
+        folder = Path(pretrained_model_name_or_path)
+        if not (folder / PIPELINE_INDEX).is_file():
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        kwargs.pop("low_cpu_mem_usage", None)  # a local folder is read once either way
+        if kwargs:
+            raise TypeError(f"from_pretrained of a local folder takes torch_dtype only, got {sorted(kwargs)}")
+        pipe = load_folder(folder)
+        if not isinstance(pipe, cls):
+            raise CheckpointError(f"{folder} holds a {type(pipe).__name__}, not a {cls.__name__}")
+        return with_transformer_dtype(pipe, torch_dtype)
 
     @staticmethod
     def check_components(tokenizer, transformer) -> None:
@@ -133,7 +168,7 @@ class _AutoregressivePipeline(DiffusionPipeline):
     @staticmethod
     def _check_type(name: str, value, cls: type, family: str) -> None:
         if value is not None and not isinstance(value, cls):
-            raise ValueError(f"{name} {value!r} is not a {cls.__name__}, which {family} models need")
+            raise ValueError(f"{name} {type(value).__name__} is not a {cls.__name__}, which {family} models need")
 
     @staticmethod
     def _check_output_type(output_type: str) -> None:
@@ -150,6 +185,7 @@ class VARPipeline(_AutoregressivePipeline):
 
     family = "var"
     official_sampling = dict(guidance_scale=1.5, top_k=900, top_p=0.96)
+    component_classes = {"tokenizer": (MultiScaleVQVAE,), "transformer": (VARTransformer,)}
 
     @staticmethod
     def check_components(tokenizer, transformer) -> None:
@@ -162,6 +198,11 @@ class VARPipeline(_AutoregressivePipeline):
         transformer = VARTransformer.from_official(var)
         tokenizer = MultiScaleVQVAE.from_official(vae, patch_nums=tuple(transformer.config.patch_nums))
         return cls(tokenizer=tokenizer.eval(), transformer=transformer.eval())
+
+    def check_sampler(self, sampler, kv_cache) -> None:
+        """sampler: a NextScaleSampler or None; kv_cache: a KVCachePolicy or None (the full cache)."""
+        self._check_type("sampler", sampler, NextScaleSampler, "next-scale")
+        self._check_type("kv_cache", kv_cache, KVCachePolicy, "next-scale")
 
     @torch.no_grad()
     def __call__(
@@ -185,8 +226,7 @@ class VARPipeline(_AutoregressivePipeline):
         the model's `sampling_defaults`, else the official ones (cfg 1.5, top-k 900, top-p 0.96)."""
         self._check_output_type(output_type)
         options = self.sampling_options(guidance_scale, top_k, top_p)
-        self._check_type("sampler", sampler, NextScaleSampler, "next-scale")
-        self._check_type("kv_cache", kv_cache, KVCachePolicy, "next-scale")
+        self.check_sampler(sampler, kv_cache)
         labels = self._class_tensor(class_labels, num_images_per_label)
         sampler = sampler or NextScaleSampler()
         with eval_mode(self.tokenizer, self.transformer):
@@ -222,6 +262,8 @@ class VARPipeline(_AutoregressivePipeline):
         self._check_output_type(output_type)
         self._check_type("sampler", sampler, NextScaleSampler, "next-scale")
         options = self.sampling_options(guidance_scale, top_k, top_p, official=OFFICIAL_INPAINT_SAMPLING)
+        if class_label is not None and not isinstance(class_label, (numbers.Integral, str)):
+            raise TypeError(f"class_label must be one class id or name (None = in/out-painting), got {class_label!r}")
         images = self._image_tensor(image)
         labels = None if class_label is None else self._class_tensor([class_label], images.shape[0])
         with eval_mode(self.tokenizer, self.transformer):
@@ -233,24 +275,37 @@ class VARPipeline(_AutoregressivePipeline):
         return self._finish(images, output_type, return_dict)
 
     def _image_tensor(self, image) -> torch.Tensor:
-        """PIL image(s), uint8 array [(B,) H, W, 3] or float tensor [(B,) 3, H, W] in [0, 1] -> float
-        [B, 3, H, W] on the device."""
+        """PIL image(s), uint8 array [(B,) H, W, 3] or float tensor [(B,) 3, H, W] -> float [B, 3, H, W] on the
+        device (the tokenizer checks the values are in [0, 1])."""
         if isinstance(image, Image.Image):
             image = [image]
         if isinstance(image, list):
-            image = np.stack([np.asarray(to_rgb(im)) for im in image])  # [B, H, W, 3] uint8
+            image = np.stack(pil_arrays(image))  # [B, H, W, 3] uint8
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.shape[-1] != 3 or image.ndim not in (3, 4):
                 raise ValueError(f"an image array must be uint8 [H, W, 3] or [B, H, W, 3], got {image.dtype} "
                                  f"{list(image.shape)}")
             image = torch.from_numpy(image.reshape(-1, *image.shape[-3:])).permute(0, 3, 1, 2) / 255.0
-        if not isinstance(image, torch.Tensor) or not image.is_floating_point() or image.ndim not in (3, 4):
+        if not isinstance(image, torch.Tensor) or not image.is_floating_point():
             raise ValueError(f"image must be PIL, a uint8 array or a float tensor [(B,) 3, H, W], got {type(image)}"
                              f"{f' {image.dtype}' if isinstance(image, torch.Tensor) else ''}")
-        if image.min() < 0 or image.max() > 1:
-            raise ValueError(f"a float image tensor must hold values in [0, 1], got [{image.min():.3g}, "
-                             f"{image.max():.3g}] (divide uint8 images by 255)")
+        if image.ndim not in (3, 4) or image.shape[-3] != 3:
+            raise ValueError(f"a float image tensor must be [3, H, W] or [B, 3, H, W] (channels first), got shape "
+                             f"{tuple(image.shape)}")
         return (image[None] if image.ndim == 3 else image).to(self.device, torch.float32)
+
+
+def pil_arrays(images: list) -> list[np.ndarray]:
+    """A list of PIL images, all of one size -> their uint8 RGB arrays [H, W, 3]; else one TypeError / ValueError."""
+    if not images:
+        raise ValueError("the image list is empty; give at least one image")
+    if not all(isinstance(im, Image.Image) for im in images):
+        raise TypeError(f"a list of images must hold PIL images only, got "
+                        f"{sorted({type(im).__name__ for im in images})}")
+    sizes = sorted({im.size for im in images})
+    if len(sizes) > 1:
+        raise ValueError(f"the images have different sizes {sizes} (width, height); give images of one size")
+    return [np.asarray(to_rgb(im)) for im in images]
 
 
 class GPTPipeline(_AutoregressivePipeline):
@@ -258,6 +313,7 @@ class GPTPipeline(_AutoregressivePipeline):
 
     family = "llamagen"
     official_sampling = dict(guidance_scale=2.0, top_k=0, top_p=1.0)
+    component_classes = {"tokenizer": (VQModel, MultiScaleVQVAE), "transformer": (GPTTransformer,)}
 
     @staticmethod
     def check_components(tokenizer, transformer) -> None:
@@ -290,6 +346,12 @@ class GPTPipeline(_AutoregressivePipeline):
         """The sampler of calls that pass none; kept, so that its CUDA graph is captured once."""
         return NextTokenSampler()
 
+    def check_sampler(self, sampler, kv_cache) -> None:
+        """sampler: a NextTokenSampler or None; kv_cache: None (next-token sampling keeps a static cache)."""
+        if kv_cache is not None:
+            raise ValueError("kv_cache policies apply to next-scale models; GPTPipeline uses a static cache")
+        self._check_type("sampler", sampler, NextTokenSampler, "next-token")
+
     @torch.no_grad()
     def __call__(
         self,
@@ -311,9 +373,7 @@ class GPTPipeline(_AutoregressivePipeline):
         left as None come from the model's `sampling_defaults`, else cfg 2.0, no top-k, no top-p."""
         self._check_output_type(output_type)
         options = self.sampling_options(guidance_scale, top_k, top_p)
-        if kv_cache is not None:
-            raise ValueError("kv_cache policies apply to next-scale models; GPTPipeline uses a static cache")
-        self._check_type("sampler", sampler, NextTokenSampler, "next-token")
+        self.check_sampler(sampler, kv_cache)
         labels = self._class_tensor(class_labels, num_images_per_label)
         sampler = sampler or self.default_sampler
         grid = self.transformer.config.grid_size
@@ -329,6 +389,63 @@ ASSETS = Path(__file__).parent / "assets"
 BUILTIN_MODELS = {"default": ASSETS / "default", "default-gpt": ASSETS / "default-gpt"}
 
 
+def load_component(folder: Path, classes: tuple[type, ...]) -> torch.nn.Module:
+    """The model save_pretrained wrote into `folder` (config.json + safetensors), one of `classes`, loaded strictly:
+    every config field and every weight present, of the right type and shape."""
+    config_file = folder / "config.json"
+    config = read_json_object(config_file)
+    cls = {c.__name__: c for c in classes}.get(config.get("_class_name"))
+    if cls is None:
+        raise CheckpointError(f"{config_file} describes a {config.get('_class_name')!r}; expected a "
+                              f"{' or '.join(c.__name__ for c in classes)}")
+    arguments = config_arguments(config, cls, str(config_file))
+    try:
+        model = cls(**arguments)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{config_file}: {err}") from None
+    load_state_dict_strict(model, read_safetensors_folder(folder), source=str(folder))
+    return model.eval()
+
+
+def load_folder(folder: Path) -> _AutoregressivePipeline:
+    """The pipeline save_pretrained wrote into `folder`, each component loaded strictly (`load_component`); one
+    CheckpointError names the file and what is wrong with it."""
+    index_file = folder / PIPELINE_INDEX
+    index = read_json_object(index_file)
+    class_name = index.get("_class_name")
+    cls = PIPELINES.get(class_name) if isinstance(class_name, str) else None
+    if cls is None:
+        raise CheckpointError(f"{index_file} has _class_name {class_name!r}; a vartk folder holds one of "
+                              f"{sorted(PIPELINES)}")
+    components = {name: load_component(folder / name, classes) for name, classes in cls.component_classes.items()}
+    try:
+        return cls(**components, class_names=index.get("class_names"),
+                   sampling_defaults=index.get("sampling_defaults"))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder} does not make a {class_name}: {err}") from None
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that exists here; else one ValueError saying what is allowed."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{device!r} is not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ValueError(f"there is no CUDA device {str(device)!r} here ({count} found); use 'cpu'"
+                         + (f" or 'cuda:0' ... 'cuda:{count - 1}'" if count else ""))
+    return device
+
+
+def with_transformer_dtype(pipe: _AutoregressivePipeline, torch_dtype: torch.dtype | None):
+    """`pipe` with its transformer cast to `torch_dtype` (None: as it is). The tokenizer stays in float32, as the
+    official samplers keep their VAE / VQ: codes and decoded images are not rounded to bfloat16."""
+    if torch_dtype is not None:
+        pipe.transformer.to(torch_dtype)
+    return pipe
+
+
 def load(name: str = "default", device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None):
     """Load a pipeline by name or folder.
 
@@ -337,19 +454,15 @@ def load(name: str = "default", device: str | torch.device = "cpu", torch_dtype:
       `vartk convert --out var-d16`: an existing folder comes first);
     - an official model name ("var-d16" ... "var-d36", "llamagen-b" ... "llamagen-3b"), resolved
       from $VARTK_HOME / the Hugging Face cache or downloaded.
+    torch_dtype: the transformer's weights (e.g. torch.bfloat16); the tokenizer stays in float32.
     """
-    from .checkpoints import KNOWN_MODELS, CheckpointError, resolve_official_files
-
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"the model to load is a name or a folder path, got {name!r}; e.g. 'default', 'default-gpt', "
+                        "'var-d16' or a folder written by save_pretrained")
+    device = check_device(device)
     folder = BUILTIN_MODELS.get(name, Path(name))
     if (folder / PIPELINE_INDEX).is_file():
-        class_name = json.loads((folder / PIPELINE_INDEX).read_text())["_class_name"]
-        if class_name not in PIPELINES:
-            raise ValueError(f"{folder} holds a {class_name!r}, not a vartk pipeline ({sorted(PIPELINES)})")
-        try:
-            pipe = PIPELINES[class_name].from_pretrained(folder, low_cpu_mem_usage=False)
-        except (OSError, RuntimeError) as err:
-            raise CheckpointError(f"{folder} holds a {class_name} that does not load ({err}); write it again "
-                                  "with save_pretrained / vartk convert") from err
+        pipe = load_folder(folder)
     elif name in KNOWN_MODELS:
         known = KNOWN_MODELS[name]
         files = resolve_official_files(name)
@@ -364,4 +477,4 @@ def load(name: str = "default", device: str | torch.device = "cpu", torch_dtype:
             f"{name!r} is neither a folder written by save_pretrained (no model_index.json there), a built-in model "
             f"({sorted(BUILTIN_MODELS)}) nor an official model name ({sorted(KNOWN_MODELS)})"
         )
-    return pipe.to(device, torch_dtype) if torch_dtype is not None else pipe.to(device)
+    return with_transformer_dtype(pipe.to(device), torch_dtype)

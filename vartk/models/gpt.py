@@ -304,7 +304,7 @@ def check_file_resolution(file_name: str, image_size: int) -> None:
         named = int(match.group(1))
         raise ValueError(
             f"{file_name} is a {named} px checkpoint ({named // TOKENIZER_DOWNSAMPLE}x{named // TOKENIZER_DOWNSAMPLE} "
-            f"tokens) but image_size={image_size}; pass image_size={named}"
+            f"tokens) but image_size={image_size}; pass image_size={named} (vartk convert: --image-size {named})"
         )
 
 

@@ -37,6 +37,16 @@ def spec_value(text: str):
     return text
 
 
+def spec_example(name: str, cls) -> str:
+    """A spec of class `cls` (written as `name`) setting its first field to its default, e.g.
+    "nextscalesampler:more_smooth=false"; just `name` for a class without fields."""
+    first = next(iter(inspect.signature(cls).parameters.values()), None)
+    if first is None:
+        return name
+    default = str(first.default).lower() if isinstance(first.default, bool) else first.default
+    return f"{name}:{first.name}={default}"
+
+
 def from_spec(spec: str):
     """'name:key=value,key=value' -> an instance of the sampler / KV-cache class `name` (case-insensitive),
     e.g. "nextscalesampler:more_smooth=true" (values parsed by `spec_value`)."""
@@ -44,13 +54,13 @@ def from_spec(spec: str):
     name, _, arg_text = spec.partition(":")
     if name.lower() not in classes:
         raise ValueError(f"unknown sampler or KV-cache policy {name!r}; available: {sorted(classes)}")
+    cls = __getattr__(classes[name.lower()])
     kwargs = {}
     for item in filter(None, arg_text.split(",")):
         key, _, value = item.partition("=")
         if not key or not value:
-            raise ValueError(f"{item!r} in {spec!r} is not key=value; write e.g. {name}:temperature=0.9")
+            raise ValueError(f"{item!r} in {spec!r} is not key=value; write e.g. {spec_example(name, cls)}")
         kwargs[key] = spec_value(value)
-    cls = __getattr__(classes[name.lower()])
     allowed = [p.name for p in inspect.signature(cls).parameters.values()]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from vartk.models.attention import FullKVCache, KVCachePolicy
 from vartk.samplers.sampling import (
-    check_class_labels, check_non_negative, check_sampling_args, filter_logits, on_generator_device, sample_from_logits,
+    check_class_labels, check_generator, check_non_negative, check_sampling_args, filter_logits, on_generator_device,
+    sample_from_logits,
 )
 
 
@@ -61,6 +62,7 @@ class NextScaleSampler:
         sampled code vectors built (with `more_smooth` it differs from decoding the tokens).
         """
         check_sampling_args(top_k, top_p)
+        check_generator(generator)
         check_non_negative("guidance_scale", guidance_scale, "0 = no guidance")
         check_same_schedule(transformer, tokenizer)
         device = transformer.device
@@ -152,6 +154,10 @@ def check_edit_inputs(tokenizer, known_tokens, keep_mask, batch_size, device):
             )
     size = patch_nums[-1]
     mask = keep_mask.float()
+    odd = mask[(mask != 0) & (mask != 1)]
+    if odd.numel():
+        raise ValueError(f"mask values must be 1 (keep the image's token) or 0 (generate), or a bool mask; got "
+                         f"{odd[0].item():.3g}")
     mask = mask[None, None] if mask.ndim == 2 else mask[:, None] if mask.ndim == 3 else mask  # [B or 1, 1, h, w]
     if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (size, size):
         raise ValueError(
@@ -202,7 +208,11 @@ def edit_next_scale(
                                 transformer.null_class, allow_null=True)  # [1 or B]
     if len(labels) not in (1, batch_size):
         raise ValueError(f"{len(labels)} class labels for {batch_size} images; give one label or one per image")
-    mask = torch.as_tensor(mask, dtype=torch.float32, device=tokenizer.device)
+    try:
+        mask = torch.as_tensor(mask, dtype=torch.float32, device=tokenizer.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"mask must be a tensor or array of 1 (keep) and 0 (generate) at the final token map, got a "
+                        f"{type(mask).__name__}") from None
     known_tokens = tokenizer.encode(images.to(tokenizer.device))
     sampler = sampler or NextScaleSampler()
     return sampler(transformer, tokenizer, labels.expand(batch_size), known_tokens=known_tokens, keep_mask=mask,

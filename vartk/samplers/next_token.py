@@ -15,7 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.attention import StaticKVCache
-from .sampling import check_class_labels, check_non_negative, check_sampling_args, sample_from_logits
+from .sampling import (
+    check_class_labels, check_generator, check_non_negative, check_sampling_args, sample_from_logits,
+)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class NextTokenSampler:
         conditional rows only (no unconditional branch, as in the official code).
         """
         check_sampling_args(top_k, top_p, self.temperature)
+        check_generator(generator)
         check_non_negative("guidance_scale", guidance_scale, "<= 1 disables guidance")
         labels = check_class_labels(class_labels, transformer.config.num_classes, transformer.device)
         use_graph = self._use_cuda_graph(labels.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 MIN_TEMPERATURE = 1e-5
@@ -24,6 +25,13 @@ def check_non_negative(name: str, value: float, meaning: str = "") -> None:
         raise ValueError(f"{name} must be a finite number >= 0{f' ({meaning})' if meaning else ''}, got {value!r}")
 
 
+def check_generator(generator) -> None:
+    """Raise one TypeError unless `generator` is a torch.Generator or None (one generator drives the whole batch)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be one torch.Generator (it draws for the whole batch) or None, got "
+                        f"{generator!r}")
+
+
 def on_generator_device(draw, tensor: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """`draw(tensor)` run where `generator` lives (e.g. a CPU generator with a model on the GPU, as diffusers
     allows), the result moved back to `tensor`'s device."""
@@ -34,13 +42,19 @@ def on_generator_device(draw, tensor: torch.Tensor, generator: torch.Generator |
 
 def check_class_labels(class_labels, num_classes: int, device=None, allow_null: bool = False) -> torch.Tensor:
     """Class ids (int, list or tensor) -> int64 [B] on `device`. Ids must lie in [0, num_classes), or also
-    equal num_classes (the null class) when `allow_null`; anything else raises one ValueError."""
-    labels = torch.as_tensor(class_labels, device=device)
+    equal num_classes (the null class) when `allow_null`; anything else raises one TypeError / ValueError."""
+    if not isinstance(class_labels, (numbers.Integral, list, tuple, range, torch.Tensor, np.ndarray)):
+        raise TypeError(f"class_labels must be a class id or a list / tensor of them, got a "
+                        f"{type(class_labels).__name__} {class_labels!r}")
+    try:
+        labels = torch.as_tensor(class_labels, device=device)
+    except (TypeError, ValueError, RuntimeError):  # ragged lists, None or strings inside
+        raise ValueError(f"class_labels must be integer class ids, got {class_labels!r}") from None
+    if labels.numel() == 0:
+        raise ValueError("class_labels is empty; give at least one class id")
     if labels.is_floating_point() or labels.is_complex() or labels.ndim > 1:
         raise ValueError(f"class_labels must be integer class ids (1-D), got {labels.dtype} {tuple(labels.shape)}")
     labels = labels.long().reshape(-1)
-    if labels.numel() == 0:
-        raise ValueError("class_labels is empty; give at least one class id")
     top = num_classes + 1 if allow_null else num_classes
     bad = labels[(labels < 0) | (labels >= top)]
     if bad.numel():

@@ -18,6 +18,25 @@ import torch.nn.functional as F
 from ..checkpoints import CheckpointError
 
 
+def check_image_values(images: torch.Tensor) -> None:
+    """Raise one ValueError unless `images` are floats in [0, 1] (NaN fails too): one reduction, one sync."""
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor in [0, 1], got {images.dtype} (divide uint8 images by 255)")
+    low, high = torch.aminmax(images.detach())
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"images must hold finite values in [0, 1], got [{low:.3g}, {high:.3g}] (divide uint8 "
+                         "images by 255)")
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    """Raise one ValueError unless `tokens` are integer ids in [0, vocab_size)."""
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be integer ids in [0, {vocab_size}), got {tokens.dtype}")
+    low, high = torch.aminmax(tokens)
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token {int(low if low < 0 else high)} is outside the vocabulary [0, {vocab_size})")
+
+
 @dataclass(frozen=True)
 class KeyLayout:
     """Module names of one official tokenizer family."""

@@ -19,7 +19,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..checkpoints import load_state_dict_strict, read_official_file
-from .convnet import VAR_LAYOUT, Decoder, Encoder, infer_encoder_config
+from .convnet import (
+    VAR_LAYOUT, Decoder, Encoder, check_image_values, check_token_ids, infer_encoder_config,
+)
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -242,6 +244,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images [B, C, H, W] in [0, 1] -> token maps, one LongTensor [B, pn, pn] per scale (small to large)."""
+        check_image_values(images)
         return self.quantize_latent(self.encode_latent(images))
 
     @torch.no_grad()
@@ -257,6 +260,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
                     f"{self._patch_nums}: pass a list of {self.num_scales} token maps"
                 )
             tokens = [tokens]
+        check_token_ids(torch.cat([t.flatten() for t in self._check_tokens(tokens)]), self.vocab_size)
         return self.decode_latent(self.tokens_to_latent(tokens))
 
     # ---------------------------------------------------------------- training

@@ -13,7 +13,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..checkpoints import load_state_dict_strict, read_official_file
-from .convnet import LLAMAGEN_LAYOUT, Decoder, Encoder, infer_encoder_config
+from .convnet import (
+    LLAMAGEN_LAYOUT, Decoder, Encoder, check_image_values, check_token_ids, infer_encoder_config,
+)
 
 VQ_16 = dict(ch_mult=(1, 1, 2, 2, 4))
 VQ_8 = dict(ch_mult=(1, 2, 2, 4))
@@ -122,6 +124,7 @@ class VQModel(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] in [0, 1] -> token map LongTensor [B, H/f, W/f]."""
+        check_image_values(images)
         return self.quantize.nearest_code(self.encode_latent(images))
 
     @torch.no_grad()
@@ -132,6 +135,7 @@ class VQModel(ModelMixin, ConfigMixin):
             if len(tokens) != 1:
                 raise ValueError(f"a VQModel has one scale; got a list of {len(tokens)} token maps")
             tokens = tokens[0]
+        check_token_ids(tokens, self.vocab_size)
         return self.decode_latent(self.embed_tokens(tokens))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:

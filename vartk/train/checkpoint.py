@@ -17,21 +17,40 @@ RNG state needs no saving: every step reseeds from (seed, step, rank) (see loop.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from diffusers.models.modeling_utils import ModelMixin
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..files import write_folder_atomic, write_text_atomic
 
 LATEST = "latest"
+# what a damaged checkpoint raises: truncated safetensors, pickle junk, cut-short or edited JSON, missing entries
+UNREADABLE = (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError)
 
 
 def checkpoint_dir(out: Path) -> Path:
     return Path(out) / "checkpoints"
+
+
+def saved_checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoint folders, oldest first: one is written as `step_NNNNNNN.tmp` and gets its name only
+    once complete."""
+    return sorted(folder for folder in checkpoint_dir(out).glob("step_???????") if folder.is_dir())
+
+
+def unreadable(folder: Path, err: Exception) -> SystemExit:
+    """The error for a damaged checkpoint, with the way back to the one before it (see latest_checkpoint)."""
+    others = [f.name for f in saved_checkpoints(folder.parent.parent) if f.name != folder.name]
+    remedy = (f"delete it and {folder.parent / LATEST} to go on from the newest one left ({others[-1]})"
+              if others else "no other checkpoint is saved; start a new run in another --out")
+    # the error's type says which part broke; its text can be pages long (torch.load's)
+    return SystemExit(f"checkpoint {folder} is unreadable ({type(err).__name__}); {remedy}")
 
 
 def save_module(module: nn.Module, folder: Path, name: str) -> None:
@@ -69,7 +88,7 @@ def save_checkpoint(out: Path, step: int, modules: dict[str, nn.Module], optimiz
     final = write_folder_atomic(root / f"step_{step:07d}", write)
     write_text_atomic(root / LATEST, final.name + "\n")
     best = best_checkpoint(out)
-    for old in sorted(root.glob("step_???????"))[:-keep] if keep > 0 else []:
+    for old in saved_checkpoints(out)[:-keep] if keep > 0 else []:
         if old != best:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -77,7 +96,10 @@ def save_checkpoint(out: Path, step: int, modules: dict[str, nn.Module], optimiz
 
 def read_trainer_state(folder: Path) -> dict:
     """A checkpoint's trainer_state.json: step, data position, config, held-out metrics."""
-    return json.loads((folder / "trainer_state.json").read_text())
+    try:
+        return json.loads((folder / "trainer_state.json").read_text())
+    except UNREADABLE as err:
+        raise unreadable(folder, err) from None
 
 
 def validation_loss(folder: Path) -> float | None:
@@ -96,7 +118,7 @@ def best_checkpoint(out: Path) -> Path | None:
     """The saved checkpoint with the lowest held-out loss (the earliest on a tie) among those validated on the
     newest validated checkpoint's held-out set (a resumed run may have changed --val-data), or None if none was
     validated."""
-    scored = [(loss, folder) for folder in sorted(checkpoint_dir(out).glob("step_???????"))
+    scored = [(loss, folder) for folder in saved_checkpoints(out)
               if (loss := validation_loss(folder)) is not None]
     if not scored:
         return None
@@ -105,21 +127,30 @@ def best_checkpoint(out: Path) -> Path | None:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint `latest` names; without that file (deleted, or not copied with the run) the newest complete
+    one; None when there is none."""
     pointer = checkpoint_dir(out) / LATEST
     if not pointer.is_file():
-        return None
+        saved = saved_checkpoints(out)
+        return saved[-1] if saved else None
     folder = checkpoint_dir(out) / pointer.read_text().strip()
     if not folder.is_dir():
-        raise FileNotFoundError(f"{pointer} names {folder.name}, which is missing; delete {pointer} to start over")
+        saved = [f.name for f in saved_checkpoints(out)]
+        remedy = (f"delete {pointer} to use the newest saved checkpoint ({saved[-1]})" if saved
+                  else f"no checkpoint is saved; delete {pointer} to start from step 0")
+        raise FileNotFoundError(f"{pointer} names {folder.name}, which is missing; {remedy}")
     return folder
 
 
 def load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizers: dict, schedulers: dict) -> None:
     """Restore modules, optimizers and schedulers in place."""
-    for name, module in modules.items():
-        load_module(module, folder, name)
-    saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    for name, optimizer in optimizers.items():
-        optimizer.load_state_dict(saved["optimizers"][name])
-    for name, scheduler in schedulers.items():
-        scheduler.load_state_dict(saved["schedulers"][name])
+    try:
+        for name, module in modules.items():
+            load_module(module, folder, name)
+        saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(saved["optimizers"][name])
+        for name, scheduler in schedulers.items():
+            scheduler.load_state_dict(saved["schedulers"][name])
+    except UNREADABLE as err:
+        raise unreadable(folder, err) from None

@@ -44,7 +44,7 @@ def find_images(root: str | Path, flag: str = "--data") -> tuple[list[Path], lis
         paths = list_images(root)
         labels, names = [0] * len(paths), [root.name]
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {flag} {root}")
     return paths, labels, names
 
 
@@ -148,6 +148,10 @@ class BatchOrder:
         if class_balance > 0:
             class_sizes = torch.bincount(labels).double()  # [C]
             self.image_weights = class_sizes[labels].pow(-class_balance)  # [N]
+            if not self.image_weights.sum() > 0:
+                raise ValueError(f"--class-balance {class_balance} weighs every image 0 (n ** -a underflows for "
+                                 f"classes of {sorted(set(class_sizes.long().tolist()))} images); give a smaller "
+                                 "value (1: every class equally often)")
         self.batch_size = batch_size
         self.batches_per_epoch = per_rank // batch_size
 

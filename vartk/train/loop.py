@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -107,12 +108,12 @@ class TrainConfig:
         for name in self.required:
             if getattr(self, name) in ("", None):
                 raise SystemExit(f"{flag(name)} is required")
+        check_finite(self)
+        check_out(self)
         if self.schedule not in SCHEDULES:
             raise SystemExit(f"--schedule {self.schedule!r} is unknown; use one of {SCHEDULES}")
         if self.precision not in PRECISIONS:
             raise SystemExit(f"--precision {self.precision!r} is unknown; use one of {PRECISIONS}")
-        if self.class_balance < 0:
-            raise SystemExit(f"--class-balance must be >= 0, got {self.class_balance}")
         if not 0 <= self.hflip <= 1:
             raise SystemExit(f"--hflip is a probability in [0, 1], got {self.hflip}")
         if self.init_from and not (Path(self.init_from) / WEIGHTS_NAME).is_file():
@@ -121,7 +122,7 @@ class TrainConfig:
         check_at_least(self, 1, ("batch_size", "max_steps", "log_every", "save_every", "image_size", "val_images",
                                  "num_samples", "keep_checkpoints"))
         check_at_least(self, 0, ("warmup_steps", "weight_decay", "grad_clip", "lr", "sample_every", "num_workers",
-                                 "cache_limit_gb"))
+                                 "cache_limit_gb", "class_balance"))
         if not 0 <= self.min_lr_ratio <= 1:
             raise SystemExit(f"--min-lr-ratio is a fraction of --lr in [0, 1], got {self.min_lr_ratio}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -130,8 +131,32 @@ class TrainConfig:
             raise SystemExit(f"--seed must be in [0, 2**32), got {self.seed}")
 
 
+def check_finite(cfg) -> None:
+    """Refuse NaN and infinite float flags: training diverges on them, and a NaN never equals itself, so the run
+    could not be resumed either."""
+    for name, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"{flag(name)} must be a finite number, got {value}")
+
+
+def check_out(cfg: TrainConfig) -> None:
+    """Refuse an --out that cannot hold the run before any data is read: a file, a folder we may not write to, or
+    one inside the images (its checkpoints/ and samples/ would become class folders of the next run)."""
+    out = Path(cfg.out)
+    for name in ("data", "val_data"):
+        images = getattr(cfg, name)
+        if images and out.resolve().is_relative_to(Path(images).resolve()):
+            raise SystemExit(f"--out {cfg.out} is inside {flag(name)} {images}; give an output folder outside the "
+                             "images")
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        raise SystemExit(f"--out {cfg.out}: {existing} is a file; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out {cfg.out}: {existing} is not writable; give a folder you can write to")
+
+
 def check_at_least(cfg, minimum: int, names: tuple[str, ...]) -> None:
-    """Refuse a flag below `minimum` (or NaN)."""
+    """Refuse a flag below `minimum` (or NaN; TrainConfig.check has refused infinite ones already)."""
     for name in names:
         if not getattr(cfg, name) >= minimum:
             raise SystemExit(f"{flag(name)} must be >= {minimum}, got {getattr(cfg, name)}")
@@ -448,6 +473,12 @@ def refuse_earlier_run(out: Path) -> None:
                          "or give another --out (or delete that folder)")
 
 
+# each process keeps its own buffers between steps (e.g. a tokenizer's code-usage counts); torch 2.14 renamed the flag
+NO_BUFFER_SYNC_PER_FORWARD = ({"forward_sync_buffers": False}
+                              if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                              else {"broadcast_buffers": False})
+
+
 def build_trainees(job: Job, cfg: TrainConfig, dist: Distributed) -> dict[str, Trainee]:
     """Each module the job trains, in train mode, DDP-wrapped when there are several processes, with its
     optimizer and LR schedule."""
@@ -457,7 +488,7 @@ def build_trainees(job: Job, cfg: TrainConfig, dist: Distributed) -> dict[str, T
         wrapped = module
         if dist.world_size > 1:
             device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
+            wrapped = DistributedDataParallel(module, device_ids=device_ids, **NO_BUFFER_SYNC_PER_FORWARD,
                                               find_unused_parameters=job.find_unused_parameters)
         fused = dist.device.type == "cuda"
         trainees[name] = Trainee(module, wrapped, *build_optimizer(module, cfg, no_decay, fused, job.first_step(name)))
@@ -503,6 +534,17 @@ def write_checkpoint(out: Path, done: int, trainees: dict[str, Trainee], cfg: Tr
     save_checkpoint(out, done, *trainee_parts(trainees), state, cfg.keep_checkpoints)
 
 
+def check_diverged(values: dict[str, float], step: int, cfg: TrainConfig) -> None:
+    """Stop at the first NaN or infinite loss, metric or gradient norm (floats already: no extra sync), before it
+    reaches a checkpoint, a sample grid or the export."""
+    bad = ", ".join(f"{name} {value}" for name, value in values.items() if not math.isfinite(value))
+    if bad:
+        last = latest_checkpoint(Path(cfg.out))
+        kept = f"the checkpoints before it are kept (newest: {last})" if last else "no checkpoint was written"
+        raise SystemExit(f"training diverged at step {step + 1}: {bad}; {kept}. Start again with a lower --lr "
+                         f"(now {cfg.lr}), or check --data {cfg.data}")
+
+
 def train_step(job: Job, trainees: dict[str, Trainee], batch: Batch, step: int, cfg: TrainConfig,
                window: dict[str, list[float]], step_lrs: dict[str, float]) -> torch.Tensor:
     """Every phase of one step (the model; a GAN's discriminator); appends each metric to `window` and each
@@ -514,8 +556,11 @@ def train_step(job: Job, trainees: dict[str, Trainee], batch: Batch, step: int, 
         with autocast_context(batch.images.device, cfg.precision):
             loss, metrics = job.loss(name, wrapped, batch, step)
         grad_norm = trainees[name].step(loss, cfg.grad_clip)
-        for key, value in {"loss": loss.detach(), **metrics, "grad_norm": grad_norm}.items():
-            window.setdefault(prefix + key, []).append(float(value))
+        values = {prefix + key: float(value) for key, value in {"loss": loss.detach(), **metrics,
+                                                                "grad_norm": grad_norm}.items()}
+        check_diverged(values, step, cfg)
+        for key, value in values.items():
+            window.setdefault(key, []).append(value)
     job.after_step(step, batch)
     return loss
 

@@ -72,6 +72,7 @@ class TokenizerTrainConfig(TrainConfig):
             )
         check_at_least(self, 1, ("ch", "num_res_blocks", "z_channels", "norm_groups", "disc_channels",
                                  "disc_layers"))
+        check_at_least(self, 0, ("beta", "vq_weight", "l2_weight", "l1_weight", "gan_weight"))  # loss weights
         if self.vocab_size < 2 or not self.ch_mult or min(self.ch_mult) < 1 or not self.patch_nums \
                 or min(self.patch_nums) < 1:
             raise SystemExit(f"--vocab-size must be >= 2 (got {self.vocab_size}), --ch-mult and --patch-nums "

@@ -39,9 +39,11 @@ class VARTrainConfig(ConditionalTrainConfig):
     def check(self) -> None:
         super().check()
         check_at_least(self, 1, ("depth",))
-        if self.width < 0 or self.num_heads < 0 or not self.mlp_ratio > 0 or not 0 <= self.drop_path_rate < 1:
-            raise SystemExit(f"--width {self.width} and --num-heads {self.num_heads} must be >= 0 (0: the default), "
-                             f"--mlp-ratio {self.mlp_ratio} > 0, --drop-path-rate {self.drop_path_rate} in [0, 1)")
+        check_at_least(self, 0, ("width", "num_heads"))  # 0: the default
+        if not self.mlp_ratio > 0:
+            raise SystemExit(f"--mlp-ratio must be > 0, got {self.mlp_ratio}")
+        if not 0 <= self.drop_path_rate < 1:
+            raise SystemExit(f"--drop-path-rate must be in [0, 1), got {self.drop_path_rate}")
         check_architecture(lambda: build_var(self, vocab_size=2, latent_channels=1, num_classes=1, patch_nums=(1,)))
 
 
