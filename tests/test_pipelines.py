@@ -281,6 +281,8 @@ def test_bad_cli_arguments(converted, tmp_path, argv, match):
 def test_missing_and_corrupt_files(official_files, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         VARPipeline.from_official(vae=official_files / "vae_tiny.pth", var=tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match=r"missing: vq='no_vq.pt', gpt='no_gpt.pt'$"):  # both at once
+        GPTPipeline.from_official(vq="no_vq.pt", gpt="no_gpt.pt")
     corrupt = tmp_path / "var_corrupt.pth"
     corrupt.write_bytes((official_files / "var_tiny.pth").read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="var_corrupt.pth"):

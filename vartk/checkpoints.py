@@ -22,6 +22,15 @@ class CheckpointError(ValueError):
     """An official or vartk checkpoint does not match the model it is loaded into."""
 
 
+def check_official_files_exist(**files) -> None:
+    """Raise one FileNotFoundError naming every missing file among `files` {argument: path or state dict}, so a
+    user fetching two files learns of both at once."""
+    missing = [f"{name}={str(path)!r}" for name, path in files.items()
+               if isinstance(path, (str, os.PathLike)) and not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint file(s) missing: {', '.join(missing)}")
+
+
 def read_official_file(path: str | os.PathLike, containers: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Read a .pth/.pt file without executing pickled code and return its flat state dict.
 

@@ -215,16 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sample = sub.add_parser("sample", help="sample class-conditional images to a PNG grid or folder")
-    sample.add_argument("--model", default="default", help="built-in name, official name (var-d16, llamagen-b) or folder")
+    sample.add_argument("--model", default="default",
+                        help="built-in name, official name (var-d16, llamagen-b) or folder (default: default)")
     sample.add_argument("--class", dest="classes", nargs="+", action="extend", default=None,
                         help="class ids or names, repeatable (default: 0)")
-    sample.add_argument("--n", type=int, default=4, help="images per class")
+    sample.add_argument("--n", type=int, default=4, help="images per class (default: 4)")
     add_sampling_flags(sample, "the family's official one")
-    sample.add_argument("--seed", type=parse_seed, default=0)
+    sample.add_argument("--seed", type=parse_seed, default=0, help="(default: 0)")
     sample.add_argument("--sampler", default=None, help=SAMPLER_SPEC_HELP)
     sample.add_argument("--kv-cache", default=None, help=KV_CACHE_SPEC_HELP)
     sample.add_argument("--device", type=parse_device, default=DEFAULT_DEVICE)
-    sample.add_argument("--out", default="samples.png", help="a .png path for a grid, else a folder")
+    sample.add_argument("--out", default="samples.png",
+                        help="a .png path for a grid, else a folder (default: samples.png)")
     sample.set_defaults(func=cmd_sample)
 
     convert = sub.add_parser("convert", help="official checkpoint files -> a vartk folder (safetensors + JSON)")

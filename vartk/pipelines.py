@@ -24,8 +24,8 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
 from .checkpoints import (
-    KNOWN_MODELS, CheckpointError, config_arguments, load_state_dict_strict, read_json_object,
-    read_safetensors_folder, resolve_official_files,
+    KNOWN_MODELS, CheckpointError, check_official_files_exist, config_arguments, load_state_dict_strict,
+    read_json_object, read_safetensors_folder, resolve_official_files,
 )
 from .images import to_rgb
 from .models.attention import KVCachePolicy
@@ -195,6 +195,7 @@ class VARPipeline(_AutoregressivePipeline):
     def from_official(cls, vae, var) -> "VARPipeline":
         """Build from the official `vae_ch160v4096z32.pth` and `var_d{16,20,24,30,36}.pth` files
         (paths or state dicts); depth, shared AdaLN and the scale schedule come from the weights."""
+        check_official_files_exist(vae=vae, var=var)
         transformer = VARTransformer.from_official(var)
         tokenizer = MultiScaleVQVAE.from_official(vae, patch_nums=tuple(transformer.config.patch_nums))
         return cls(tokenizer=tokenizer.eval(), transformer=transformer.eval())
@@ -334,6 +335,7 @@ class GPTPipeline(_AutoregressivePipeline):
 
         The grid size is not visible in the weights: give `image_size` (256 or 384) to match the
         file (`c2i_B_256.pt` -> 256); a file name that disagrees is an error."""
+        check_official_files_exist(vq=vq, gpt=gpt)
         tokenizer = VQModel.from_official(vq)
         if tokenizer.downsample_factor != TOKENIZER_DOWNSAMPLE:
             raise ValueError(f"the VQ downsamples by {tokenizer.downsample_factor}; the c2i GPTs were trained on "
