@@ -16,7 +16,8 @@ from _fid_helpers import (
 )
 from vartk.metrics import LayerStatistics, read_image, save_statistics
 from vartk.models.var import VARTransformer
-from vartk.pipelines import VARPipeline
+from vartk.pipelines import VARPipeline, images_to_uint8, resize_and_clamp
+from vartk.samplers import NextScaleSampler
 from vartk.tokenizers.msvq import MultiScaleVQVAE
 
 fid = load_fid_script()
@@ -217,15 +218,35 @@ def test_llamagen_protocol_follows_the_model_size():
 
 
 def test_resize_to_256_matches_llamagen_official_script():
-    """384 -> 256 px as LlamaGen's sample_c2i_ddp.py does it: bicubic on samples in [-1, 1], then
-    clamp(127.5 x + 128, 0, 255) cast to uint8; the two differ only where round(255 x) meets a tie."""
-    images = torch.rand(2, 3, 384, 384, generator=torch.Generator().manual_seed(0))  # [0, 1]; bicubic overshoots
-    samples = F.interpolate(2 * images - 1, size=(256, 256), mode="bicubic")
+    """384 -> 256 px as LlamaGen's sample_c2i_ddp.py does it: bicubic on the decoder's unclamped samples (which
+    overshoot [-1, 1]), then clamp(127.5 x + 128, 0, 255) cast to uint8; the two differ only where round(255 x)
+    meets a tie. Clamping before the resize is another protocol: it differs in many pixels."""
+    decoded = 1.3 * (2 * torch.rand(2, 3, 384, 384, generator=torch.Generator().manual_seed(0)) - 1)  # [-1.3, 1.3]
+    samples = F.interpolate(decoded, size=(256, 256), mode="bicubic")
     official = torch.clamp(127.5 * samples + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
-    ours = fid.to_uint8(images, 256)
+    ours = images_to_uint8(resize_and_clamp((decoded + 1) / 2, 256))  # what the pipelines give for output_size=256
     assert ours.shape == official.shape == (2, 256, 256, 3) and ours.dtype == np.uint8
     diff = np.abs(ours.astype(np.int64) - official)
     assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+    clamped_first = images_to_uint8(resize_and_clamp((decoded.clamp(-1, 1) + 1) / 2, 256))
+    assert (clamped_first != official).mean() > 0.01
+
+
+def test_pipelines_resize_the_unclamped_decoder_output(tiny_pipeline):
+    """output_size resizes what the decoder gives before any clamp (random weights overshoot [0, 1]): the images
+    equal the sampler's latent decoded unclamped, resized, then clamped, and differ from clamping first."""
+    pipe = VARPipeline.from_pretrained(tiny_pipeline)
+    size = pipe.tokenizer.latent_size * pipe.tokenizer.downsample_factor * 3 // 2
+    with torch.no_grad():
+        images = pipe(class_labels=[1, 2], output_type="pt", output_size=size, progress=False,
+                      generator=torch.Generator().manual_seed(0)).images  # [2, 3, size, size]
+        _, latent = NextScaleSampler()(pipe.transformer, pipe.tokenizer, torch.tensor([1, 2]),
+                                       **pipe.sampling_options(), generator=torch.Generator().manual_seed(0),
+                                       progress=False, return_latent=True)
+        decoded = pipe.tokenizer.decode_latent(latent, clamp=False)
+    assert decoded.min() < 0 or decoded.max() > 1
+    torch.testing.assert_close(images, resize_and_clamp(decoded, size))
+    assert not torch.allclose(images, resize_and_clamp(decoded.clamp(0, 1), size))
 
 
 def test_saved_sampling_defaults_replace_the_published_protocol_and_flags_replace_both(tiny_pipeline, tmp_path):

@@ -46,7 +46,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -232,14 +231,6 @@ def write_batch(samples: Path, batch: int, images: np.ndarray, meta: dict, batch
     os.rename(tmp, batch_folder(samples, batch))
 
 
-def to_uint8(images: torch.Tensor, size: int | None) -> np.ndarray:
-    """float [B, 3, H, W] in [0, 1] -> uint8 [B, size, size, 3] (bicubic resize when size is given)."""
-    images = images.float()
-    if size is not None and images.shape[-1] != size:
-        images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
-    return images_to_uint8(images)
-
-
 def sample_batches(pipe, plan: SamplingPlan, samples: Path, batches: list[int], options: dict, eval_size, rank=0):
     """Sample and write `batches`; a tqdm bar on rank 0."""
     device = pipe.device
@@ -247,12 +238,13 @@ def sample_batches(pipe, plan: SamplingPlan, samples: Path, batches: list[int], 
         for done, batch in enumerate(batches):
             labels = plan.labels_of(batch)
             generator = torch.Generator(device).manual_seed(plan.seed_of(batch))
-            out = pipe(class_labels=labels, generator=generator, output_type="pt", progress=False, **options)
+            out = pipe(class_labels=labels, generator=generator, output_type="pt", output_size=eval_size,
+                       progress=False, **options)  # [B, 3, S, S]: resized before the clamp, as LlamaGen's script
             meta = {
                 "batch": batch, "seed": plan.seed_of(batch), "indices": list(plan.indices(batch)), "labels": labels,
                 "rank": rank,
             }
-            write_batch(samples, batch, to_uint8(out.images, eval_size), meta, done)
+            write_batch(samples, batch, images_to_uint8(out.images), meta, done)
             bar.update(len(labels))
 
 

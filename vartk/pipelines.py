@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
@@ -55,6 +56,15 @@ def eval_mode(*modules: torch.nn.Module):
 def images_to_uint8(images: torch.Tensor) -> np.ndarray:
     """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounding (what every PNG vartk writes holds)."""
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def resize_and_clamp(decoded: torch.Tensor, output_size: int | None) -> torch.Tensor:
+    """A tokenizer's unclamped output [B, 3, H, W] (about [0, 1]) -> float images [B, 3, S, S] in [0, 1], S =
+    output_size (None: H). The bicubic resize comes before the clamp, as in LlamaGen's FID script (384 px samples
+    scored at 256): clamping first would cut the overshoot the resize averages in."""
+    if output_size is not None and decoded.shape[-2:] != (output_size, output_size):
+        decoded = F.interpolate(decoded.float(), size=(output_size, output_size), mode="bicubic", align_corners=False)
+    return decoded.float().clamp(0, 1)
 
 
 def _images_to_output(images: torch.Tensor, output_type: str):
@@ -171,12 +181,15 @@ class _AutoregressivePipeline(DiffusionPipeline):
             raise ValueError(f"{name} {type(value).__name__} is not a {cls.__name__}, which {family} models need")
 
     @staticmethod
-    def _check_output_type(output_type: str) -> None:
+    def _check_output(output_type: str, output_size: int | None = None) -> None:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r} is unknown; use one of {OUTPUT_TYPES}")
+        if output_size is not None and not (isinstance(output_size, numbers.Integral) and output_size > 0):
+            raise ValueError(f"output_size must be a positive integer (pixels) or None, got {output_size!r}")
 
-    def _finish(self, images: torch.Tensor, output_type: str, return_dict: bool):
-        images = _images_to_output(images, output_type)
+    def _finish(self, decoded: torch.Tensor, output_type: str, return_dict: bool, output_size: int | None = None):
+        """The tokenizer's output (`resize_and_clamp`) as `output_type`."""
+        images = _images_to_output(resize_and_clamp(decoded, output_size), output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
@@ -219,13 +232,14 @@ class VARPipeline(_AutoregressivePipeline):
         kv_cache: KVCachePolicy | None = None,
         progress: bool = True,
         return_dict: bool = True,
+        output_size: int | None = None,
     ):
-        """Sample one image per label (times `num_images_per_label`).
+        """Sample one image per label (times `num_images_per_label`); `output_size` resizes them (`resize_and_clamp`).
 
         guidance_scale is the official VAR `cfg`: the guidance ramps linearly over the scales
         from 1 (pure conditional) to 1 + guidance_scale at the last one. Settings left as None come from
         the model's `sampling_defaults`, else the official ones (cfg 1.5, top-k 900, top-p 0.96)."""
-        self._check_output_type(output_type)
+        self._check_output(output_type, output_size)
         options = self.sampling_options(guidance_scale, top_k, top_p)
         self.check_sampler(sampler, kv_cache)
         labels = self._class_tensor(class_labels, num_images_per_label)
@@ -235,8 +249,8 @@ class VARPipeline(_AutoregressivePipeline):
                 self.transformer, self.tokenizer, labels, **options, generator=generator, kv_cache=kv_cache,
                 progress=progress, return_latent=True,
             )  # the running latent, not the tokens: `more_smooth` mixes soft embeddings into it
-            images = self.tokenizer.decode_latent(latent)
-        return self._finish(images, output_type, return_dict)
+            decoded = self.tokenizer.decode_latent(latent, clamp=False)
+        return self._finish(decoded, output_type, return_dict, output_size)
 
     @torch.no_grad()
     def inpaint(
@@ -260,7 +274,7 @@ class VARPipeline(_AutoregressivePipeline):
         the image's token, 0 = generate. Settings left as None come from the model's `sampling_defaults`, else
         the official demo's (cfg 3, top-k 900, top-p 0.95); `sampler`: e.g. `NextScaleSampler(more_smooth=True)`,
         as in that demo."""
-        self._check_output_type(output_type)
+        self._check_output(output_type)
         self._check_type("sampler", sampler, NextScaleSampler, "next-scale")
         options = self.sampling_options(guidance_scale, top_k, top_p, official=OFFICIAL_INPAINT_SAMPLING)
         if class_label is not None and not isinstance(class_label, (numbers.Integral, str)):
@@ -368,12 +382,13 @@ class GPTPipeline(_AutoregressivePipeline):
         kv_cache: KVCachePolicy | None = None,
         progress: bool = True,
         return_dict: bool = True,
+        output_size: int | None = None,
     ):
-        """Sample one image per label (times `num_images_per_label`).
+        """Sample one image per label (times `num_images_per_label`); `output_size` resizes them (`resize_and_clamp`).
 
         guidance_scale is LlamaGen's `cfg_scale`: logits = u + s (c - u); s <= 1 turns CFG off. Settings
         left as None come from the model's `sampling_defaults`, else cfg 2.0, no top-k, no top-p."""
-        self._check_output_type(output_type)
+        self._check_output(output_type, output_size)
         options = self.sampling_options(guidance_scale, top_k, top_p)
         self.check_sampler(sampler, kv_cache)
         labels = self._class_tensor(class_labels, num_images_per_label)
@@ -381,8 +396,8 @@ class GPTPipeline(_AutoregressivePipeline):
         grid = self.transformer.config.grid_size
         with eval_mode(self.tokenizer, self.transformer):
             tokens = sampler(self.transformer, labels, **options, generator=generator, progress=progress)  # [B, N]
-            images = self.tokenizer.decode(tokens.view(-1, grid, grid))
-        return self._finish(images, output_type, return_dict)
+            decoded = self.tokenizer.decode(tokens.view(-1, grid, grid), clamp=False)
+        return self._finish(decoded, output_type, return_dict, output_size)
 
 
 PIPELINES = {"VARPipeline": VARPipeline, "GPTPipeline": GPTPipeline}

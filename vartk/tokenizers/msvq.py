@@ -157,10 +157,11 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         x = images.to(self.quant_conv.weight.dtype) * 2 - 1
         return self.quant_conv(self.encoder(x))
 
-    def decode_latent(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """Running latent f_hat [B, Cz, h, w] -> images [B, C, h * downsample_factor, w * downsample_factor] in [0, 1]."""
+    def decode_latent(self, f_hat: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Running latent f_hat [B, Cz, h, w] -> images [B, C, h * downsample_factor, w * downsample_factor] in [0, 1]
+        (clamp=False: the decoder's output on the same scale, not clamped)."""
         x = self.decoder(self.post_quant_conv(f_hat.to(self.post_quant_conv.weight.dtype)))
-        return (x.clamp(-1, 1) + 1) / 2
+        return ((x.clamp(-1, 1) if clamp else x) + 1) / 2  # clamp=False: a resize may follow
 
     # ---------------------------------------------------------------- running latent
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -248,8 +249,9 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         return self.quantize_latent(self.encode_latent(images))
 
     @torch.no_grad()
-    def decode(self, tokens: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """Token maps (one per scale, [B, pn, pn] or [B, pn*pn]) -> images [B, C, H, W] in [0, 1].
+    def decode(self, tokens: list[torch.Tensor] | torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Token maps (one per scale, [B, pn, pn] or [B, pn*pn]) -> images [B, C, H, W] in [0, 1] (clamp: see
+        `decode_latent`).
 
         With a single-scale config a bare tensor [B, h, w] or [B, h*w] is accepted too.
         """
@@ -261,7 +263,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
                 )
             tokens = [tokens]
         check_token_ids(torch.cat([t.flatten() for t in self._check_tokens(tokens)]), self.vocab_size)
-        return self.decode_latent(self.tokens_to_latent(tokens))
+        return self.decode_latent(self.tokens_to_latent(tokens), clamp)
 
     # ---------------------------------------------------------------- training
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -105,10 +105,11 @@ class VQModel(ModelMixin, ConfigMixin):
             raise ValueError(f"images must be [B, {self.config.in_channels}, H, W], got {tuple(images.shape)}")
         return self.quant_conv(self.encoder(images.to(self.quant_conv.weight.dtype) * 2 - 1))
 
-    def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes [B, D, h, w] -> images [B, C, f*h, f*w] in [0, 1]."""
+    def decode_latent(self, codes: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Codes [B, D, h, w] -> images [B, C, f*h, f*w] in [0, 1] (clamp=False: the decoder's output on the same
+        scale, not clamped)."""
         x = self.decoder(self.post_quant_conv(codes.to(self.post_quant_conv.weight.dtype)))
-        return (x.clamp(-1, 1) + 1) / 2
+        return ((x.clamp(-1, 1) if clamp else x) + 1) / 2  # clamp=False: a resize may follow
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token map [B, h, w] or square [B, h*w] -> (normalised) codes [B, D, h, w]."""
@@ -128,15 +129,15 @@ class VQModel(ModelMixin, ConfigMixin):
         return self.quantize.nearest_code(self.encode_latent(images))
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """Token map [B, h, w] or [B, h*w] (square) -> images [B, C, f*h, f*w] in [0, 1]. A one-map list, as a
-        single-scale MultiScaleVQVAE encodes, is taken too."""
+    def decode(self, tokens: torch.Tensor | list[torch.Tensor], clamp: bool = True) -> torch.Tensor:
+        """Token map [B, h, w] or [B, h*w] (square) -> images [B, C, f*h, f*w] in [0, 1] (clamp: see
+        `decode_latent`). A one-map list, as a single-scale MultiScaleVQVAE encodes, is taken too."""
         if isinstance(tokens, (list, tuple)):
             if len(tokens) != 1:
                 raise ValueError(f"a VQModel has one scale; got a list of {len(tokens)} token maps")
             tokens = tokens[0]
         check_token_ids(tokens, self.vocab_size)
-        return self.decode_latent(self.embed_tokens(tokens))
+        return self.decode_latent(self.embed_tokens(tokens), clamp)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Training forward: images in [0, 1] -> (reconstruction in ~[0, 1] (not clamped), vq_loss, stats).
