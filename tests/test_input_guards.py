@@ -298,3 +298,13 @@ def test_a_bad_sampler_spec_shows_an_example_of_that_class(spec, example):
 
     with pytest.raises(ValueError, match=f"write e.g. {example}$"):
         from_spec(spec)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "var", "--data", "images", "--out", "run"], "vartk train: --tokenizer is required"),
+    (["sample", "--out", "grid.jpg"], "vartk sample: --out grid.jpg: grids are written as PNG"),
+])
+def test_every_command_prefixes_its_one_line_error(argv, message):
+    with pytest.raises(SystemExit) as raised:
+        cli_main(argv)
+    assert str(raised.value).startswith(message)

@@ -24,20 +24,20 @@ def check_output(out: Path) -> Path:
 
     suffix = out.suffix.lower()
     if suffix != ".png" and suffix in Image.registered_extensions():
-        raise SystemExit(f"vartk: --out {out}: grids are written as PNG; give a .png path, or a folder name")
+        raise SystemExit(f"--out {out}: grids are written as PNG; give a .png path, or a folder name")
     if suffix == ".png":
         if out.is_dir():
-            raise SystemExit(f"vartk: --out {out} is a folder; give a .png file for a grid, or a folder name")
+            raise SystemExit(f"--out {out} is a folder; give a .png file for a grid, or a folder name")
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
-            raise SystemExit(f"vartk: --out {out}: {out.parent} is not a folder")
+            raise SystemExit(f"--out {out}: {out.parent} is not a folder")
     elif out.is_file():
-        raise SystemExit(f"vartk: --out {out} is a file; give a .png path for a grid, or a folder")
+        raise SystemExit(f"--out {out} is a file; give a .png path for a grid, or a folder")
     elif out.is_dir():
         others = sorted(p.name for p in out.iterdir() if not SAMPLE_FILE.fullmatch(p.name))
         if others:
-            raise SystemExit(f"vartk: --out {out} holds other files ({others[:3]}); give a new or empty folder")
+            raise SystemExit(f"--out {out} holds other files ({others[:3]}); give a new or empty folder")
     check_writable(out.absolute().parent)
     return out
 
@@ -51,7 +51,7 @@ def check_writable(folder: Path) -> None:
     try:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as err:
-        raise SystemExit(f"vartk: cannot write into {existing} ({err.strerror}); give an --out elsewhere")
+        raise SystemExit(f"cannot write into {existing} ({err.strerror}); give an --out elsewhere")
 
 
 def save_images(images: torch.Tensor, out: Path) -> None:
@@ -140,7 +140,7 @@ def _parse_object(spec: str | None, kind: str):
     try:
         return None if spec is None else from_spec(spec)
     except (ValueError, TypeError) as err:
-        raise SystemExit(f"vartk: bad --{kind} {spec!r}: {err}")
+        raise SystemExit(f"bad --{kind} {spec!r}: {err}")
 
 
 def cmd_sample(args) -> None:
@@ -296,8 +296,8 @@ PASSTHROUGH = {"train": run_train, "fid": run_fid, "bench": run_bench, "demo": r
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Bad input (ValueError, a missing or unreadable file) ends with one line naming it; VARTK_DEBUG=1 shows
-    the traceback instead."""
+    """Bad input (ValueError, a missing or unreadable file, a failed check) ends with one line naming it, prefixed
+    "vartk <command>:"; VARTK_DEBUG=1 shows the traceback of the first two instead."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in PASSTHROUGH:  # these parse their own flags
@@ -309,6 +309,10 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("VARTK_DEBUG"):
             raise
         raise SystemExit(f"vartk {argv[0] if argv else ''}: {err}")
+    except SystemExit as stop:  # a message from a check: one "vartk <command>:" prefix for every command
+        if isinstance(stop.code, str) and not stop.code.startswith("vartk"):
+            raise SystemExit(f"vartk {argv[0]}: {stop.code}") from None
+        raise
 
 
 if __name__ == "__main__":
