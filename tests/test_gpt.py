@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from fixture_utils import load_fixture, state_dict_from_fixture
@@ -182,3 +184,120 @@ def test_from_official_rejects_unknown_model_and_bad_image_size(gpt_b_state_dict
 def test_bad_head_size_is_rejected():
     with pytest.raises(ValueError, match="dim=60.*n_head=4"):
         GPTTransformer(dim=60, n_layer=1, n_head=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Independent reference: the documented LlamaGen formulas (docs: shared/reference/llamagen.md §2.2-2.3) in plain
+# torch ops, reading the module's own parameter tensors; reference_rope above supplies the rotation.
+
+def random_weights_model(seed=0, std=0.15):
+    """tiny_model with every parameter ~ N(0, std²), RMSNorm weights included, so attention is far from uniform."""
+    model = tiny_model(seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def reference_rms_norm(x, weight, eps=1e-5):
+    """Normalise in float32, cast back to x's dtype, then multiply by the weight."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def reference_swiglu(ffn, x):
+    """w2(silu(w1 x) * w3 x): w1 is the gate, w3 the up projection, w2 the down projection."""
+    gate, up = x @ ffn.w1.weight.T.to(x.dtype), x @ ffn.w3.weight.T.to(x.dtype)
+    return (gate * torch.sigmoid(gate) * up) @ ffn.w2.weight.T.to(x.dtype)
+
+
+def reference_llama_block(layer, x, grid):
+    """Pre-norm block in float64 over a whole sequence (class token at position 0, causal attention)."""
+    B, T, C = x.shape
+    H = layer.attention.n_head
+    w_q, w_k, w_v = layer.attention.wqkv.weight.double().chunk(3)  # [q | k | v], each [C, C], rows head-major
+    h = reference_rms_norm(x, layer.attention_norm.weight.double())
+    q, k, v = ((h @ w.T).view(B, T, H, C // H) for w in (w_q, w_k, w_v))  # each [B, T, H, D]
+    positions = torch.arange(T)
+    q, k = reference_rope(q, positions, grid), reference_rope(k, positions, grid)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(C // H)  # [B, H, T, T]
+    weights = logits.masked_fill(positions[None, :] > positions[:, None], float("-inf")).softmax(-1)
+    x = x + torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, T, C) @ layer.attention.wo.weight.double().T
+    return x + reference_swiglu(layer.feed_forward, reference_rms_norm(x, layer.ffn_norm.weight.double()))
+
+
+def test_block_matches_reference_llama_block():
+    """wqkv split [q | k | v] head-major, RMSNorm before attention and FFN, SwiGLU with w1 gate / w3 up."""
+    model = random_weights_model()
+    x = torch.randn(2, 9, 64)  # [B, T, C]: class token + 8 image tokens
+    positions = torch.arange(9)[None]  # [1, T]
+    cos, sin = rope_2d(positions, 4, 16, 10000.0, prefix_len=1)
+    causal = (positions[0, None, :] <= positions[0, :, None])[None, None]  # [1, 1, T, T]
+    with torch.no_grad():
+        ours = model.layers[1](x, cos, sin, causal, positions)
+    expected = reference_llama_block(model.layers[1], x.double(), grid=4)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_matches_reference_llama():
+    """[class, tokens] embeddings, blocks, final RMSNorm and untied head, logits float32."""
+    model = random_weights_model(seed=1)
+    labels, tokens = torch.tensor([3, 10]), torch.randint(0, 64, (2, 15))  # [B], [B, N - 1]
+    x = torch.cat([model.cls_embedding.embedding_table.weight[labels][:, None], model.tok_embeddings.weight[tokens]], 1)
+    x = x.detach().double()  # [B, N, C]
+    for layer in model.layers:
+        x = reference_llama_block(layer, x, grid=4)
+    expected = reference_rms_norm(x, model.norm.weight.double()) @ model.output.weight.double().T  # [B, N, V]
+    with torch.no_grad():
+        torch.testing.assert_close(model(labels, tokens).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_gates_with_w1_and_scales_with_w3():
+    """FeedForward = w2(silu(w1 x) * w3 x)."""
+    ffn = random_weights_model().layers[0].feed_forward
+    x = torch.randn(3, 5, 64)  # [B, T, C]
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x), reference_swiglu(ffn, x), rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norms_use_eps_1e_5():
+    """norm_eps 1e-5 in every RMSNorm (attention, FFN and final norms)."""
+    model = random_weights_model()
+    x = torch.randn(2, 5, 64) * 3e-3  # [B, T, C]; mean square ~1e-5, so eps shows
+    norms = [m for m in model.modules() if isinstance(m, gpt.RMSNorm)]
+    assert len(norms) == 2 * model.config.n_layer + 1
+    with torch.no_grad():
+        for norm in norms:
+            torch.testing.assert_close(norm(x), reference_rms_norm(x, norm.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_normalises_in_fp32_then_scales_in_bf16():
+    """bf16 RMSNorm: statistics in fp32, cast to bf16, then times the bf16 weight (bit-exact)."""
+    norm = random_weights_model().norm.to(torch.bfloat16)
+    x = (torch.randn(4, 7, 64) * torch.logspace(-1, 2, 64)).to(torch.bfloat16)  # [B, T, C], wide dynamic range
+    with torch.no_grad():
+        assert torch.equal(norm(x), reference_rms_norm(x, norm.weight))
+
+
+def test_rope_rotates_bf16_inputs_in_fp32():
+    """apply_rope on bf16: rotate the interleaved pairs in fp32 with fp32 cos/sin, cast back once (bit-exact)."""
+    positions = torch.arange(17)[None]  # [1, T]: class token + a 4x4 grid
+    cos, sin = rope_2d(positions, 4, 16, 10000.0, prefix_len=1)  # each [1, T, 1, D/2] float32
+    x = torch.randn(2, 17, 3, 16).to(torch.bfloat16)  # [B, T, H, D]
+    x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]  # [B, T, H, D/2]
+    expected = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).to(torch.bfloat16)
+    assert torch.equal(apply_rope(x, cos, sin), expected)
+
+
+def test_bf16_model_returns_float32_logits():
+    """Logits are cast with .float() in teacher forcing and in cached decoding."""
+    model = random_weights_model()
+    labels, tokens = torch.tensor([1, 2]), torch.randint(0, 64, (2, 7))  # [B], [B, N - 1]
+    with torch.no_grad():
+        full = model(labels, tokens)
+        model.to(torch.bfloat16)
+        half = model(labels, tokens)
+        prefill = model.forward_cached(None, labels, torch.zeros(2, 1, dtype=torch.long), model.new_kv_caches(2))
+    assert half.dtype == prefill.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=0, atol=0.02)  # logits ~0.5; bf16 weights move them ~4e-3

@@ -1,5 +1,8 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from fixture_utils import load_fixture, state_dict_from_fixture
 
 from vartk.checkpoints import CheckpointError
@@ -175,3 +178,124 @@ def test_forward_scale_checks_its_inputs():
         model.forward_scale(None, torch.tensor([0]), 1, caches)
     with pytest.raises(ValueError, match="one KV cache per block"):
         model.forward_scale(None, torch.tensor([0]), 0, caches[:1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Independent reference: the documented VAR formulas (docs: shared/reference/var_scalekv.md §2.2-2.3) in plain
+# torch ops, reading the module's own parameter tensors. Random weights (0.2 * randn) and a temperature of 100 give
+# outputs ~50 whose fp32 rounding reaches 1e-4, so model and reference both run in float64 and must agree to 1e-5.
+
+def reference_layer_norm(x, eps=1e-6):
+    """LayerNorm over the last dim, no affine parameters."""
+    mean = x.mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt((x - mean).pow(2).mean(-1, keepdim=True) + eps)
+
+
+def reference_gelu_tanh(x):
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def reference_levels():
+    """Scale index of every position, [L]."""
+    return torch.repeat_interleave(torch.arange(len(PATCH_NUMS)), torch.tensor(PATCH_NUMS) ** 2)
+
+
+def reference_block_causal_mask():
+    level = reference_levels()  # [L]
+    return torch.zeros(len(level), len(level)).masked_fill(level[None, :] > level[:, None], float("-inf"))  # [L, L]
+
+
+def reference_attention(attn, x, mask):
+    """q, k, v from mat_qkv (+ q_bias, no k bias, + v_bias); L2 variant: unit q, k and q times the per-head
+    exp(min(scale_mul, log 100)), softmax scale 1; otherwise scale 0.25 / sqrt(head_dim)."""
+    B, L, C = x.shape
+    H = attn.num_heads
+    w_q, w_k, w_v = attn.mat_qkv.weight.chunk(3)  # each [C, C], rows head-major
+
+    def heads(t):
+        return t.view(B, L, H, C // H).transpose(1, 2)  # [B, H, L, D]
+
+    q, k, v = heads(x @ w_q.T + attn.q_bias), heads(x @ w_k.T), heads(x @ w_v.T + attn.v_bias)
+    if hasattr(attn, "scale_mul_1H11"):
+        temperature = attn.scale_mul_1H11.clamp(max=math.log(100)).exp()  # [1, H, 1, 1]
+        q = q / q.norm(dim=-1, keepdim=True) * temperature
+        k = k / k.norm(dim=-1, keepdim=True)
+        scale = 1.0
+    else:
+        scale = 0.25 / math.sqrt(C // H)
+    weights = torch.softmax(q @ k.transpose(-1, -2) * scale + mask, dim=-1)  # [B, H, L, L]
+    return (weights @ v).transpose(1, 2).reshape(B, L, C) @ attn.proj.weight.T + attn.proj.bias
+
+
+def reference_block(block, x, modulation, mask):
+    """AdaLN block; modulation [B, 6, C] in the order gamma1, gamma2, scale1, scale2, shift1, shift2."""
+    gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation[:, None].unbind(2)  # each [B, 1, C]
+    x = x + gamma1 * reference_attention(block.attn, reference_layer_norm(x) * (1 + scale1) + shift1, mask)
+    h = reference_layer_norm(x) * (1 + scale2) + shift2
+    ffn = block.ffn
+    return x + gamma2 * (reference_gelu_tanh(h @ ffn.fc1.weight.T + ffn.fc1.bias) @ ffn.fc2.weight.T + ffn.fc2.bias)
+
+
+def reference_modulation(model, block, cond):
+    """The six modulation vectors [B, 6, C]: SiLU -> Linear of the block, or the shared one plus ada_gss."""
+    linear = model.shared_ada_lin[1] if model.config.shared_aln else block.ada_lin[1]
+    six = (F.silu(cond) @ linear.weight.T + linear.bias).view(len(cond), 6, -1)  # [B, 6, C]
+    return six + block.ada_gss[0, 0] if model.config.shared_aln else six
+
+
+def reference_forward(model, labels, latents):
+    """Teacher-forced logits: [class emb + pos_start, word_embed(latents)] + lvl + pos, blocks, AdaLN head."""
+    cond = model.class_emb.weight[labels]  # [B, C]
+    x = torch.cat([cond[:, None] + model.pos_start, latents @ model.word_embed.weight.T + model.word_embed.bias], 1)
+    x = x + model.lvl_embed.weight[reference_levels()] + model.pos_1LC  # [B, L, C]
+    for block in model.blocks:
+        x = reference_block(block, x, reference_modulation(model, block, cond), reference_block_causal_mask())
+    head_lin = model.head_nm.ada_lin[1]
+    scale, shift = (F.silu(cond) @ head_lin.weight.T + head_lin.bias).view(len(cond), 2, 1, -1).unbind(1)  # [B, 1, C]
+    return (reference_layer_norm(x) * (1 + scale) + shift) @ model.head.weight.T + model.head.bias
+
+
+def hot_temperature_model(**kwargs) -> VARTransformer:
+    """tiny_transformer in float64 whose head-0 attention temperature exceeds the log(100) clamp in every block."""
+    model = tiny_transformer(**kwargs)
+    if model.config.attn_l2_norm:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.scale_mul_1H11.copy_(torch.tensor([math.log(100) + 1.0, 0.3]).view(1, 2, 1, 1))
+    return model.double()
+
+
+@pytest.mark.parametrize("l2_norm", [True, False])
+@torch.no_grad()
+def test_block_matches_reference_formulas(l2_norm):
+    """AdaLN chunk order, clamped temperature / 0.25/sqrt(d) scale, no k bias, unit q and k, tanh GELU."""
+    torch.manual_seed(0)
+    model = hot_temperature_model(attn_l2_norm=l2_norm)
+    block, mask = model.blocks[1], reference_block_causal_mask().double()
+    x, cond = torch.randn(2, 14, 64).double(), torch.randn(2, 64).double()  # [B, L, C], class embeddings [B, C]
+    ours = block(x, cond, attn_mask=mask[None, None])
+    expected = reference_block(block, x, reference_modulation(model, block, cond), mask)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert (ours - x).abs().mean() > 0.1  # both residual branches are far from zero
+
+
+@pytest.mark.parametrize("shared_aln", [False, True])
+@torch.no_grad()
+def test_forward_matches_reference_formulas(shared_aln):
+    """pos_start on the class token, shared AdaLN = shared_ada_lin(cond) + ada_gss, head AdaLN (scale, shift)."""
+    torch.manual_seed(0)
+    model = hot_temperature_model(shared_aln=shared_aln)
+    labels, latents = torch.tensor([3, NUM_CLASSES]), torch.randn(2, 13, 8).double()  # [B], [B, L - 1, Cz]
+    expected = reference_forward(model, labels, latents).float()  # [B, L, V]; logits are cast to float32
+    torch.testing.assert_close(model(labels, latents), expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_layer_norms_use_eps_1e_6_without_affine():
+    """LayerNorm(eps=1e-6, elementwise_affine=False) in every block and before the head."""
+    model = tiny_transformer()
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 64) * 3e-3  # [B, L, C]; variance ~1e-5, so eps shows
+    for norm in (model.blocks[0].norm, model.blocks[1].norm, model.head_nm.norm):
+        assert list(norm.parameters()) == []
+        torch.testing.assert_close(norm(x), reference_layer_norm(x), rtol=1e-5, atol=1e-5)
