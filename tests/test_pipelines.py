@@ -271,7 +271,7 @@ def test_inpaint_takes_arrays_and_refuses_unscaled_tensors(converted):
     (["--top-p", "0"], "top_p must be in"),
     (["--top-k", "-1"], "top_k must be"),
     (["--class", "cat"], "unknown class 'cat'"),
-    (["--sampler", "nope"], "unknown sampler or KV-cache policy 'nope'"),
+    (["--sampler", "nope"], "unknown sampler 'nope'; available: \\['nextscalesampler', 'nexttokensampler'\\]"),
 ])
 def test_bad_cli_arguments(converted, tmp_path, argv, match):
     with pytest.raises(SystemExit, match=match):

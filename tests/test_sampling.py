@@ -108,3 +108,7 @@ def test_sampler_specs_build_the_named_class_with_typed_values():
         from_spec("nextscalesampler:more_smooth=maybe")
     with pytest.raises(ValueError, match=r"'gsd'.*available: \['fullkvcache', 'nextscalesampler', 'nexttokensampler'\]"):
         from_spec("gsd:window=16")
+    with pytest.raises(ValueError, match=r"unknown KV-cache policy 'nextscalesampler'; available: \['fullkvcache'\]"):
+        from_spec("nextscalesampler", kind="kv-cache")
+    with pytest.raises(ValueError, match=r"unknown sampler 'fullkvcache'; available: \['nextscalesampler', "):
+        from_spec("fullkvcache", kind="sampler")

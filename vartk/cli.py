@@ -133,12 +133,13 @@ def box_mask(box: tuple[float, float, float, float], size: int) -> torch.Tensor:
     return mask
 
 
-def _parse_object(spec: str | None, kind: str):
-    """A `--sampler` / `--kv-cache` spec -> an object from vartk.samplers (None stays None)."""
+def parse_spec_flag(spec: str | None, kind: str):
+    """A `--sampler` / `--kv-cache` spec (`kind`: "sampler" / "kv-cache") -> an object from vartk.samplers (None
+    stays None)."""
     from .samplers import from_spec
 
     try:
-        return None if spec is None else from_spec(spec)
+        return None if spec is None else from_spec(spec, kind)
     except (ValueError, TypeError) as err:
         raise SystemExit(f"bad --{kind} {spec!r}: {err}")
 
@@ -151,8 +152,8 @@ def cmd_sample(args) -> None:
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     images = pipe(
         class_labels=class_arguments(args.classes or ["0"], pipe.class_names), num_images_per_label=args.n,
-        generator=generator, output_type="pt", sampler=_parse_object(args.sampler, "sampler"),
-        kv_cache=_parse_object(args.kv_cache, "kv-cache"), guidance_scale=args.cfg, top_k=args.top_k,
+        generator=generator, output_type="pt", sampler=parse_spec_flag(args.sampler, "sampler"),
+        kv_cache=parse_spec_flag(args.kv_cache, "kv-cache"), guidance_scale=args.cfg, top_k=args.top_k,
         top_p=args.top_p,
     ).images
     save_images(images, out)

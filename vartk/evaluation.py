@@ -49,7 +49,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from vartk.cli import int_in_range
+from vartk.cli import int_in_range, parse_spec_flag
 from vartk.files import write_text_atomic
 from vartk.metrics import INCEPTION, check_scoring, compute_metrics, list_images, npz_keys, paired_psnr
 from vartk.pipelines import images_to_uint8
@@ -313,14 +313,7 @@ def software_versions() -> dict:
 
 def _as_object(spec, kind: str):
     """A sampler / KV-cache policy given as an object or as 'name:key=value,...' (vartk.samplers)."""
-    from vartk.samplers import from_spec
-
-    if spec is None or not isinstance(spec, str):
-        return spec
-    try:
-        return from_spec(spec)
-    except (ValueError, TypeError) as err:
-        raise SystemExit(f"bad --{kind} {spec!r}: {err}")
+    return parse_spec_flag(spec, kind) if isinstance(spec, str) else spec
 
 
 def check_sampling(pipe, options: dict) -> None:

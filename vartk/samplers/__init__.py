@@ -47,13 +47,19 @@ def spec_example(name: str, cls) -> str:
     return f"{name}:{first.name}={default}"
 
 
-def from_spec(spec: str):
+SPEC_KINDS = {"sampler": ("NextScaleSampler", "NextTokenSampler"), "kv-cache": ("FullKVCache",)}
+
+
+def from_spec(spec: str, kind: str | None = None):
     """'name:key=value,key=value' -> an instance of the sampler / KV-cache class `name` (case-insensitive),
-    e.g. "nextscalesampler:more_smooth=true" (values parsed by `spec_value`)."""
-    classes = {n.lower(): n for n in __all__ if n[0].isupper()}
+    e.g. "nextscalesampler:more_smooth=true" (values parsed by `spec_value`); `kind` ("sampler" or "kv-cache")
+    allows only that kind's classes."""
+    names = SPEC_KINDS[kind] if kind else [n for n in __all__ if n[0].isupper()]
+    classes = {n.lower(): n for n in names}
     name, _, arg_text = spec.partition(":")
     if name.lower() not in classes:
-        raise ValueError(f"unknown sampler or KV-cache policy {name!r}; available: {sorted(classes)}")
+        what = {"sampler": "sampler", "kv-cache": "KV-cache policy"}.get(kind, "sampler or KV-cache policy")
+        raise ValueError(f"unknown {what} {name!r}; available: {sorted(classes)}")
     cls = __getattr__(classes[name.lower()])
     kwargs = {}
     for item in filter(None, arg_text.split(",")):
