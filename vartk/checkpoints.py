@@ -168,6 +168,26 @@ def config_arguments(config: dict, cls: type, source: str) -> dict:
     return arguments
 
 
+def load_saved_model(folder: Path, classes: tuple[type, ...]) -> torch.nn.Module:
+    """The model save_pretrained wrote into `folder` (config.json + safetensors), one of `classes`, loaded strictly:
+    every config field and every weight present, of the right type and shape."""
+    config_file = folder / "config.json"
+    config = read_json_object(config_file)
+    cls = {c.__name__: c for c in classes}.get(config.get("_class_name"))
+    if cls is None:
+        raise CheckpointError(f"{config_file} describes a {config.get('_class_name')!r}; expected a "
+                              f"{' or '.join(c.__name__ for c in classes)}")
+    arguments = config_arguments(config, cls, str(config_file))
+    try:
+        with torch.device("meta"):  # every tensor comes from the file: no initialisation, no random draws
+            model = cls(**arguments)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{config_file}: {err}") from None
+    model.to_empty(device="cpu")
+    load_state_dict_strict(model, read_safetensors_folder(folder), source=str(folder))
+    return model.eval()
+
+
 @dataclass(frozen=True)
 class KnownModel:
     """An official checkpoint set: which files, on which hub repository."""

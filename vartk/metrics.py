@@ -198,6 +198,7 @@ class ClassifierExtractor(FeatureExtractorBase):
     is a folder written by `save_pretrained`; default: the emoji classifier shipped in the package."""
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        from .checkpoints import load_saved_model
         from .classifier import ImageClassifier
 
         super().__init__(name, features_list)
@@ -207,7 +208,7 @@ class ClassifierExtractor(FeatureExtractorBase):
                 f"classifier folder {folder} has no config.json; train one with `python -m vartk.classifier` "
                 "or reinstall vartk for the shipped emoji classifier"
             )
-        self.net = ImageClassifier.from_pretrained(folder, low_cpu_mem_usage=False).eval()
+        self.net = load_saved_model(folder, (ImageClassifier,))  # strict, float32, eval mode
 
     @staticmethod
     def default_weights() -> Path:

@@ -25,8 +25,8 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
 from .checkpoints import (
-    KNOWN_MODELS, CheckpointError, check_official_files_exist, config_arguments, load_state_dict_strict,
-    read_json_object, read_safetensors_folder, resolve_official_files,
+    KNOWN_MODELS, CheckpointError, check_official_files_exist, load_saved_model, read_json_object,
+    resolve_official_files,
 )
 from .images import to_rgb
 from .models.attention import KVCachePolicy
@@ -62,9 +62,10 @@ def resize_and_clamp(decoded: torch.Tensor, output_size: int | None) -> torch.Te
     """A tokenizer's unclamped output [B, 3, H, W] (about [0, 1]) -> float images [B, 3, S, S] in [0, 1], S =
     output_size (None: H). The bicubic resize comes before the clamp, as in LlamaGen's FID script (384 px samples
     scored at 256): clamping first would cut the overshoot the resize averages in."""
+    decoded = decoded.float()
     if output_size is not None and decoded.shape[-2:] != (output_size, output_size):
-        decoded = F.interpolate(decoded.float(), size=(output_size, output_size), mode="bicubic", align_corners=False)
-    return decoded.float().clamp(0, 1)
+        decoded = F.interpolate(decoded, size=(output_size, output_size), mode="bicubic", align_corners=False)
+    return decoded.clamp(0, 1)
 
 
 def _images_to_output(images: torch.Tensor, output_type: str):
@@ -275,7 +276,7 @@ class VARPipeline(_AutoregressivePipeline):
         the official demo's (cfg 3, top-k 900, top-p 0.95); `sampler`: e.g. `NextScaleSampler(more_smooth=True)`,
         as in that demo."""
         self._check_output(output_type)
-        self._check_type("sampler", sampler, NextScaleSampler, "next-scale")
+        self.check_sampler(sampler, None)
         options = self.sampling_options(guidance_scale, top_k, top_p, official=OFFICIAL_INPAINT_SAMPLING)
         if class_label is not None and not isinstance(class_label, (numbers.Integral, str)):
             raise TypeError(f"class_label must be one class id or name (None = in/out-painting), got {class_label!r}")
@@ -406,26 +407,8 @@ ASSETS = Path(__file__).parent / "assets"
 BUILTIN_MODELS = {"default": ASSETS / "default", "default-gpt": ASSETS / "default-gpt"}
 
 
-def load_component(folder: Path, classes: tuple[type, ...]) -> torch.nn.Module:
-    """The model save_pretrained wrote into `folder` (config.json + safetensors), one of `classes`, loaded strictly:
-    every config field and every weight present, of the right type and shape."""
-    config_file = folder / "config.json"
-    config = read_json_object(config_file)
-    cls = {c.__name__: c for c in classes}.get(config.get("_class_name"))
-    if cls is None:
-        raise CheckpointError(f"{config_file} describes a {config.get('_class_name')!r}; expected a "
-                              f"{' or '.join(c.__name__ for c in classes)}")
-    arguments = config_arguments(config, cls, str(config_file))
-    try:
-        model = cls(**arguments)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{config_file}: {err}") from None
-    load_state_dict_strict(model, read_safetensors_folder(folder), source=str(folder))
-    return model.eval()
-
-
 def load_folder(folder: Path) -> _AutoregressivePipeline:
-    """The pipeline save_pretrained wrote into `folder`, each component loaded strictly (`load_component`); one
+    """The pipeline save_pretrained wrote into `folder`, each component loaded strictly (`load_saved_model`); one
     CheckpointError names the file and what is wrong with it."""
     index_file = folder / PIPELINE_INDEX
     index = read_json_object(index_file)
@@ -434,7 +417,7 @@ def load_folder(folder: Path) -> _AutoregressivePipeline:
     if cls is None:
         raise CheckpointError(f"{index_file} has _class_name {class_name!r}; a vartk folder holds one of "
                               f"{sorted(PIPELINES)}")
-    components = {name: load_component(folder / name, classes) for name, classes in cls.component_classes.items()}
+    components = {name: load_saved_model(folder / name, classes) for name, classes in cls.component_classes.items()}
     try:
         return cls(**components, class_names=index.get("class_names"),
                    sampling_defaults=index.get("sampling_defaults"))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..checkpoints import CheckpointError, load_saved_model
 from ..samplers.sampling import check_non_negative, check_sampling_args
 from ..tokenizers.msvq import MultiScaleVQVAE
 from ..tokenizers.vq import VQModel
@@ -54,30 +55,19 @@ class ConditionalTrainConfig(TrainConfig):
 
 
 def load_tokenizer(path: str, official_cls: type) -> nn.Module:
-    """A save_pretrained folder (class read from its config.json) or an official file (`official_cls.from_official`)."""
+    """A save_pretrained folder of one of TOKENIZER_CLASSES, loaded strictly, or an official file
+    (`official_cls.from_official`)."""
     location = Path(path)
     if location.is_dir():
-        class_name = saved_class_name(location / "config.json")
-        if class_name not in TOKENIZER_CLASSES:
+        try:
+            return load_saved_model(location, tuple(TOKENIZER_CLASSES.values()))
+        except CheckpointError as err:
             inside = location / "tokenizer"  # where a pipeline or a training run keeps its tokenizer
             hint = f"; did you mean --tokenizer {inside}?" if inside.is_dir() else ""
-            raise SystemExit(f"--tokenizer {path}: expected a save_pretrained folder of one of "
-                             f"{sorted(TOKENIZER_CLASSES)}, found class {class_name!r}{hint}")
-        return TOKENIZER_CLASSES[class_name].from_pretrained(location)
+            raise SystemExit(f"--tokenizer {path}: {err}{hint}") from None
     if location.is_file():
         return official_cls.from_official(location)
     raise SystemExit(f"--tokenizer {path} does not exist")
-
-
-def saved_class_name(config_file: Path) -> str | None:
-    """The `_class_name` of a save_pretrained config.json, or None when there is no such file."""
-    if not config_file.is_file():
-        return None
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as err:
-        raise SystemExit(f"--tokenizer: {config_file} is not valid JSON ({err})") from None
-    return config.get("_class_name") if isinstance(config, dict) else None
 
 
 def require_same_encoding(reference: nn.Module, candidate: nn.Module, candidate_name: str, reference_name: str):

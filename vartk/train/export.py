@@ -13,11 +13,11 @@ A tokenizer run needs no export: its checkpoints' `model/` folders are tokenizer
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch.nn as nn
 
+from ..checkpoints import load_saved_model, read_json_object
 from ..models.gpt import GPTTransformer
 from ..files import refuse_foreign_folder
 from ..models.var import VARTransformer
@@ -72,14 +72,14 @@ def export_checkpoint(run: str | Path, step: int | None = None, out: str | Path 
     refuse_foreign_folder(out, PIPELINE_INDEX)
     state = read_trainer_state(folder)
     config = state["config"]
-    class_name = json.loads((folder / "model" / "config.json").read_text()).get("_class_name")
+    class_name = read_json_object(folder / "model" / "config.json").get("_class_name")
     if class_name not in JOBS:
         raise SystemExit(f"vartk train export: {folder / 'model'} holds a {class_name}; only transformer runs "
                          f"({sorted(JOBS)}) export a pipeline")
     model_cls, job_cls = JOBS[class_name]
     return job_cls.save_pipeline(
         run_tokenizer(Path(run), config, tokenizer, job_cls.official_tokenizer_cls),
-        model_cls.from_pretrained(folder / "model"),
+        load_saved_model(folder / "model", (model_cls,)),
         state.get("class_names") or find_images(config["data"])[2],  # runs before class names were saved
         out,
     )
