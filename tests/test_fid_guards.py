@@ -107,7 +107,7 @@ def test_a_reference_that_cannot_be_scored_against_is_refused_before_the_first_s
 
 @pytest.mark.parametrize("json_path, message", [
     ("folder", "results file .*folder is a folder; give a file name such as .*folder/results.json"),
-    ("file/results.json", "results file .*file/results.json cannot be written: .*file is not a writable folder"),
+    ("file/results.json", "results file .*file/results.json: .*file is a file, not a folder"),
 ])
 def test_a_results_file_that_cannot_be_written_is_refused_before_the_first_sample(tiny_pipeline, tmp_path,
                                                                                    json_path, message):

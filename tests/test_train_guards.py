@@ -269,7 +269,7 @@ def test_a_damaged_checkpoint_is_named_with_the_way_back_to_the_one_before(saved
 def test_an_out_that_is_a_file_is_refused_before_the_data_is_read(tmp_path):
     (tmp_path / "afile.txt").write_text("mine")
     for out in (tmp_path / "afile.txt", tmp_path / "afile.txt" / "run"):
-        with pytest.raises(SystemExit, match=f"--out {out}: {tmp_path / 'afile.txt'} is a file; give a folder"):
+        with pytest.raises(SystemExit, match=f"--out {out}: {tmp_path / 'afile.txt'} is a file, not a folder"):
             train_main("tokenizer", ["--data", "no-such-folder", "--out", str(out), *TOKENIZER_ARGS])
     assert (tmp_path / "afile.txt").read_text() == "mine"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .files import check_writable
 from .samplers import KV_CACHE_SPEC_HELP, SAMPLER_SPEC_HELP
 
 
@@ -38,20 +39,8 @@ def check_output(out: Path) -> Path:
         others = sorted(p.name for p in out.iterdir() if not SAMPLE_FILE.fullmatch(p.name))
         if others:
             raise SystemExit(f"--out {out} holds other files ({others[:3]}); give a new or empty folder")
-    check_writable(out.absolute().parent)
+    check_writable(out.absolute().parent, f"--out {out}")
     return out
-
-
-def check_writable(folder: Path) -> None:
-    """Refuse a folder (or, if it is yet to be made, the nearest existing folder above it) that a file cannot be
-    written into: a probe file is made and removed (permission bits say nothing for root or read-only mounts)."""
-    import tempfile
-
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as err:
-        raise SystemExit(f"cannot write into {existing} ({err.strerror}); give an --out elsewhere")
 
 
 def save_images(images: torch.Tensor, out: Path) -> None:

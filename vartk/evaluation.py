@@ -50,7 +50,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vartk.cli import int_in_range, parse_spec_flag
-from vartk.files import write_text_atomic
+from vartk.files import check_writable, write_text_atomic
 from vartk.metrics import INCEPTION, check_scoring, compute_metrics, list_images, npz_keys, paired_psnr
 from vartk.pipelines import images_to_uint8
 from vartk.samplers import KV_CACHE_SPEC_HELP, SAMPLER_SPEC_HELP
@@ -338,9 +338,7 @@ def check_json_path(path: Path) -> None:
     """Refuse, before sampling, a results file that could not be written after scoring."""
     if path.is_dir():
         raise ValueError(f"results file {path} is a folder; give a file name such as {path / 'results.json'}")
-    folder = next(p for p in path.absolute().parents if p.exists())
-    if not (folder.is_dir() and os.access(folder, os.W_OK)):
-        raise ValueError(f"results file {path} cannot be written: {folder} is not a writable folder")
+    check_writable(path.absolute().parent, f"results file {path}")
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,3 +66,16 @@ def refuse_foreign_folder(destination: str | os.PathLike, marker: str, flag: str
     if destination.is_dir() and any(destination.iterdir()) and not (destination / marker).is_file():
         raise ValueError(f"{flag} {destination} holds other files (no {marker}); give a new or empty folder, or "
                          "an earlier output of this command to replace")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Raise one ValueError unless files can be created in `folder`, or in the nearest existing folder above it
+    when it is yet to be made: a probe file is made and removed (permission bits say nothing for root or
+    read-only mounts). `what` names the path in the message, e.g. "--out runs/x"."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{what}: {existing} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise ValueError(f"{what}: cannot write into {existing} ({err.strerror})") from None

@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoints import load_state_dict_strict
-from ..files import write_file_atomic, write_text_atomic
+from ..files import check_writable, write_file_atomic, write_text_atomic
 from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from .data import (
     Batch, BatchOrder, ImageFolder, fits_in_memory, iterate_batches, load_subset, mirror_some, same_classes,
@@ -148,11 +148,10 @@ def check_out(cfg: TrainConfig) -> None:
         if images and out.resolve().is_relative_to(Path(images).resolve()):
             raise SystemExit(f"--out {cfg.out} is inside {flag(name)} {images}; give an output folder outside the "
                              "images")
-    existing = next(path for path in (out, *out.parents) if path.exists())
-    if not existing.is_dir():
-        raise SystemExit(f"--out {cfg.out}: {existing} is a file; give a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SystemExit(f"--out {cfg.out}: {existing} is not writable; give a folder you can write to")
+    try:
+        check_writable(out.absolute(), f"--out {cfg.out}")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 def check_at_least(cfg, minimum: int, names: tuple[str, ...]) -> None:
