@@ -210,11 +210,31 @@ def test_llamagen_protocol_follows_the_model_size():
         return SimpleNamespace(family="llamagen", transformer=SimpleNamespace(config=config),
                                tokenizer=SimpleNamespace(downsample_factor=16), config=FrozenDict())
 
-    assert fid.protocol_settings(gpt(768, 12, 12), "b")["guidance_scale"] == 2.0
-    assert fid.protocol_settings(gpt(1280, 36, 20), "xl") == {"guidance_scale": 1.75, "top_k": 0, "top_p": 1.0}
-    assert fid.protocol_settings(gpt(1, 1, 1), "llamagen-3b")["guidance_scale"] == 1.65
+    # the cfg of each released checkpoint's FID in the LlamaGen README (c2i_L_256's 3.80 is at 1.75, B_384's 6.09
+    # at 2.25); presets are recognised from the config or the official name
+    readme_rows = [((768, 12, 12, 16), "b", 2.0), ((768, 12, 12, 24), "b", 2.25), ((1024, 24, 16, 16), "l", 1.75),
+                   ((1024, 24, 16, 24), "l", 2.0), ((1280, 36, 20, 24), "xl", 1.75), ((1536, 48, 24, 24), "xxl", 1.75),
+                   ((3200, 24, 32, 24), "3b", 1.65), ((1, 1, 1, 16), "llamagen-l", 1.75), ((1, 1, 1), "llamagen-3b", 1.65)]
+    for config, name, cfg in readme_rows:
+        assert fid.protocol_settings(gpt(*config), name) == {"guidance_scale": cfg, "top_k": 0, "top_p": 1.0}, name
     assert fid.resolve_eval_size(gpt(768, 12, 12, grid_size=24), "auto") == 256  # 384 px -> 256 for FID
     assert fid.resolve_eval_size(gpt(768, 12, 12, grid_size=16), "auto") is None
+
+
+def test_labels_follow_each_familys_fid_script(tiny_pipeline, tmp_path):
+    """VAR's protocol is 50 per class (balanced); LlamaGen's script draws labels uniformly per batch."""
+    from vartk.models.gpt import GPTTransformer
+    from vartk.pipelines import GPTPipeline
+
+    assert fid.evaluate(str(tiny_pipeline), tmp_path / "var", **RUN)["settings"]["labels"] == "balanced"
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32, patch_nums=(2,),
+                                norm_groups=8)
+    transformer = GPTTransformer(dim=32, n_layer=1, n_head=2, vocab_size=32, num_classes=10, grid_size=2)
+    result = fid.evaluate(GPTPipeline(tokenizer=tokenizer, transformer=transformer), tmp_path / "gpt", **RUN)
+    assert result["settings"]["labels"] == "random"
+    drawn = [meta["labels"] for meta in batch_metas(tmp_path / "gpt")]
+    assert drawn == [np.random.default_rng([0, b, 1]).integers(0, 10, 2).tolist() for b in range(5)]
 
 
 def test_resize_to_256_matches_llamagen_official_script():

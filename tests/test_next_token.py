@@ -68,10 +68,39 @@ def test_guidance_is_applied_before_temperature_and_filtering(model):
     def draw(logits):
         """Divide by the temperature, filter with the plain-Python reference, draw from the same generator."""
         scaled = logits.double().numpy() / 0.8
-        kept = np.array([np.where(reference_filter(row, 20, 0.9), np.exp(row - row.max()), 0.0) for row in scaled])
+        kept = np.array([np.where(reference_filter(row, 20, 0.9, "llamagen"), np.exp(row - row.max()), 0.0)
+                         for row in scaled])
         return torch.multinomial(torch.from_numpy(kept).float(), 1, generator=generator)[:, 0]
 
     assert torch.equal(tokens, reference_loop(model, labels, 1.5, draw=draw))
+
+
+def test_top_p_follows_llamagen_rule():
+    """A zero output head (the official init) gives uniform logits over 64 codes. With top_p 0.5 LlamaGen keeps
+    a code while at most half the mass is ranked above it: 33 codes (VAR's rule would keep 32)."""
+    torch.manual_seed(0)
+    uniform = GPTTransformer(dim=32, n_layer=1, n_head=2, vocab_size=64, num_classes=NUM_CLASSES, grid_size=8)
+    uniform.init_weights()
+    tokens = NextTokenSampler()(uniform.eval(), torch.zeros(32, dtype=torch.long), top_p=0.5,
+                                generator=torch.Generator().manual_seed(0), progress=False)  # 2048 draws
+    assert len(tokens.unique()) == 33
+
+
+def test_decode_steps_run_attention_on_the_math_kernel(model, monkeypatch):
+    """As the official decode_n_tokens: the prefill leaves SDPA's kernel choice alone, every decode step
+    allows the math kernel only (the kernels round differently in bf16)."""
+    import vartk.models.attention as attention_module
+
+    real_sdpa, only_math = attention_module.F.scaled_dot_product_attention, []
+
+    def spy(*args, **kwargs):
+        only_math.append(not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled())
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
+    NextTokenSampler()(model, torch.tensor([1]), guidance_scale=2.0, top_k=1, progress=False)
+    layers = len(model.layers)
+    assert only_math == [False] * layers + [True] * (model.num_tokens - 1) * layers
 
 
 def test_same_generator_same_tokens(model):

@@ -11,6 +11,7 @@ from vartk.checkpoints import KNOWN_MODELS, CheckpointError, KnownModel
 from vartk.cli import main as cli_main
 from vartk.models.gpt import GPT_CONFIGS, GPTTransformer
 from vartk.models.var import VARTransformer
+from vartk.samplers import NextScaleSampler
 from vartk.pipelines import GPTPipeline, VARPipeline, load
 from vartk.tokenizers.msvq import MultiScaleVQVAE
 
@@ -78,8 +79,6 @@ def test_save_pretrained_round_trip_gives_identical_images(converted, tmp_path):
 
 
 def test_more_smooth_decodes_the_soft_latent(converted):
-    from vartk.samplers import NextScaleSampler
-
     pipe = load(str(converted))
     hard = sample(pipe)
     smooth = sample(pipe, sampler=NextScaleSampler(more_smooth=True))
@@ -165,6 +164,8 @@ def test_inpaint_defaults_are_the_official_demo_settings(converted):
     default = edit()
     assert torch.equal(default, edit(guidance_scale=3.0, top_k=900, top_p=0.95))
     assert not torch.equal(default, edit(guidance_scale=1.5, top_k=900, top_p=0.96))  # the sampling defaults
+    assert torch.equal(default, edit(sampler=NextScaleSampler(more_smooth=True)))  # the demo's Gumbel smoothing
+    assert not torch.equal(default, edit(sampler=NextScaleSampler()))
 
 
 def test_inpaint_default_top_k_is_900():

@@ -5,8 +5,9 @@ import torch
 from vartk.samplers.sampling import check_sampling_args, filter_logits, sample_from_logits
 
 
-def reference_filter(row: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    """Plain-Python top-k then top-p over one row of logits: the set of kept indices."""
+def reference_filter(row: np.ndarray, top_k: int, top_p: float, rule: str = "var") -> np.ndarray:
+    """Plain-Python top-k then top-p over one row of logits: the set of kept indices. A token is kept while
+    the mass ranked above it is below top_p (VAR) or at most top_p (LlamaGen)."""
     keep = np.ones_like(row, dtype=bool)
     if 0 < top_k < len(row):
         kth = np.sort(row)[::-1][top_k - 1]
@@ -18,18 +19,35 @@ def reference_filter(row: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
         order = np.argsort(-probs, kind="stable")
         mass_above = 0.0
         for idx in order:
-            if mass_above >= top_p:
+            if mass_above > top_p or (rule == "var" and mass_above == top_p):
                 keep[idx] = False
             mass_above += probs[idx]
     return keep
 
 
+@pytest.mark.parametrize("rule", ["var", "llamagen"])
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.5), (7, 0.8), (1, 0.3), (0, 0.999)])
-def test_filter_matches_reference(top_k, top_p):
+def test_filter_matches_reference(top_k, top_p, rule):
     logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(top_k))
-    kept = torch.isfinite(filter_logits(logits, top_k, top_p)).numpy()
+    kept = torch.isfinite(filter_logits(logits, top_k, top_p, top_p_rule=rule)).numpy()
     for row, kept_row in zip(logits.double().numpy(), kept):
-        np.testing.assert_array_equal(kept_row, reference_filter(row, top_k, top_p))
+        np.testing.assert_array_equal(kept_row, reference_filter(row, top_k, top_p, rule))
+
+
+@pytest.mark.parametrize("probs, top_p, kept_var, kept_llamagen", [
+    ([0.5, 0.25, 0.25], 0.75, 2, 3),  # the third token has exactly 0.75 ranked above it
+    ([0.25] * 4, 0.5, 2, 3),
+    ([0.5, 0.5], 0.5, 1, 2),
+    ([0.75, 0.125, 0.125], 0.5, 1, 1),
+])
+def test_the_two_official_top_p_rules_differ_at_the_boundary(probs, top_p, kept_var, kept_llamagen):
+    """VAR keeps a token while less than top_p is ranked above it, LlamaGen while at most top_p is (values
+    exact in binary, so the boundary is hit exactly)."""
+    logits = torch.tensor([probs]).log()
+    assert torch.isfinite(filter_logits(logits, top_p=top_p, top_p_rule="var")).sum() == kept_var
+    assert torch.isfinite(filter_logits(logits, top_p=top_p, top_p_rule="llamagen")).sum() == kept_llamagen
+    with pytest.raises(ValueError, match="top_p_rule 'hf' is unknown"):
+        filter_logits(logits, top_p=top_p, top_p_rule="hf")
 
 
 def test_top_k_keeps_ties_and_top_p_keeps_argmax():

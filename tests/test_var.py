@@ -290,6 +290,47 @@ def test_forward_matches_reference_formulas(shared_aln):
     torch.testing.assert_close(model(labels, latents), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shared_aln", [False, True])
+@torch.no_grad()
+def test_autocast_forward_embeds_in_float32_and_runs_the_blocks_in_the_autocast_dtype(shared_aln):
+    """As the official training forward: the embeddings are computed with autocast off, then the residual stream,
+    the blocks' condition and the mask are cast to the autocast dtype (bfloat16) before the blocks."""
+    model = tiny_transformer(shared_aln)
+    labels, latents = torch.tensor([3, NUM_CLASSES]), torch.randn(2, 13, 8)  # [B], [B, L - 1, Cz]
+    cond = model.class_emb.weight[labels]  # [B, C], float32
+    x = torch.cat([cond[:, None] + model.pos_start, model.word_embed(latents)], 1)
+    x = x + model.lvl_embed.weight[reference_levels()] + model.pos_1LC  # [B, L, C], float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block_cond = model.shared_ada_lin(cond) if shared_aln else cond
+        x, block_cond = x.bfloat16(), block_cond.bfloat16()
+        mask = reference_block_causal_mask().bfloat16()[None, None]
+        for block in model.blocks:
+            x = block(x, block_cond, attn_mask=mask)
+        expected = model.logits(x, cond)
+        ours = model(labels, latents)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_autocast_block_and_head_follow_the_official_dtypes():
+    """Under autocast the official gates attention in place (the branch keeps attention's bfloat16 even when the
+    shared-AdaLN gate is float32) and normalises before the head in float32 (get_logits: h.float())."""
+    model = tiny_transformer(shared_aln=True)
+    block, x = model.blocks[0], torch.randn(2, 14, 64).bfloat16()  # [B, L, C]
+    class_emb = torch.randn(2, 64)  # [B, C]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cond = model.shared_ada_lin(class_emb)  # [B, 1, 6, C]
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (block.ada_gss + cond).unbind(2)
+        attended = x + block.attn(block.norm(x) * (1 + scale1) + shift1).mul_(gamma1)
+        expected_block = attended + block.ffn(block.norm(attended) * (1 + scale2) + shift2) * gamma2
+        scale, shift = model.head_nm.ada_lin(class_emb).view(2, 1, 2, 64).unbind(2)  # each [B, 1, C]
+        normed = F.layer_norm(x.float(), (64,), eps=1e-6) * (1 + scale) + shift
+        expected_logits = model.head(normed).float()
+        block_out, logits = block(x, cond), model.logits(x, class_emb)
+    assert torch.equal(block_out, expected_block) and torch.equal(logits, expected_logits)
+
+
 @torch.no_grad()
 def test_layer_norms_use_eps_1e_6_without_affine():
     """LayerNorm(eps=1e-6, elementwise_affine=False) in every block and before the head."""

@@ -8,12 +8,14 @@
 Protocol (defaults; every flag overrides; a pipeline saved with `sampling_defaults`, like vartk's own
 models, is scored with those instead):
 - VAR: cfg 1.5, top-k 900, top-p 0.96 (the VAR README's FID settings).
-- LlamaGen: top-k 0, top-p 1, cfg 2.0 for B / L, 1.75 for XL / XXL, 1.65 for 3B (GETTING_STARTED);
+- LlamaGen: top-k 0, top-p 1, and the cfg of each released checkpoint's FID in the LlamaGen README:
+  B 2.0 (2.25 at 384 px), L 1.75 (2.0 at 384 px), XL / XXL 1.75, 3B 1.65 (LLAMAGEN_CFG);
   384-px models are resized to 256 (bicubic) before writing, as the official FID script does.
-- 50 images per class with class-balanced labels (image i has class i % num_classes); `--labels random`
-  draws them uniformly per batch like LlamaGen's script; `--labels reference` gives the classes in the
-  proportions of the reference folder's class subfolders (for in-domain FID against an unbalanced held-out
-  set, where a balanced sample set would be judged on its class mix more than on its images).
+- 50 images per class. Labels: VAR class-balanced (image i has class i % num_classes), LlamaGen drawn
+  uniformly per batch, as each family's FID script does (`--labels balanced | random` overrides);
+  `--labels reference` gives the classes in the proportions of the reference folder's class subfolders (for
+  in-domain FID against an unbalanced held-out set, where a balanced sample set would be judged on its class
+  mix more than on its images).
 - Batch b draws from its own seed, SeedSequence([seed, b]), so the images do not depend on the number
   of GPUs or on restarts. Images are written as PNG, uint8 = round(255 x) (ADM's truncation not used).
 
@@ -56,10 +58,16 @@ from vartk.pipelines import images_to_uint8
 from vartk.samplers import KV_CACHE_SPEC_HELP, SAMPLER_SPEC_HELP
 
 VAR_PROTOCOL = {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96}
-LLAMAGEN_CFG = {"GPT-B": 2.0, "GPT-L": 2.0, "GPT-XL": 1.75, "GPT-XXL": 1.75, "GPT-3B": 1.65}
+# (preset, grid size) -> the cfg of the LlamaGen README's FID for that released checkpoint (the paper's appendix
+# tables); GETTING_STARTED uses 2.0 for B and L alike. Other grids take the preset's 384-px value.
+LLAMAGEN_CFG = {
+    ("GPT-B", 16): 2.0, ("GPT-B", 24): 2.25, ("GPT-L", 16): 1.75, ("GPT-L", 24): 2.0,
+    ("GPT-XL", 24): 1.75, ("GPT-XXL", 24): 1.75, ("GPT-3B", 24): 1.65,
+}
 LLAMAGEN_EVAL_SIZE = 256  # the official script resizes 384-px samples to this before scoring
 IMAGES_PER_CLASS = 50
 LABEL_MODES = ("balanced", "random", "reference")
+PROTOCOL_LABELS = {"var": "balanced", "llamagen": "random"}  # what each family's official FID script draws
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STOP_AFTER_ENV = "VARTK_FID_STOP_AFTER"  # test hook: die inside the batch after this many finished batches
 
@@ -87,7 +95,9 @@ def published_settings(pipe, model: str) -> dict:
     if pipe.family == "var":
         return dict(VAR_PROTOCOL)
     preset = _llamagen_preset(pipe, model)
-    return {"guidance_scale": LLAMAGEN_CFG.get(preset, LLAMAGEN_CFG["GPT-B"]), "top_k": 0, "top_p": 1.0}
+    grid = pipe.transformer.config.grid_size
+    cfg = LLAMAGEN_CFG.get((preset, grid), LLAMAGEN_CFG.get((preset, 24), LLAMAGEN_CFG[("GPT-B", 16)]))
+    return {"guidance_scale": cfg, "top_k": 0, "top_p": 1.0}
 
 
 def protocol_settings(pipe, model: str) -> dict:
@@ -382,7 +392,7 @@ def evaluate(
     reference=None,
     *,
     num_images: int | None = None,
-    labels: str = "balanced",
+    labels: str | None = None,
     batch_size: int = 50,
     seed: int = 0,
     guidance_scale: float | None = None,
@@ -405,7 +415,7 @@ def evaluate(
 
     Returns the results dict on rank 0 (also written to `json_path`, default `out`/results.json) and
     None on other ranks. sampler / kv_cache: objects or 'name:key=value' specs from vartk.samplers.
-    guidance_scale, top_k, top_p: None = the protocol's values (see the module docstring)."""
+    guidance_scale, top_k, top_p, labels: None = the protocol's values (see the module docstring)."""
     import vartk
 
     rank, world_size, device = _init_distributed()
@@ -413,6 +423,7 @@ def evaluate(
         raise ValueError(f"dtype {dtype!r} is unknown; use one of {list(DTYPES)}")
     model_name = model if isinstance(model, str) else type(model).__name__
     pipe = vartk.load(model, device=device, torch_dtype=DTYPES[dtype]) if isinstance(model, str) else model.to(device)
+    labels = labels or PROTOCOL_LABELS[pipe.family]
     class_counts = (reference_class_counts(reference, pipe.class_names, pipe.num_classes)
                     if labels == "reference" else None)
     plan = SamplingPlan(IMAGES_PER_CLASS * pipe.num_classes if num_images is None else num_images, batch_size,
@@ -552,8 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="run folder (samples/, settings.json, results.json); a .json file with --compare")
     parser.add_argument("--reference", help="image folder, ADM .npz (arr_0 and/or mu, sigma) or our statistics .npz")
     parser.add_argument("--num-images", type=int_in_range(1), default=None, help="default: 50 per class")
-    parser.add_argument("--labels", choices=LABEL_MODES, default="balanced",
-                        help="balanced (i %% classes), random, or reference (the class mix of the --reference folder)")
+    parser.add_argument("--labels", choices=LABEL_MODES, default=None,
+                        help="balanced (i %% classes), random (per batch), or reference (the class mix of the "
+                             "--reference folder); default: the family's protocol, VAR balanced, LlamaGen random")
     parser.add_argument("--batch-size", type=int_in_range(1), default=50, help="images per batch (= per shard folder)")
     parser.add_argument("--seed", type=int_in_range(0), default=0,
                         help="base seed; batch b uses SeedSequence([seed, b])")

@@ -273,8 +273,8 @@ class VARPipeline(_AutoregressivePipeline):
         `image`: PIL image(s), a uint8 array [H, W, 3] / [B, H, W, 3] or a float tensor [B, 3, H, W] in [0, 1],
         at the tokenizer's resolution; `mask`: [h, w] or [B, h, w] at the last token-map resolution, 1 = keep
         the image's token, 0 = generate. Settings left as None come from the model's `sampling_defaults`, else
-        the official demo's (cfg 3, top-k 900, top-p 0.95); `sampler`: e.g. `NextScaleSampler(more_smooth=True)`,
-        as in that demo."""
+        the official editing demo's (cfg 3, top-k 900, top-p 0.95); `sampler` defaults to that demo's
+        `NextScaleSampler(more_smooth=True)` (pass `NextScaleSampler()` for plain token sampling)."""
         self._check_output(output_type)
         self.check_sampler(sampler, None)
         options = self.sampling_options(guidance_scale, top_k, top_p, official=OFFICIAL_INPAINT_SAMPLING)

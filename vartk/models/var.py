@@ -119,7 +119,8 @@ class AdaLNBlock(nn.Module):
 
     def forward(self, x, cond, attn_mask=None, cache=None):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
-        h = self.attn(self.norm(x) * (1 + scale1) + shift1, attn_mask, cache) * gamma1
+        h = self.attn(self.norm(x) * (1 + scale1) + shift1, attn_mask, cache)
+        h = (h * gamma1).to(h.dtype)  # the official gates in place, so the branch keeps attention's dtype
         x = x + drop_path(h, self.drop_path_prob, self.training)
         h = self.ffn(self.norm(x) * (1 + scale2) + shift2) * gamma2
         return x + drop_path(h, self.drop_path_prob, self.training)
@@ -272,7 +273,9 @@ class VARTransformer(ModelMixin, ConfigMixin):
         return cond[:, None] + self.pos_start
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_nm(x, cond)).float()  # [B, l, V]
+        """The head's norm in float32 whatever the blocks ran in (as the official get_logits), [B, l, V] float32."""
+        normed = self.head_nm(x.float(), cond)  # [B, l, C]
+        return self.head(normed.to(self.head.weight.dtype)).float()
 
     def forward(self, class_labels: torch.Tensor, teacher_forcing_input: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits for the whole pyramid.
@@ -281,10 +284,12 @@ class VARTransformer(ModelMixin, ConfigMixin):
         teacher_forcing_input [B, L - 1, Cz] (tokenizer.teacher_forcing_input); returns [B, L, V] float32.
         """
         cond, block_cond = self.condition(class_labels)
-        latents = teacher_forcing_input.to(self.word_embed.weight.dtype)
-        x = torch.cat([self.first_scale_tokens(cond), self.word_embed(latents)], dim=1)  # [B, L, C]
-        x = x + self.scale_embedding(0, self.seq_len)
-        mask = self.attn_bias_for_masking.to(x.dtype)
+        with torch.autocast(self.pos_1LC.device.type, enabled=False):  # the official embeds in the weights' dtype
+            latents = teacher_forcing_input.to(self.word_embed.weight.dtype)
+            x = torch.cat([self.first_scale_tokens(cond), self.word_embed(latents)], dim=1)  # [B, L, C]
+            x = x + self.scale_embedding(0, self.seq_len)
+        dtype = autocast_dtype(x.device.type, x.dtype)  # the blocks run in the autocast dtype, residual stream included
+        x, block_cond, mask = x.to(dtype), block_cond.to(dtype), self.attn_bias_for_masking.to(dtype)
         for block in self.blocks:
             x = block(x, block_cond, attn_mask=mask)
         return self.logits(x, cond)
@@ -354,6 +359,11 @@ class VARTransformer(ModelMixin, ConfigMixin):
         self.attn_bias_for_masking.copy_(block_causal_bias(self.patch_nums))
         for block in self.blocks:
             block.attn.zero_k_bias.zero_()
+
+
+def autocast_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """The dtype autocast computes in on `device_type`, or `default` when autocast is off there."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
 
 
 def infer_official_config(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict:

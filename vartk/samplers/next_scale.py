@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vartk.models.attention import FullKVCache, KVCachePolicy
+from vartk.models.var import autocast_dtype
 from vartk.samplers.sampling import (
     check_class_labels, check_generator, check_non_negative, check_sampling_args, filter_logits, on_generator_device,
     sample_from_logits,
@@ -78,7 +79,7 @@ class NextScaleSampler:
             labels = torch.cat([labels, torch.full_like(labels, transformer.null_class)])  # [2B]: cond; null
         caches = (kv_cache or FullKVCache()).new_caches(
             transformer.num_layers, len(labels), transformer.num_heads, transformer.seq_len,
-            transformer.head_dim, activation_dtype(transformer), device,
+            transformer.head_dim, autocast_dtype(device.type, transformer.dtype), device,  # the keys' dtype
         )
         f_hat = torch.zeros(B, tokenizer.latent_channels, tokenizer.latent_size, tokenizer.latent_size, device=device)
         x_next, token_maps = None, []
@@ -121,14 +122,6 @@ def guided_logits(logits: torch.Tensor, t: float) -> torch.Tensor:
     """[cond; uncond] logits [2B, l, V] -> (1 + t) * cond - t * uncond, [B, l, V]."""
     cond, uncond = logits.chunk(2)
     return (1 + t) * cond - t * uncond
-
-
-def activation_dtype(transformer) -> torch.dtype:
-    """The dtype keys and values will have: the autocast dtype when autocast is on, else the weights'."""
-    device_type = transformer.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return transformer.dtype
 
 
 def check_same_schedule(transformer, tokenizer) -> None:
@@ -191,11 +184,11 @@ def edit_next_scale(
 
     `mask` is at the final token resolution ([h, w], [B, h, w] or [B, 1, h, w]; 1 = keep the
     image's token, 0 = generate). `class_labels` None means the null class (pure in/out-painting);
-    one class id or B of them make it class-conditional editing. `sample_kwargs` go to the sampler
-    (guidance_scale, top_k, top_p, generator, return_latent, ...; the official demo uses guidance 3,
-    top_k 900, top_p 0.95 and `NextScaleSampler(more_smooth=True)`, whose effect lives in the running
-    latent: pass `return_latent=True` and decode it with `tokenizer.decode_latent`). Returns the
-    per-scale token maps [B, pn, pn] (and the latent with `return_latent`).
+    one class id or B of them make it class-conditional editing. `sampler` defaults to the official
+    editing demo's `NextScaleSampler(more_smooth=True)`, whose effect lives in the running latent: pass
+    `return_latent=True` and decode it with `tokenizer.decode_latent`. `sample_kwargs` go to the sampler
+    (guidance_scale, top_k, top_p, generator, return_latent, ...; that demo uses guidance 3, top_k 900,
+    top_p 0.95). Returns the per-scale token maps [B, pn, pn] (and the latent with `return_latent`).
     """
     expected = tokenizer.latent_size * tokenizer.downsample_factor
     if images.ndim != 4 or images.shape[-2:] != (expected, expected):
@@ -214,6 +207,6 @@ def edit_next_scale(
         raise TypeError(f"mask must be a tensor or array of 1 (keep) and 0 (generate) at the final token map, got a "
                         f"{type(mask).__name__}") from None
     known_tokens = tokenizer.encode(images.to(tokenizer.device))
-    sampler = sampler or NextScaleSampler()
+    sampler = sampler or NextScaleSampler(more_smooth=True)  # the official editing demo's
     return sampler(transformer, tokenizer, labels.expand(batch_size), known_tokens=known_tokens, keep_mask=mask,
                    **sample_kwargs)

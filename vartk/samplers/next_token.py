@@ -3,6 +3,9 @@ order on static KV caches, with classifier-free guidance.
 
 With guidance the batch holds 2B rows, [cond; null]; logits = u + s * (c - u) is applied to the
 float32 logits before temperature / top-k / top-p, and the sampled token is fed to both halves.
+Top-p follows LlamaGen's rule (`top_p_drop_llamagen`), and every decode step (not the prefill) runs
+attention on PyTorch's math SDPA kernel, as the official `decode_n_tokens` does: in bf16 the fused kernels
+round differently, and the sampled tokens would drift from the official ones.
 On CUDA the single-token decode step can be replayed from a captured CUDA graph; it runs the
 same `forward_cached` call as the eager loop, so both paths compute the same thing.
 """
@@ -12,12 +15,16 @@ import numbers
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..models.attention import StaticKVCache
 from .sampling import (
     check_class_labels, check_generator, check_non_negative, check_sampling_args, sample_from_logits,
 )
+
+
+DECODE_ATTENTION = SDPBackend.MATH  # the official decode steps' kernel (the prefill picks its own)
 
 
 @dataclass
@@ -76,7 +83,8 @@ class NextTokenSampler:
             caches = transformer.new_kv_caches(len(rows))
 
             def decode(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-                return transformer.forward_cached(tokens, None, positions, caches)
+                with sdpa_kernel(DECODE_ATTENTION):
+                    return transformer.forward_cached(tokens, None, positions, caches)
 
         def pick(logits: torch.Tensor, guide: bool) -> torch.Tensor:
             """Last-position logits [R, T, V] -> one token per sample [B] (CFG combine, then draw)."""
@@ -84,7 +92,7 @@ class NextTokenSampler:
             if guided:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + guidance_scale * (cond - uncond) if guide else cond
-            return sample_from_logits(logits, top_k, top_p, self.temperature, generator)
+            return sample_from_logits(logits, top_k, top_p, self.temperature, generator, top_p_rule="llamagen")
 
         num_tokens = transformer.num_tokens
         out = torch.empty(len(labels), num_tokens, dtype=torch.long, device=labels.device)  # [B, N]
@@ -135,13 +143,13 @@ class CUDAGraphDecodeStep:
         with torch.cuda.device(device):  # capture on the model's GPU, whichever is current
             side_stream = torch.cuda.Stream(device)
             side_stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side_stream):
+            with torch.cuda.stream(side_stream), sdpa_kernel(DECODE_ATTENTION):
                 for _ in range(warmup_steps):
                     transformer.forward_cached(self.tokens, None, self.positions, caches)
             torch.cuda.current_stream(device).wait_stream(side_stream)
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: a DataLoader's pin-memory thread may call CUDA while a training job captures
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), sdpa_kernel(DECODE_ATTENTION):
                 self.logits = transformer.forward_cached(self.tokens, None, self.positions, caches)  # [R, 1, V]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -63,22 +63,43 @@ def check_class_labels(class_labels, num_classes: int, device=None, allow_null: 
     return labels
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, top_p_rule: str = "var") -> torch.Tensor:
     """Top-k then top-p filtering over the last dim; removed entries become -inf (a new tensor).
 
-    Top-k keeps every logit >= the k-th largest (ties kept). Top-p keeps the smallest set of
-    highest-probability tokens whose mass reaches `top_p`; the argmax always survives.
+    Top-k keeps every logit >= the k-th largest (ties kept). Top-p keeps the highest-probability tokens
+    by one of the two official rules (TOP_P_RULES); the argmax always survives.
     """
+    if top_p_rule not in TOP_P_RULES:
+        raise ValueError(f"top_p_rule {top_p_rule!r} is unknown; use one of {sorted(TOP_P_RULES)}")
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [..., 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
-        mass_below = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [..., V], ascending
-        drop_sorted = mass_below <= (1.0 - top_p)
-        drop_sorted[..., -1] = False
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        logits = logits.masked_fill(TOP_P_RULES[top_p_rule](logits, top_p), float("-inf"))
     return logits
+
+
+def top_p_drop_var(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """VAR's rule, bool [..., V] (True = drop): sorted ascending, drop the tokens whose cumulative
+    probability (their own included) is at most 1 - top_p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+    mass_up_to = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [..., V], ascending
+    drop_sorted = mass_up_to <= (1.0 - top_p)
+    drop_sorted[..., -1] = False
+    return drop_sorted.scatter(-1, order, drop_sorted)
+
+
+def top_p_drop_llamagen(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """LlamaGen's rule, bool [..., V] (True = drop): sorted descending, drop a token once the probability
+    of the tokens ranked above it exceeds top_p (so the token that crosses top_p is kept)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    mass_up_to = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [..., V], descending
+    drop_sorted = torch.zeros_like(mass_up_to, dtype=torch.bool)
+    drop_sorted[..., 1:] = mass_up_to[..., :-1] > top_p
+    return drop_sorted.scatter(-1, order, drop_sorted)
+
+
+TOP_P_RULES = {"var": top_p_drop_var, "llamagen": top_p_drop_llamagen}
 
 
 def sample_from_logits(
@@ -87,12 +108,14 @@ def sample_from_logits(
     top_p: float = 1.0,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    top_p_rule: str = "var",
 ) -> torch.Tensor:
     """Draw one token per row of `logits` [..., V] -> int64 [...]. temperature 0 means greedy; a positive one
     is floored at MIN_TEMPERATURE, as in the official LlamaGen (smaller ones overflow the logits)."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits.float() / max(temperature, MIN_TEMPERATURE), top_k, top_p).softmax(dim=-1)
+    scaled = logits.float() / max(temperature, MIN_TEMPERATURE)
+    probs = filter_logits(scaled, top_k, top_p, top_p_rule).softmax(dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
     tokens = on_generator_device(lambda p: torch.multinomial(p, 1, generator=generator), flat, generator)  # [N, 1]
     return tokens.view(probs.shape[:-1])
