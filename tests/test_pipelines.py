@@ -284,6 +284,10 @@ def test_missing_and_corrupt_files(official_files, tmp_path):
         VARPipeline.from_official(vae=official_files / "vae_tiny.pth", var=tmp_path / "missing.pth")
     with pytest.raises(FileNotFoundError, match=r"missing: vq='no_vq.pt', gpt='no_gpt.pt'$"):  # both at once
         GPTPipeline.from_official(vq="no_vq.pt", gpt="no_gpt.pt")
+    names = r"vae='vae_ch160v4096z32.pth', var='var_d16.pth'"
+    official = r"\S*/FoundationVision/var/resolve/main/vae_ch160v4096z32.pth \S*/var_d16.pth"
+    with pytest.raises(FileNotFoundError, match=rf"missing: {names}; download {official}"):
+        VARPipeline.from_official(vae="vae_ch160v4096z32.pth", var="var_d16.pth")  # official names: where to get them
     corrupt = tmp_path / "var_corrupt.pth"
     corrupt.write_bytes((official_files / "var_tiny.pth").read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="var_corrupt.pth"):

@@ -25,10 +25,14 @@ class CheckpointError(ValueError):
 def check_official_files_exist(**files) -> None:
     """Raise one FileNotFoundError naming every missing file among `files` {argument: path or state dict}, so a
     user fetching two files learns of both at once."""
-    missing = [f"{name}={str(path)!r}" for name, path in files.items()
-               if isinstance(path, (str, os.PathLike)) and not Path(path).is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint file(s) missing: {', '.join(missing)}")
+    absent = {name: Path(path) for name, path in files.items()
+              if isinstance(path, (str, os.PathLike)) and not Path(path).is_file()}
+    if absent:
+        listed = ", ".join(f"{name}={str(path)!r}" for name, path in absent.items())
+        urls = [url for url in (official_url(path.name) for path in absent.values()) if url]
+        if urls:
+            listed += f"; download {' '.join(urls)} (vartk.load with the model's name finds or downloads them)"
+        raise FileNotFoundError(f"checkpoint file(s) missing: {listed}")
 
 
 def read_official_file(path: str | os.PathLike, containers: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -217,6 +221,16 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 }
 
 
+def official_url(file_name: str) -> str | None:
+    """The hub address of an official checkpoint file, or None for a file no known model uses."""
+    from huggingface_hub import constants
+
+    for known in KNOWN_MODELS.values():
+        if file_name in known.files.values():
+            return f"{constants.ENDPOINT}/{known.hub_repo}/resolve/main/{file_name}"
+    return None
+
+
 def default_cache_dir() -> Path:
     """Folder searched first for official files: $VARTK_HOME or ~/.cache/vartk."""
     return Path(os.environ.get("VARTK_HOME") or Path.home() / ".cache" / "vartk").expanduser()
@@ -264,7 +278,7 @@ def resolve_official_files(name: str, search_dirs: list[Path] | None = None) -> 
     paths = {role: find_local_file(known.hub_repo, file, search_dirs) for role, file in known.files.items()}
     missing = [role for role, path in paths.items() if path is None]
     if missing:
-        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub import hf_hub_download
 
         reason = hub_unreachable()
         for role in missing if reason is None else ():
@@ -275,7 +289,7 @@ def resolve_official_files(name: str, search_dirs: list[Path] | None = None) -> 
                 break
         if reason is not None:
             absent = [known.files[r] for r in missing if paths[r] is None]
-            urls = " ".join(f"{constants.ENDPOINT}/{known.hub_repo}/resolve/main/{f}" for f in absent)
+            urls = " ".join(official_url(f) for f in absent)
             raise FileNotFoundError(
                 f"{', '.join(absent)} for {name!r} {'is' if len(absent) == 1 else 'are'} not available locally and "
                 f"could not be downloaded ({reason}). Download {urls} and put "
