@@ -346,6 +346,21 @@ def kill_after(run: Path, step: int, into: Path) -> None:
     (into / "log.jsonl").write_text("\n".join(lines) + "\n" + lines[-1][:10])
 
 
+def test_architecture_defaults_are_the_official_ones():
+    """GPT-L's official SwiGLU is 2816 wide (2/3 of 4 * 1024, rounded up to a multiple of 256); VAR's stochastic
+    depth rises linearly to 0.1 * depth / 24 in the last block (d16: 0.0667)."""
+    from vartk.train.gpt import GPTTrainConfig, build_gpt
+    from vartk.train.var import VARTrainConfig, build_var
+
+    with torch.device("meta"):
+        gpt = build_gpt(GPTTrainConfig(dim=1024, n_layer=24, n_head=16), vocab_size=16384, num_classes=1000,
+                        grid_size=16)
+        var = build_var(VARTrainConfig(depth=16), vocab_size=4096, latent_channels=32, num_classes=1000,
+                        patch_nums=(1, 2))
+    assert gpt.layers[0].feed_forward.w1.weight.shape == (2816, 1024)
+    assert var.blocks[0].drop_path_prob == 0 and var.blocks[-1].drop_path_prob == pytest.approx(0.1 * 16 / 24)
+
+
 @pytest.mark.parametrize("shared_aln", [False, True])
 def test_var_weight_decay_follows_the_official_rule(shared_aln):
     """No decay on 1-D parameters, biases and names containing pos_1LC / pos_start / lvl_embed / gamma / beta /
@@ -432,9 +447,10 @@ def held_out_metrics(job: str, out: Path, val: Path) -> dict[str, float]:
         if job == "tokenizer":  # the loss reads the unclamped decoder output, PSNR the clamped images
             tokenizer = MultiScaleVQVAE.from_pretrained(out / "tokenizer")
             latent = tokenizer.tokens_to_latent(tokenizer.encode(images))  # [N, Cz, 4, 4]
-            unclamped = (tokenizer.decoder(tokenizer.post_quant_conv(latent)) + 1) / 2  # [N, 3, 8, 8]
+            unclamped = tokenizer.decoder(tokenizer.post_quant_conv(latent))  # [N, 3, 8, 8] in about [-1, 1]
             image_mse = (tokenizer.decode(tokenizer.encode(images)) - images).pow(2).mean((1, 2, 3))  # [N]
-            return {"l2": F.mse_loss(unclamped, images).item(), "l1": F.l1_loss(unclamped, images).item(),
+            signed = images * 2 - 1  # the pixel losses compare [-1, 1] images, as the official ones
+            return {"l2": F.mse_loss(unclamped, signed).item(), "l1": F.l1_loss(unclamped, signed).item(),
                     "psnr": (-10 * torch.log10(image_mse)).mean().item()}
         pipe = (VARPipeline if job == "var" else GPTPipeline).from_pretrained(out / "pipeline")
         maps = pipe.tokenizer.encode(images)  # per-scale [N, pn, pn]
@@ -472,7 +488,7 @@ def test_validation_data_must_have_the_training_classes(images, tmp_path):
 
 def test_tokenizer_validation_loss_is_the_weighted_sum_of_its_parts(images):
     """loss = vq_weight * vq + l2_weight * l2 + l1_weight * l1, the quantiser loss written out per scale (beta 0.25)
-    and the pixel losses on the unclamped decoder output."""
+    and the pixel losses between the unclamped decoder output and the images, both in [-1, 1] (the official scale)."""
     import torch.nn.functional as F
 
     job = tokenizer_job(images, "--vq-weight", "0.5", "--l2-weight", "2", "--l1-weight", "3")
@@ -482,8 +498,8 @@ def test_tokenizer_validation_loss_is_the_weighted_sum_of_its_parts(images):
         f = model.encode_latent(pixels)
         f_hats = [f_hat for _, f_hat in model.iter_residual_quantize(f)]
         vq = sum(0.25 * F.mse_loss(f_hat, f) + F.mse_loss(f_hat, f) for f_hat in f_hats) / len(f_hats)
-        recon = (model.decoder(model.post_quant_conv(f_hats[-1])) + 1) / 2
-        expected = 0.5 * vq + 2 * F.mse_loss(recon, pixels) + 3 * F.l1_loss(recon, pixels)
+        recon, signed = model.decoder(model.post_quant_conv(f_hats[-1])), pixels * 2 - 1  # both in [-1, 1]
+        expected = 0.5 * vq + 2 * F.mse_loss(recon, signed) + 3 * F.l1_loss(recon, signed)
     assert metrics["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 

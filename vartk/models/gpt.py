@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
 
 from ..checkpoints import load_state_dict_strict, read_official_file
 from .attention import StaticKVCache, attention, position_mask
@@ -88,19 +89,17 @@ class Attention(nn.Module):
     def __init__(self, dim: int, n_head: int, resid_dropout_p: float):
         super().__init__()
         self.n_head = n_head
-        self.head_dim = dim // n_head
         self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
         self.resid_dropout = nn.Dropout(resid_dropout_p)
 
     def forward(self, x, cos, sin, mask, positions, cache: StaticKVCache | None):
-        B, T, C = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each [B, T, H, D]
+        q, k, v = rearrange(self.wqkv(x), "b t (three h d) -> three b t h d", three=3, h=self.n_head)  # [B, T, H, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q, k, v = (rearrange(t, "b t h d -> b h t d") for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(k, v, positions)  # [B, H, S, D]
-        y = attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, C)
+        y = rearrange(attention(q, k, v, attn_mask=mask), "b h t d -> b t (h d)")
         return self.resid_dropout(self.wo(y))
 
 

@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from einops import rearrange
+from timm.layers import drop_path
 
 from vartk.checkpoints import CheckpointError, load_state_dict_strict, read_official_file, unwrap_state_dict
 from vartk.models.attention import KVCache, attention
@@ -41,14 +43,6 @@ MAX_LOG_ATTN_SCALE = math.log(100.0)  # clamp of the learned per-head temperatur
 RECOMPUTED_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")
 
 
-def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero the whole residual branch of a sample with probability `drop_prob`."""
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1.0 - drop_prob)  # [B, 1, 1]
-    return x * keep / (1.0 - drop_prob)
-
-
 class SelfAttention(nn.Module):
     """Multi-head attention; q and v have biases, k does not. With `l2_norm`, q and k are unit
     vectors and q is multiplied by a learned per-head temperature (softmax scale 1)."""
@@ -57,8 +51,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
-        self.num_heads, self.head_dim, self.l2_norm = num_heads, width // num_heads, l2_norm
-        self.scale = 1.0 if l2_norm else 0.25 / math.sqrt(self.head_dim)
+        self.num_heads, self.l2_norm = num_heads, l2_norm
+        self.scale = 1.0 if l2_norm else 0.25 / math.sqrt(width // num_heads)
         if l2_norm:
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
@@ -68,10 +62,9 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: KVCache | None = None):
-        B, L, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, D]
+        qkv = F.linear(x, self.mat_qkv.weight, bias)  # [B, L, 3C]
+        q, k, v = rearrange(qkv, "b l (three h d) -> three b h l d", three=3, h=self.num_heads)  # each [B, H, L, D]
         if self.l2_norm:
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(MAX_LOG_ATTN_SCALE).exp()
             k = F.normalize(k, dim=-1)
@@ -80,7 +73,7 @@ class SelfAttention(nn.Module):
         out = attention(q, k, v, attn_mask=attn_mask, scale=self.scale)  # [B, H, L, D]
         if cache is not None:
             cache.observe(q)
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
 class FeedForward(nn.Module):

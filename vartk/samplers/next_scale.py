@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from tqdm.auto import tqdm
 
 from vartk.models.attention import FullKVCache, KVCachePolicy
@@ -89,7 +90,7 @@ class NextScaleSampler:
             if use_cfg:
                 logits = guided_logits(logits, guidance_scale * ratio)  # [B, pn^2, V]
             tokens, codes = self.draw(logits, tokenizer, ratio, top_k, top_p, generator)
-            codes = codes.transpose(1, 2).reshape(B, -1, pn, pn)  # [B, Cz, pn, pn]
+            codes = rearrange(codes, "b (h w) c -> b c h w", h=pn)  # [B, Cz, pn, pn]
             tokens = tokens.view(B, pn, pn)
             if known_tokens is not None:
                 keep = keep_mask_at(keep_mask, pn)  # [B, 1, pn, pn]
@@ -109,7 +110,7 @@ class NextScaleSampler:
         filtered = filter_logits(logits, top_k, top_p)
         tokens = sample_from_logits(filtered, generator=generator)  # [B, l]
         if not self.more_smooth:
-            return tokens, tokenizer.embed_tokens(tokens).flatten(2).transpose(1, 2)
+            return tokens, rearrange(tokenizer.embed_tokens(tokens), "b c h w -> b (h w) c")
         tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
         gumbel = -on_generator_device(
             lambda x: torch.empty_like(x).exponential_(generator=generator), filtered, generator).log()  # [B, l, V]

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
 
 from ..checkpoints import load_state_dict_strict, read_official_file
 from .convnet import (
@@ -77,12 +78,11 @@ class MultiScaleQuantizer(nn.Module):
 
     def nearest_code(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code (squared L2, fp32) for every position of z [B, C, h, w] -> [B, h, w]."""
-        B, C, h, w = z.shape
-        z_flat = z.permute(0, 2, 3, 1).reshape(-1, C).float()  # [B*h*w, C]
+        z_flat = rearrange(z, "b c h w -> (b h w) c").float()  # [B*h*w, C]
         codes = self.embedding.weight.detach().float()  # [V, C]
         dist = z_flat.square().sum(1, keepdim=True) + codes.square().sum(1)  # [B*h*w, V]
         dist = torch.addmm(dist, z_flat, codes.T, beta=1, alpha=-2)
-        return dist.argmin(dim=1).view(B, h, w)
+        return dist.argmin(dim=1).view(z.shape[0], *z.shape[2:])
 
 
 class MultiScaleVQVAE(ModelMixin, ConfigMixin):
@@ -168,7 +168,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         """Token map [B, pn, pn] or [B, pn*pn] -> codebook vectors [B, Cz, pn, pn] (float32)."""
         B, pn = tokens.shape[0], _side(tokens)
         codes = self.quantize.embedding(tokens.reshape(B, pn, pn)).float()  # [B, pn, pn, Cz]
-        return codes.permute(0, 3, 1, 2)
+        return rearrange(codes, "b h w c -> b c h w")
 
     def scale_contribution(self, scale_index: int, h: torch.Tensor) -> torch.Tensor:
         """What scale `scale_index` adds to the running latent: phi(bicubic_up(h)), no upsampling at the last scale."""
@@ -187,7 +187,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         if scale_index == self.num_scales - 1:
             raise ValueError(f"scale {scale_index} is the last of {self.num_scales} scales; there is no next scale")
         pn = self._patch_nums[scale_index + 1]
-        return F.interpolate(f_hat, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
+        return rearrange(F.interpolate(f_hat, size=(pn, pn), mode="area"), "b c h w -> b (h w) c")
 
     def new_running_latent(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """An empty running latent f_hat: zeros [B, Cz, h, w] float32."""
@@ -299,7 +299,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
             f_hat, vectors = torch.zeros_like(f), []
             for (_, next_f_hat), pn in zip(self.iter_residual_quantize(f), self._patch_nums):
                 rest = F.interpolate(f - f_hat, size=(pn, pn), mode="area")  # [B, Cz, pn, pn]
-                vectors.append(rest.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+                vectors.append(rearrange(rest, "b c h w -> (b h w) c"))
                 f_hat = next_f_hat
         return torch.cat(vectors)
 

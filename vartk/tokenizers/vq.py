@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
 
 from ..checkpoints import load_state_dict_strict, read_official_file
 from .convnet import (
@@ -41,15 +42,14 @@ class VectorQuantizer(nn.Module):
 
     def nearest_code(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the nearest codebook row (squared L2, fp32) for every position of z [B, D, h, w] -> [B, h, w]."""
-        B, D, h, w = z.shape
-        z_flat = self.normalize_latent(z.float()).permute(0, 2, 3, 1).reshape(-1, D)  # [B*h*w, D]
+        z_flat = rearrange(self.normalize_latent(z.float()), "b d h w -> (b h w) d")  # [B*h*w, D]
         codes = self.codebook().detach().float()  # [V, D]
         dist = z_flat.square().sum(1, keepdim=True) + codes.square().sum(1) - 2 * z_flat @ codes.T  # [B*h*w, V]
-        return dist.argmin(dim=1).view(B, h, w)
+        return dist.argmin(dim=1).view(z.shape[0], *z.shape[2:])
 
     def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token map [B, h, w] -> codes [B, D, h, w]."""
-        return self.codebook()[tokens].permute(0, 3, 1, 2)
+        return rearrange(self.codebook()[tokens], "b h w d -> b d h w")
 
     @torch.no_grad()
     def record_usage(self, tokens: torch.Tensor) -> torch.Tensor:

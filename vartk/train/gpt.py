@@ -34,7 +34,7 @@ class GPTTrainConfig(ConditionalTrainConfig):
     dim: int = arg(256, "model width")
     n_layer: int = arg(6, "transformer blocks")
     n_head: int = arg(8, "attention heads (head size a multiple of 4)")
-    multiple_of: int = arg(64, "SwiGLU hidden size is rounded up to a multiple of this")
+    multiple_of: int = arg(256, "SwiGLU hidden size is rounded up to a multiple of this (official: 256)")
     token_dropout: float = arg(0.1, "dropout on the input embeddings")
     resid_dropout: float = arg(0.1, "dropout on attention outputs")
     ffn_dropout: float = arg(0.1, "dropout in the feed-forward blocks")

@@ -6,6 +6,7 @@
 
 Loss = vq_weight * quantiser loss (from the model's forward) + l2_weight * MSE + l1_weight * L1
      [+ gan_weight * hinge generator loss against a PatchGAN, from --gan-start on]
+with MSE and L1 between images in [-1, 1], as in the official training code (weights copied from it mean the same).
 The discriminator is trained in a second phase of the same step (hinge loss). A perceptual (LPIPS)
 loss needs pretrained VGG weights, which vartk cannot fetch offline: --lpips-weights is refused.
 Export: <out>/tokenizer (save_pretrained).
@@ -49,8 +50,8 @@ class TokenizerTrainConfig(TrainConfig):
     share_quant_resi: int = arg(4, "number of shared phi convs")
     norm_groups: int = arg(32, "GroupNorm groups (must divide the channels)")
     vq_weight: float = arg(1.0, "weight of the quantiser loss")
-    l2_weight: float = arg(1.0, "weight of the pixel MSE")
-    l1_weight: float = arg(0.0, "weight of the pixel L1")
+    l2_weight: float = arg(1.0, "weight of the pixel MSE (images in [-1, 1])")
+    l1_weight: float = arg(0.0, "weight of the pixel L1 (images in [-1, 1])")
     lpips_weights: str = arg("", "refused: vartk has no perceptual (LPIPS) loss (its VGG weights cannot be "
                                  "fetched offline)")
     gan_weight: float = arg(0.0, "weight of the PatchGAN hinge generator loss (0: no GAN)")
@@ -212,7 +213,8 @@ class TokenizerJob(Job):
         cfg = self.cfg
         recon, vq_loss, stats = model(images)  # [B, 3, H, W]
         recon = recon.float()
-        l2, l1 = F.mse_loss(recon, images), F.l1_loss(recon, images)
+        signed_recon, signed_images = 2 * recon - 1, 2 * images - 1  # the official losses compare [-1, 1] images
+        l2, l1 = F.mse_loss(signed_recon, signed_images), F.l1_loss(signed_recon, signed_images)
         loss = cfg.vq_weight * vq_loss + cfg.l2_weight * l2 + cfg.l1_weight * l1
         return loss, {"l2": l2.detach(), "l1": l1.detach(), "vq": vq_loss.detach()}, recon, stats
 

@@ -33,7 +33,7 @@ class VARTrainConfig(ConditionalTrainConfig):
     width: int = arg(0, "model width (0: 64 * depth)")
     num_heads: int = arg(0, "attention heads (0: depth)")
     mlp_ratio: float = arg(4.0, "MLP hidden size / width")
-    drop_path_rate: float = arg(0.0, "stochastic depth rate of the last block")
+    drop_path_rate: float = arg(-1.0, "stochastic depth rate of the last block (-1: the official 0.1 * depth / 24)")
     init_adaln_gamma: float = arg(1e-3, "initial scale of the AdaLN residual gates (official: 1e-3 for d16/d20)")
 
     def check(self) -> None:
@@ -42,8 +42,9 @@ class VARTrainConfig(ConditionalTrainConfig):
         check_at_least(self, 0, ("width", "num_heads"))  # 0: the default
         if not self.mlp_ratio > 0:
             raise SystemExit(f"--mlp-ratio must be > 0, got {self.mlp_ratio}")
-        if not 0 <= self.drop_path_rate < 1:
-            raise SystemExit(f"--drop-path-rate must be in [0, 1), got {self.drop_path_rate}")
+        if not (0 <= self.drop_path_rate < 1 or self.drop_path_rate == -1):
+            raise SystemExit(f"--drop-path-rate must be in [0, 1) or -1 (the official 0.1 * depth / 24), got "
+                             f"{self.drop_path_rate}")
         check_architecture(lambda: build_var(self, vocab_size=2, latent_channels=1, num_classes=1, patch_nums=(1,)))
 
 
@@ -52,7 +53,7 @@ def build_var(cfg: VARTrainConfig, vocab_size: int, latent_channels: int, num_cl
     return VARTransformer(
         depth=cfg.depth, width=cfg.width or None, num_heads=cfg.num_heads or None, mlp_ratio=cfg.mlp_ratio,
         vocab_size=vocab_size, latent_channels=latent_channels, num_classes=num_classes, patch_nums=patch_nums,
-        drop_path_rate=cfg.drop_path_rate,
+        drop_path_rate=0.1 * cfg.depth / 24 if cfg.drop_path_rate == -1 else cfg.drop_path_rate,
     )
 
 
