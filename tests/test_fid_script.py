@@ -298,3 +298,25 @@ def test_reference_labels_follow_the_class_mix_of_the_reference_folder(tiny_pipe
     write_folder(reference / "class_10", random_images(1, seed=10, size=8))
     with pytest.raises(ValueError, match=r"class folders \['class_0', .*'class_10'.*10 classes"):
         fid.evaluate(str(tiny_pipeline), tmp_path / "run2", **run)
+
+
+def test_compare_refuses_runs_of_another_batch_size(tiny_pipeline, uninterrupted, tmp_path):
+    """Image i's seed depends on its batch: runs differing only in --batch-size do not pair up."""
+    register_stubs()
+    other = tmp_path / "batch5"
+    fid.evaluate(str(tiny_pipeline), other, **{**RUN, "batch_size": 5})
+    with pytest.raises(SystemExit, match=r"different seeds or labels \(batch_size 2 vs 5\)"):
+        fid.main(["--compare", str(uninterrupted), str(other), "--feature-extractor", "stub-classifier",
+                  "--metrics", "fid"])
+
+
+def test_a_stray_image_in_a_finished_batch_is_refused_at_scoring(tiny_pipeline, uninterrupted, tmp_path):
+    import shutil
+
+    register_stubs()
+    run = shutil.copytree(uninterrupted, tmp_path / "run")
+    batch = run / "samples" / "batch_000004"
+    shutil.copy(next(batch.glob("*.png")), batch / "stray.png")
+    with pytest.raises(ValueError, match="holds 11 images, not the 10 planned"):
+        fid.evaluate(str(tiny_pipeline), run, num_images=10, batch_size=2, metrics=["is"],
+                     feature_extractor="stub-classifier")

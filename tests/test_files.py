@@ -41,3 +41,46 @@ def test_a_written_folder_of_safetensors_is_readable_as_the_umask_allows(tmp_pat
     finally:
         os.umask(umask)
     assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def _write_files(*names):
+    def write(folder):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_text(name)
+    return write
+
+
+def test_a_stale_temporary_folder_from_a_crash_is_cleared(tmp_path):
+    destination = tmp_path / "pipeline"
+    write_folder_atomic(destination, _write_files("old.json"))
+
+    def crash(folder):
+        _write_files("stale.json")(folder)
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_folder_atomic(destination, crash)
+    assert (tmp_path / "pipeline.tmp").is_dir()  # what a crash leaves behind
+    write_folder_atomic(destination, _write_files("new.json"))
+    assert sorted(p.name for p in destination.iterdir()) == ["new.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
+
+
+def test_a_failed_swap_keeps_a_complete_old_folder(tmp_path, monkeypatch):
+    destination = write_folder_atomic(tmp_path / "pipeline", _write_files("a.json", "b.json"))
+    replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src).endswith(".tmp"):
+            raise OSError("disk full")
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_folder_atomic(destination, _write_files("new.json"))
+    monkeypatch.undo()
+    survivors = [p for p in tmp_path.iterdir() if p.name != "pipeline.tmp"]
+    assert len(survivors) == 1  # the old copy, moved aside or in place
+    assert sorted(p.name for p in survivors[0].iterdir()) == ["a.json", "b.json"]
+    assert all(p.read_text() == p.name for p in survivors[0].iterdir())

@@ -283,3 +283,68 @@ def test_psnr_matches_definition():
     assert metrics.psnr(a, b) == pytest.approx(10 * np.log10(255**2 / mse), rel=1e-12)
     assert metrics.psnr(a, a) == float("inf")
     assert torch.isfinite(torch.tensor(metrics.psnr(a, b)))
+
+
+def _other_weights(inception, path):
+    """Weights B: weights A with the stem's first convolution scaled, so layer "64" gives other features."""
+    state = torch.load(inception)
+    key = next(k for k in state if k.endswith("weight") and state[k].dim() == 4)
+    state[key] = state[key] * 1.5
+    torch.save(state, path)
+    return path
+
+
+def test_a_reference_cached_with_other_weights_is_not_reused(inception, image_sets, tmp_path):
+    weights_b = _other_weights(inception, tmp_path / "inception-b.pth")
+    reference = write_folder(tmp_path / "ref", image_sets["b_array"])
+    with_a = compute_metrics(image_sets["a"], reference, ["fid"], feature_extractor_weights=inception, **FAST)
+    with_b = compute_metrics(image_sets["a"], reference, ["fid"], feature_extractor_weights=weights_b, **FAST)
+    uncached_b = compute_metrics(image_sets["a"], reference, ["fid"], feature_extractor_weights=weights_b,
+                                 cache=False, **FAST)
+    assert abs(with_a["fid"] - uncached_b["fid"]) > 1e-3 * abs(uncached_b["fid"])  # the weights matter
+    assert with_b["fid"] == pytest.approx(uncached_b["fid"], rel=1e-9)
+    assert len(list(tmp_path.glob("ref.inception-v3-compat-64.*.stats.npz"))) == 2  # one per weights
+
+
+def test_a_statistics_file_of_other_weights_is_refused(inception, image_sets, tmp_path):
+    weights_b = _other_weights(inception, tmp_path / "inception-b.pth")
+    reference = write_folder(tmp_path / "ref", image_sets["b_array"])
+    compute_metrics(image_sets["a"], reference, ["fid"], feature_extractor_weights=inception, **FAST)
+    stats_file = next(tmp_path.glob("ref.inception-v3-compat-64.*.stats.npz"))
+    with pytest.raises(ValueError, match="come from other inception-v3-compat weights"):
+        compute_metrics(image_sets["a"], stats_file, ["fid"], feature_extractor_weights=weights_b, cache=False,
+                        **FAST)
+
+
+def test_inception_score_splits_shrink_to_the_number_of_images():
+    register_stubs()
+    images = random_images(5, seed=3)
+    images[:, 0, 0, 0] = [0, 64, 128, 192, 0]
+    default = compute_metrics(images, None, ["is"], feature_extractor="stub-classifier", device="cpu")
+    five = compute_metrics(images, None, ["is"], feature_extractor="stub-classifier", device="cpu", isc_splits=5)
+    assert np.isfinite(default["is"]) and np.isfinite(default["is_std"])
+    assert default["is"] == pytest.approx(five["is"], rel=1e-12)
+    assert default["is_std"] == pytest.approx(five["is_std"], rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("which", [("kid", "fid"), ("fid", "kid")])
+def test_kid_and_fid_against_a_statistics_file(which, image_sets, tmp_path):
+    """KID needs features from the reference whatever the order of the metrics: a statistics file with
+    features serves both; one without features or images is refused by name."""
+    register_stubs()
+    colours = lambda images: images.reshape(len(images), -1, 3).astype(np.float64).mean(1)  # noqa: E731
+    ref = colours(image_sets["b_array"])
+    with_features = tmp_path / "with_features.npz"
+    metrics.save_statistics(with_features, metrics.LayerStatistics.from_features(torch.from_numpy(ref).float()),
+                            STUB_META)
+    result = compute_metrics(image_sets["a_array"], with_features, which, feature_extractor="stub-classifier",
+                             device="cpu", kid_subset_size=12, cache=False)
+    generated = colours(image_sets["a_array"])
+    assert result["kid"] == pytest.approx(independent_kid(generated, ref), rel=1e-3)
+    assert result["fid"] == pytest.approx(independent_fid(generated, ref), rel=1e-4)
+    assert result["num_reference"] == 12
+    without = tmp_path / "without_features.npz"
+    metrics.save_statistics(without, metrics.LayerStatistics(ref.mean(0), np.cov(ref, rowvar=False), None), STUB_META)
+    with pytest.raises(ValueError, match="holds no features or images"):
+        compute_metrics(image_sets["a_array"], without, which, feature_extractor="stub-classifier", device="cpu",
+                        cache=False)

@@ -228,3 +228,51 @@ def test_next_scale_input_is_the_area_average_over_overlapping_windows():
                             for r0, r1 in bounds], -2)  # [B, Cz, 3, 3]
     got = model.next_scale_input(f_hat, 0)  # after scale 0, the input of scale 1 (3x3): [B, 9, Cz]
     torch.testing.assert_close(got, expected.flatten(2).transpose(1, 2), rtol=0, atol=1e-6)
+
+
+def test_vq_loss_gradients_commitment_to_encoder_and_codebook_term_to_codes():
+    """d vq_loss / d f = beta * d mean_k MSE(f_hat_k.detach(), f) / d f (the commitment term alone reaches the
+    encoder latent); d vq_loss / d codebook = d mean_k MSE(f_hat_k, f.detach()) / d codebook (no beta, and the
+    commitment term leaves the codebook alone)."""
+    model = tiny_vae().train()
+    images = tiny_images(model)
+    with torch.no_grad():
+        f0 = model.encode_latent(images)
+    f = f0.clone().requires_grad_(True)
+    model.encode_latent = lambda _images: f  # the forward's latent is our leaf
+    _, vq_loss, _ = model(images)
+    codebook = model.quantize.embedding.weight
+    grad_f, grad_codebook = torch.autograd.grad(vq_loss, [f, codebook])
+
+    beta = model.config.beta
+    assert beta == 0.25
+    f_ref = f0.clone().requires_grad_(True)
+    f_hats = [f_hat for _, f_hat in model.iter_residual_quantize(f0)]  # carry gradients to the codebook
+    commitment = sum(F.mse_loss(fh.detach(), f_ref) for fh in f_hats) / len(f_hats)
+    (expected_grad_f,) = torch.autograd.grad(beta * commitment, [f_ref])
+    codebook_term = sum(F.mse_loss(fh, f0) for fh in f_hats) / len(f_hats)
+    (expected_grad_codebook,) = torch.autograd.grad(codebook_term, [codebook])
+    assert expected_grad_f.abs().sum() > 0 and expected_grad_codebook.abs().sum() > 0
+    assert torch.allclose(grad_f, expected_grad_f, rtol=1e-4, atol=1e-9)
+    assert torch.allclose(grad_codebook, expected_grad_codebook, rtol=1e-4, atol=1e-9)
+
+
+def test_residual_vectors_are_each_scales_area_downsampled_residual():
+    """Rows of scale k = area_downsample(f - f_hat before scale k) to pn_k x pn_k, f_hat from the quantiser."""
+    model = tiny_vae()
+    images = tiny_images(model)
+    with torch.no_grad():
+        f = model.encode_latent(images).float()
+        f_hats_before = [torch.zeros_like(f)] + [fh for _, fh in model.iter_residual_quantize(f)][:-1]
+        expected = []
+        for pn, f_hat in zip(model.patch_nums, f_hats_before):
+            rest = f - f_hat  # [B, Cz, h, w]
+            # area downsampling = adaptive average pooling (overlapping windows where pn does not divide h)
+            windows = F.adaptive_avg_pool2d(rest, pn)  # [B, Cz, pn, pn]
+            expected.append(windows.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+        expected = torch.cat(expected)
+    got = model.residual_vectors(images)
+    assert got.shape == (images.shape[0] * sum(pn * pn for pn in model.patch_nums), f.shape[1])
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, torch.cat([  # scales after the first see a residual, not the plain latent
+        F.adaptive_avg_pool2d(f, pn).permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for pn in model.patch_nums]))

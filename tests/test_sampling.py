@@ -130,3 +130,20 @@ def test_sampler_specs_build_the_named_class_with_typed_values():
         from_spec("nextscalesampler", kind="kv-cache")
     with pytest.raises(ValueError, match=r"unknown sampler 'fullkvcache'; available: \['nextscalesampler', "):
         from_spec("fullkvcache", kind="sampler")
+
+
+def test_fp16_logits_with_a_tiny_temperature_draw_the_argmax():
+    """70 / 1e-3 overflows float16 (max 65504): the logits are divided in float32."""
+    logits = torch.tensor([[69.0, 70.0, 0.0], [0.0, -1.0, 68.0]], dtype=torch.float16).repeat(50, 1)
+    tokens = sample_from_logits(logits, temperature=1e-3, generator=torch.Generator().manual_seed(0))
+    assert tokens.tolist() == [1, 2] * 50
+
+
+def test_var_top_p_drops_a_token_whose_cumulative_mass_equals_one_minus_top_p():
+    """VAR's rule: ascending cumulative masses 0.25, 0.5, 1.0; the first two are <= 1 - 0.5, so only token 0
+    stays (probabilities and sums exact in binary)."""
+    from vartk.samplers.sampling import top_p_drop_var
+
+    logits = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64).log()
+    assert top_p_drop_var(logits, 0.5).tolist() == [[False, True, True]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.5, top_p_rule="var")).tolist() == [[True, False, False]]

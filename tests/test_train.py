@@ -717,3 +717,66 @@ def test_write_folder_atomic_replaces_whole_folders_and_keeps_the_old_one_on_fai
         write_folder_atomic(target, write("crash"))
     assert (target / "a.txt").read_text() == "two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.tmp"]
+
+
+def test_generator_gan_term_reaches_the_decoder(images):
+    """From --gan-start on, the decoder's gradient is the reconstruction loss's plus that of
+    -gan_weight * mean discriminator logit of the (not detached) reconstructions."""
+    class RedLogits(torch.nn.Module):
+        def forward(self, pixels):
+            return 8 * pixels[:, :1] - 2  # [B, 1, H, W]
+
+    job = tokenizer_job(images, "--gan-weight", "0.5", "--gan-start", "1")
+    job.discriminator = RedLogits()
+    real = job.preview  # [8, 3, 8, 8]
+    batch = Batch(None, real, torch.zeros(len(real), dtype=torch.long))
+    decoder = list(job.model.decoder.parameters())
+    grads = []
+    for step in (0, 1):  # GAN off, on
+        loss, _ = job.loss("model", {"model": job.model}, batch, step)
+        grads.append(torch.autograd.grad(loss, decoder))
+    recon = job.model(real)[0].float()
+    gan_grads = torch.autograd.grad(-0.5 * (8 * recon[:, :1] - 2).mean(), decoder)
+    assert sum(g.abs().sum() for g in gan_grads) > 0
+    for without, with_gan, gan in zip(*grads, gan_grads):
+        assert torch.allclose(with_gan - without, gan, rtol=1e-3, atol=1e-7)
+
+
+def test_flips_and_label_dropout_draw_from_different_streams():
+    """With --hflip 0.5 and --label-dropout 0.5, the flip mask and the dropped-label mask of each step (seeded as
+    the training loop seeds it) are independent draws: they agree on about half the images, not on all."""
+    from vartk.train.conditional import ConditionalJob, ConditionalTrainConfig
+    from vartk.train.data import mirror_some
+    from vartk.train.loop import step_seed
+
+    class LabelEcho(ConditionalJob):  # its loss is the labels it was given
+        def __init__(self):
+            self.cfg, self.num_classes, self.model = ConditionalTrainConfig(label_dropout=0.5), 10, None
+
+        def batch_tokens(self, batch):
+            return batch.images
+
+        def token_loss(self, model, labels, tokens):
+            return labels, {}
+
+        generate = None
+
+    n, agree, total = 64, 0, 0
+    for step in range(20):
+        seed = step_seed(0, step, 0)
+        torch.manual_seed(seed)  # as the loop does before each step
+        batch = Batch(None, torch.zeros(n, 3, 2, 2), torch.arange(n) % 10)
+        mirrored = mirror_some(batch, 0.5, seed).mirrored  # [n] bool
+        dropped = LabelEcho().loss("model", {"model": None}, batch, step)[0] == 10  # [n] bool
+        agree += (mirrored == dropped).sum().item()
+        total += n
+    assert 0.4 < agree / total < 0.6, agree / total  # binomial(1280, 0.5): sd 0.014
+
+
+def test_step_seed_depends_on_the_rank():
+    from vartk.train.loop import step_seed
+
+    for seed, step in ((0, 0), (0, 5), (7, 3)):
+        assert step_seed(seed, step, 0) == step_seed(seed, step, 0)
+        assert len({step_seed(seed, step, rank) for rank in range(4)}) == 4
+    assert step_seed(0, 1, 0) != step_seed(0, 0, 0) and step_seed(1, 0, 0) != step_seed(0, 0, 0)

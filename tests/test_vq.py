@@ -134,3 +134,31 @@ def test_decode_takes_a_one_map_list_as_a_single_scale_multiscale_tokenizer_give
     assert torch.equal(model.decode([tokens]), model.decode(tokens))
     with pytest.raises(ValueError, match="a VQModel has one scale; got a list of 2 token maps"):
         model.decode([tokens, tokens])
+
+
+def test_vq_loss_gradients_commitment_to_encoder_and_codebook_term_to_codes():
+    """LlamaGen's rule: vq_loss = MSE(codes, z.detach()) + beta * MSE(codes.detach(), z), beta = 0.25, so the
+    encoder latent gets beta * d MSE(codes.detach(), z) / dz and the codebook gets d MSE(codes, z.detach())."""
+    model = tiny_vq().train()
+    images = tiny_images()
+    with torch.no_grad():
+        latent0 = model.encode_latent(images).float()  # [B, D, h, w]
+    latent = latent0.clone().requires_grad_(True)
+    model.encode_latent = lambda _images: latent
+    _, vq_loss, _ = model(images)
+    weight = model.quantize.embedding.weight  # [V, D]
+    grad_latent, grad_weight = torch.autograd.grad(vq_loss, [latent, weight])
+
+    beta = model.config.beta
+    assert beta == 0.25
+    latent_ref = latent0.clone().requires_grad_(True)
+    z = F.normalize(latent_ref, dim=1)  # [B, D, h, w]
+    codebook = F.normalize(weight, dim=1)  # [V, D]
+    z_flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    tokens = torch.cdist(z_flat, codebook.detach()).argmin(1)  # [B*h*w]
+    codes = codebook[tokens].view(z.shape[0], *z.shape[2:], -1).permute(0, 3, 1, 2)  # [B, D, h, w]
+    (expected_grad_latent,) = torch.autograd.grad(beta * F.mse_loss(codes.detach(), z), [latent_ref])
+    (expected_grad_weight,) = torch.autograd.grad(F.mse_loss(codes, z.detach()), [weight])
+    assert expected_grad_latent.abs().sum() > 0 and expected_grad_weight.abs().sum() > 0
+    assert torch.allclose(grad_latent, expected_grad_latent, rtol=1e-4, atol=1e-9)
+    assert torch.allclose(grad_weight, expected_grad_weight, rtol=1e-4, atol=1e-9)

@@ -110,13 +110,15 @@ class Batch:
     mirrored: torch.Tensor | None = None  # [B] bool: the image is flipped left-right (--hflip); None: none is
 
 
-MIRROR_SEED_OFFSET = 1 << 40  # the flips' seeds lie this far from the step's own: a stream of their own
+MIRROR_STREAM = 1  # the flips' stream beside the step's own: SeedSequence([step_seed, MIRROR_STREAM])
 
 
 def mirror_some(batch: Batch, probability: float, step_seed: int) -> Batch:
     """Flip each image left-right with this probability, drawn from a generator of its own seeded from the step's
-    seed (so the flips leave the step's other randomness, e.g. label dropout, as it is without them)."""
-    generator = torch.Generator().manual_seed(step_seed + MIRROR_SEED_OFFSET)
+    seed (so the flips leave the step's other randomness, e.g. label dropout, as it is without them). The seed is
+    hashed, not offset: torch's CPU generator reads only a seed's low 32 bits."""
+    flip_seed = int(np.random.SeedSequence([step_seed, MIRROR_STREAM]).generate_state(1)[0])
+    generator = torch.Generator().manual_seed(flip_seed)
     draws = torch.rand(len(batch.labels), generator=generator)  # [B]
     mirrored = (draws < probability).to(batch.images.device)
     images = torch.where(mirrored[:, None, None, None], batch.images.flip(-1), batch.images)
