@@ -320,3 +320,36 @@ def test_a_stray_image_in_a_finished_batch_is_refused_at_scoring(tiny_pipeline, 
     with pytest.raises(ValueError, match="holds 11 images, not the 10 planned"):
         fid.evaluate(str(tiny_pipeline), run, num_images=10, batch_size=2, metrics=["is"],
                      feature_extractor="stub-classifier")
+
+
+def test_reference_label_order_is_the_seeded_permutation_of_the_class_blocks():
+    from vartk.evaluation import SamplingPlan
+
+    counts = (3, 1, 0, 2)  # 6 images: the shares are whole, so the label multiset is exact
+    for seed in (0, 7):
+        plan = SamplingPlan(6, 4, 4, seed, "reference", counts)
+        expected = np.random.default_rng([seed, 2]).permutation([0, 0, 0, 1, 3, 3])
+        assert plan.reference_labels.tolist() == expected.tolist()
+    orders = {tuple(SamplingPlan(6, 4, 4, seed, "reference", counts).reference_labels) for seed in range(5)}
+    assert len(orders) > 1  # the seed matters, so the pin above would see another seed's order
+
+
+def test_weights_fingerprint_hashes_tensor_names_and_bytes():
+    import hashlib
+
+    from vartk.evaluation import weights_fingerprint
+
+    def module(**buffers):
+        m = torch.nn.Module()
+        for name, value in buffers.items():
+            m.register_buffer(name, value)
+        return m
+
+    w = torch.arange(6, dtype=torch.float32)
+    pipe = SimpleNamespace(tokenizer=module(a=w), transformer=module(b=torch.ones(2, dtype=torch.int64)))
+    digest = hashlib.sha256()
+    digest.update(b"a"), digest.update(w.numpy().tobytes())
+    digest.update(b"b"), digest.update(np.ones(2, np.int64).tobytes())
+    assert weights_fingerprint(pipe) == digest.hexdigest()[:16]
+    renamed = SimpleNamespace(tokenizer=module(c=w), transformer=pipe.transformer)  # same bytes, other name
+    assert weights_fingerprint(renamed) != weights_fingerprint(pipe)

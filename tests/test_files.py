@@ -84,3 +84,29 @@ def test_a_failed_swap_keeps_a_complete_old_folder(tmp_path, monkeypatch):
     assert len(survivors) == 1  # the old copy, moved aside or in place
     assert sorted(p.name for p in survivors[0].iterdir()) == ["a.json", "b.json"]
     assert all(p.read_text() == p.name for p in survivors[0].iterdir())
+
+
+def test_the_temporary_file_name_carries_the_process_id(tmp_path):
+    seen = []
+    write_file_atomic(tmp_path / "out.json", lambda tmp: (seen.append(tmp), tmp.write_text("{}")))
+    assert seen == [tmp_path / f".out.json.{os.getpid()}.tmp"]
+    assert (tmp_path / "out.json").read_text() == "{}" and not seen[0].exists()
+
+
+def test_an_empty_existing_folder_is_accepted_and_a_foreign_one_refused(tmp_path):
+    from vartk.files import refuse_foreign_folder
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refuse_foreign_folder(empty, "model_index.json")  # an empty folder holds nothing to lose
+    refuse_foreign_folder(tmp_path / "new", "model_index.json")
+    write_folder_atomic(empty, lambda tmp: (tmp.mkdir(), (tmp / "model_index.json").write_text("{}")))
+    assert [p.name for p in empty.iterdir()] == ["model_index.json"]
+    refuse_foreign_folder(empty, "model_index.json")  # an earlier output of ours may be replaced
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds other files"):
+        refuse_foreign_folder(foreign, "model_index.json")
+    with pytest.raises(ValueError, match="is a file"):
+        refuse_foreign_folder(foreign / "notes.txt", "model_index.json")

@@ -348,3 +348,25 @@ def test_kid_and_fid_against_a_statistics_file(which, image_sets, tmp_path):
     with pytest.raises(ValueError, match="holds no features or images"):
         compute_metrics(image_sets["a_array"], without, which, feature_extractor="stub-classifier", device="cpu",
                         cache=False)
+
+
+def test_paired_psnr_skips_identical_pairs_in_the_mean_and_minimum(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    zeros = np.zeros((4, 4, 3), np.uint8)
+    pairs = {"same.png": (zeros, zeros), "ten.png": (zeros, zeros + 10), "twenty.png": (zeros, zeros + 20)}
+    for name, (x, y) in pairs.items():
+        Image.fromarray(x).save(a / name)
+        Image.fromarray(y).save(b / name)
+    result = metrics.paired_psnr(a, b)
+    ten, twenty = 10 * np.log10(255**2 / 100), 10 * np.log10(255**2 / 400)  # mse 10^2 and 20^2
+    assert result["psnr_mean"] == pytest.approx((ten + twenty) / 2, rel=1e-12)
+    assert result["psnr_min"] == pytest.approx(twenty, rel=1e-12)
+    assert (result["num_pairs"], result["num_identical"]) == (3, 1)
+    assert result["per_image"]["same.png"] is None
+    assert result["per_image"]["ten.png"] == pytest.approx(ten, rel=1e-12)
+    json.dumps(result, allow_nan=False)
+    for name in ("ten.png", "twenty.png"):
+        (a / name).unlink()
+    only_identical = metrics.paired_psnr(a, b)
+    assert (only_identical["psnr_mean"], only_identical["psnr_min"], only_identical["num_identical"]) == (None, None, 1)

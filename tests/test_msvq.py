@@ -276,3 +276,20 @@ def test_residual_vectors_are_each_scales_area_downsampled_residual():
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(got, torch.cat([  # scales after the first see a residual, not the plain latent
         F.adaptive_avg_pool2d(f, pn).permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for pn in model.patch_nums]))
+
+
+def test_usage_counts_codes_hit_at_least_once_and_the_hit_ema_decays_by_0_99():
+    model = tiny_vae()
+    images = tiny_images(model)
+    with torch.no_grad():
+        tokens = model.encode(images)  # per-scale maps
+    hits = torch.stack([t.flatten().bincount(minlength=64).float() for t in tokens])  # [S, V]
+    ema = model.quantize.ema_vocab_hit_SV
+    ema.fill_(2.0)
+    _, _, stats = model.eval()(images)
+    assert (ema == 2.0).all()  # evaluation leaves the hit average alone
+    _, _, stats = model.train()(images)
+    assert torch.allclose(ema, 0.99 * 2.0 + 0.01 * hits, rtol=1e-6)
+    assert torch.equal(stats["code_hits"], hits.sum(0))
+    assert stats["codebook_usage"].item() == pytest.approx((hits.sum(0) > 0).sum().item() / 64)
+    assert hits.sum(0).max() > 1  # some code is hit more than once, so a count-based usage would differ

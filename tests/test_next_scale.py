@@ -196,3 +196,48 @@ def test_a_tokenizer_with_other_codes_is_refused(models):
                             patch_nums=PATCH_NUMS, norm_groups=8)
     with pytest.raises(ValueError, match=r"transformer vocab_size 32 differs from tokenizer vocab_size 64"):
         NextScaleSampler()(transformer, other, [1], progress=False)
+
+
+def test_the_1x1_scale_keeps_the_known_token_even_when_the_resized_mask_is_unset(models):
+    mask = torch.zeros(1, 1, 3, 3)
+    mask[..., 0] = 1  # keep only the first column: the 1x1 bilinear resize reads the centre, 0
+    assert F.interpolate(mask, size=(1, 1), mode="bilinear", align_corners=False).item() == 0
+    assert next_scale.keep_mask_at(mask, 1).tolist() == [[[[True]]]]
+    transformer, tokenizer = models
+    images = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(5))
+    known = tokenizer.encode(images)
+    for seed in range(3):
+        edited = edit_next_scale(transformer, tokenizer, images, mask[0, 0], class_labels=[2, 6], top_k=0,
+                                 progress=False, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(edited[0], known[0])
+
+
+def test_a_resized_mask_value_of_exactly_one_half_generates():
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, :, :, 0] = 1  # 4x4 -> 2x2 averages pairs of columns: the left cells are exactly 0.5
+    mask[1, :, :2, :2] = 1  # the top-left cell is 1, nothing is 0.5
+    resized = F.interpolate(mask, size=(2, 2), mode="bilinear", align_corners=False)
+    assert resized[0, 0, :, 0].tolist() == [0.5, 0.5]
+    assert torch.equal(next_scale.keep_mask_at(mask, 2), resized > 0.5)
+    assert next_scale.keep_mask_at(mask, 2)[:, 0].tolist() == [[[False, False], [False, False]],
+                                                               [[True, False], [False, False]]]
+
+
+def test_a_per_image_mask_is_applied_to_each_image(models):
+    transformer, tokenizer = models
+    masks = torch.zeros(2, 3, 3)
+    masks[0, :, :2] = 1  # image 0 keeps its left two columns
+    masks[1, 1:, :] = 1  # image 1 keeps its bottom two rows
+    known = [torch.zeros(2, pn, pn, dtype=torch.long) for pn in PATCH_NUMS]
+    _, checked = next_scale.check_edit_inputs(tokenizer, known, masks, 2, torch.device("cpu"))
+    assert torch.equal(checked, masks[:, None])
+    images = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(6))
+    known = tokenizer.encode(images)
+    edited = edit_next_scale(transformer, tokenizer, images, masks, class_labels=[1, 3], progress=False,
+                             generator=torch.Generator().manual_seed(0))
+    for i in range(2):
+        keep = masks[i].bool()
+        assert torch.equal(edited[-1][i][keep], known[-1][i][keep])
+        for pn, k, e in zip(PATCH_NUMS[1:], known[1:], edited[1:]):
+            keep_pn = (F.interpolate(masks[i][None, None], size=(pn, pn), mode="bilinear") > 0.5)[0, 0]
+            assert torch.equal(e[i][keep_pn], k[i][keep_pn])

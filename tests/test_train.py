@@ -503,20 +503,42 @@ def test_tokenizer_validation_loss_is_the_weighted_sum_of_its_parts(images):
     assert metrics["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_patch_discriminator_is_initialised_as_pix2pix():
+    """Conv weights N(0, 0.02), GroupNorm scales N(1, 0.02) and shifts 0 (pix2pix, LlamaGen's discriminator)."""
+    from vartk.train.tokenizer import PatchDiscriminator
+
+    torch.manual_seed(0)
+    layers = list(PatchDiscriminator(channels=64, num_layers=3).net)
+    conv_weights = torch.cat([m.weight.flatten() for m in layers if isinstance(m, torch.nn.Conv2d)])
+    norms = [m for m in layers if isinstance(m, torch.nn.GroupNorm)]
+    scales = torch.cat([m.weight for m in norms])
+    assert abs(conv_weights.mean()) < 1e-3 and conv_weights.std().item() == pytest.approx(0.02, rel=0.02)
+    assert scales.mean().item() == pytest.approx(1.0, abs=3e-3) and scales.std().item() == pytest.approx(0.02, rel=0.1)
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in norms)
+
+
+class RedLogits(torch.nn.Module):
+    """A discriminator whose logit per pixel is 8 * red - 2."""
+
+    def forward(self, pixels):
+        return 8 * pixels[:, :1] - 2  # [B, 1, H, W]
+
+
+def red_logits_gan_job(images):
+    """A tokenizer job with --gan-weight 0.5 from step 1 on against RedLogits, its preview images and their batch."""
+    job = tokenizer_job(images, "--gan-weight", "0.5", "--gan-start", "1")
+    job.discriminator = RedLogits()
+    real = job.preview  # [8, 3, 8, 8]
+    return job, real, Batch(None, real, torch.zeros(len(real), dtype=torch.long))
+
+
 def test_patchgan_hinge_losses(images):
     """With a discriminator whose logits are 8 * red - 2 per pixel: from --gan-start on the generator loss adds
     -gan_weight * mean logit of the reconstructions; the discriminator's is the hinge
     0.5 * (mean relu(1 - real logits) + mean relu(1 + fake logits))."""
     import torch.nn.functional as F
 
-    class RedLogits(torch.nn.Module):
-        def forward(self, pixels):
-            return 8 * pixels[:, :1] - 2  # [B, 1, H, W]
-
-    job = tokenizer_job(images, "--gan-weight", "0.5", "--gan-start", "1")
-    job.discriminator = RedLogits()
-    real = job.preview  # [8, 3, 8, 8]
-    batch = Batch(None, real, torch.zeros(len(real), dtype=torch.long))
+    job, real, batch = red_logits_gan_job(images)
     for step in (0, 1):
         loss, metrics = job.loss("model", {"model": job.model}, batch, step)
         fake = job.reconstruction
@@ -722,14 +744,7 @@ def test_write_folder_atomic_replaces_whole_folders_and_keeps_the_old_one_on_fai
 def test_generator_gan_term_reaches_the_decoder(images):
     """From --gan-start on, the decoder's gradient is the reconstruction loss's plus that of
     -gan_weight * mean discriminator logit of the (not detached) reconstructions."""
-    class RedLogits(torch.nn.Module):
-        def forward(self, pixels):
-            return 8 * pixels[:, :1] - 2  # [B, 1, H, W]
-
-    job = tokenizer_job(images, "--gan-weight", "0.5", "--gan-start", "1")
-    job.discriminator = RedLogits()
-    real = job.preview  # [8, 3, 8, 8]
-    batch = Batch(None, real, torch.zeros(len(real), dtype=torch.long))
+    job, real, batch = red_logits_gan_job(images)
     decoder = list(job.model.decoder.parameters())
     grads = []
     for step in (0, 1):  # GAN off, on
@@ -780,3 +795,51 @@ def test_step_seed_depends_on_the_rank():
         assert step_seed(seed, step, 0) == step_seed(seed, step, 0)
         assert len({step_seed(seed, step, rank) for rank in range(4)}) == 4
     assert step_seed(0, 1, 0) != step_seed(0, 0, 0) and step_seed(1, 0, 0) != step_seed(0, 0, 0)
+
+
+def test_var_tail_loss_reads_the_last_scale_on_float32_logits():
+    from types import SimpleNamespace
+
+    from vartk.train.var import VARJob
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (6 * torch.randn(2, 5, 7, generator=gen)).to(torch.bfloat16)  # patch_nums (1, 2): 1 + 4 tokens
+    tokens = logits.argmax(-1)  # right everywhere but the 1x1 scale and one tail token:
+    tokens[:, 0] = (tokens[:, 0] + 1) % 7  # tail accuracy 7/8, first-4-token accuracy 5/8
+    tokens[0, 2] = (tokens[0, 2] + 1) % 7
+    job = SimpleNamespace(patch_nums=(1, 2), teacher_forcing_input=lambda t: None)
+    loss, metrics = VARJob.token_loss(job, lambda labels, x: logits, torch.zeros(2, dtype=torch.long), tokens)
+    exact = -torch.log_softmax(logits.double(), -1).gather(-1, tokens[..., None])[..., 0]  # [2, 5]
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(exact.mean().item(), rel=1e-5)
+    assert metrics["tail_loss"].item() == pytest.approx(exact[:, 1:].mean().item(), rel=1e-5)
+    hits = (logits.argmax(-1) == tokens).double()
+    assert metrics["tail_acc"].item() == pytest.approx(hits[:, 1:].mean().item()) == 7 / 8
+    assert metrics["acc"].item() == pytest.approx(hits.mean().item())
+
+
+def test_code_hits_restart_from_zero_so_later_restarts_move_codes_unused_since_the_last():
+    from types import SimpleNamespace
+
+    from vartk.train.tokenizer import TokenizerJob
+
+    torch.manual_seed(0)
+    model = MultiScaleVQVAE(**TOKENIZER, patch_nums=(1, 2, 4), share_quant_resi=3).train()
+    vocab = TOKENIZER["vocab_size"]
+    batch = SimpleNamespace(images=torch.rand(2, 3, SIZE, SIZE))
+    job = SimpleNamespace(cfg=SimpleNamespace(restart_codes_every=2), model=model, code_hits=torch.ones(vocab))
+    job.code_hits[0] = 0  # code 0 unused in the first window
+    codebook = model.quantize.embedding.weight
+
+    def moved_after(step):
+        before = codebook.detach().clone()
+        TokenizerJob.after_step(job, step, batch)
+        return (codebook.detach() != before).any(1).nonzero().flatten().tolist()
+
+    assert moved_after(0) == [] and job.code_hits.sum() == vocab - 1  # not a restart step
+    assert moved_after(1) == [0]
+    assert not job.code_hits.any()  # the next window counts afresh
+    window = torch.ones(vocab)
+    window[5] = 0  # code 5, used in the first window, goes unused in the second
+    job.code_hits += window
+    assert moved_after(3) == [5]

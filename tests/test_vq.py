@@ -162,3 +162,24 @@ def test_vq_loss_gradients_commitment_to_encoder_and_codebook_term_to_codes():
     assert expected_grad_latent.abs().sum() > 0 and expected_grad_weight.abs().sum() > 0
     assert torch.allclose(grad_latent, expected_grad_latent, rtol=1e-4, atol=1e-9)
     assert torch.allclose(grad_weight, expected_grad_weight, rtol=1e-4, atol=1e-9)
+
+
+def test_usage_queue_is_a_fifo_of_the_most_recent_training_tokens():
+    model = tiny_vq()
+    queue = model.quantize.codebook_used
+    start = torch.arange(256.0) % 50  # codes 0..49
+    queue.copy_(start)
+    usage = model.quantize.record_usage(torch.tensor([[[60, 61], [62, 60]]]))
+    assert torch.equal(queue, torch.cat([start[4:], torch.tensor([60.0, 61, 62, 60])]))  # oldest 4 dropped
+    assert usage == 53 / 64
+    many = torch.arange(300).view(1, 15, 20) % 64
+    assert model.quantize.record_usage(many) == 1.0
+    assert torch.equal(queue, many.flatten()[-256:].float())  # more than fit: the last 256, in order
+    images = tiny_images()
+    queue.zero_()
+    _, _, stats = model.eval()(images)
+    assert stats["codebook_usage"] is None and not queue.any()  # evaluation leaves the queue alone
+    tokens = model.encode(images).flatten().float()  # [32]
+    _, _, stats = model.train()(images)
+    assert torch.equal(queue[-32:], tokens) and not queue[:-32].any()
+    assert stats["codebook_usage"] == (tokens.unique().numel() + (0 not in tokens)) / 64

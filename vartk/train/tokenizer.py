@@ -112,7 +112,8 @@ def build_tokenizer(cfg: TokenizerTrainConfig) -> MultiScaleVQVAE:
 
 
 class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pix): 4x4 convs (stride 2, then 1) -> a map of real/fake logits [B, 1, h, w].
+    """PatchGAN (pix2pix): 4x4 convs (stride 2, then 1) -> a map of real/fake logits [B, 1, h, w], initialised as
+    pix2pix and LlamaGen do (conv weights N(0, 0.02), norm scales N(1, 0.02), norm shifts 0).
     GroupNorm instead of BatchNorm keeps it independent of the batch split across processes."""
 
     def __init__(self, channels: int = 64, num_layers: int = 3):
@@ -126,6 +127,12 @@ class PatchDiscriminator(nn.Module):
             width = out
         layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
+        for module in self.net:
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+            elif isinstance(module, nn.GroupNorm):
+                nn.init.normal_(module.weight, 1.0, 0.02)
+                nn.init.zeros_(module.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images * 2 - 1)
