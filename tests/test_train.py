@@ -534,7 +534,7 @@ def red_logits_gan_job(images):
 
 def test_patchgan_hinge_losses(images):
     """With a discriminator whose logits are 8 * red - 2 per pixel: from --gan-start on the generator loss adds
-    -gan_weight * mean logit of the reconstructions; the discriminator's is the hinge
+    -gan_weight * mean logit of the reconstructions; the discriminator's is gan_weight times the hinge
     0.5 * (mean relu(1 - real logits) + mean relu(1 + fake logits))."""
     import torch.nn.functional as F
 
@@ -546,7 +546,9 @@ def test_patchgan_hinge_losses(images):
         assert loss.item() == pytest.approx((metrics["vq"] + metrics["l2"] + gan).item(), rel=1e-5)
     assert abs(gan) > 0.1
     hinge = 0.5 * (F.relu(1 - (8 * real[:, :1] - 2)).mean() + F.relu(1 + (8 * fake[:, :1] - 2)).mean())
-    assert job.discriminator_loss(job.discriminator, real)[0].item() == pytest.approx(hinge.item(), rel=1e-6)
+    loss, metrics = job.discriminator_loss(job.discriminator, real)
+    assert metrics["hinge"].item() == pytest.approx(hinge.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(0.5 * hinge.item(), rel=1e-6)  # weighted by --gan-weight, as LlamaGen's
 
 
 def test_pruning_keeps_the_best_validated_checkpoint_and_export_picks_it(tmp_path):

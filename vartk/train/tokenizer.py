@@ -238,11 +238,13 @@ class TokenizerJob(Job):
             self.code_hits.zero_()
 
     def discriminator_loss(self, discriminator: nn.Module, real: torch.Tensor):
-        """Hinge loss on real images and the generator phase's reconstructions."""
+        """gan_weight x the hinge loss on real images and the generator phase's reconstructions (LlamaGen weighs the
+        discriminator's loss as the generator's adversarial term; it matters to gradient clipping)."""
         logits_real = discriminator(real).float()
         logits_fake = discriminator(self.reconstruction).float()
-        loss = 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
-        return loss, {"real_logit": logits_real.mean().detach(), "fake_logit": logits_fake.mean().detach()}
+        hinge = 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+        return self.cfg.gan_weight * hinge, {"hinge": hinge.detach(), "real_logit": logits_real.mean().detach(),
+                                             "fake_logit": logits_fake.mean().detach()}
 
     def samples(self) -> tuple[torch.Tensor, int]:
         """A row of originals above a row of their reconstructions."""
