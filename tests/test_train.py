@@ -14,7 +14,7 @@ from PIL import Image
 from vartk.tokenizers.msvq import MultiScaleVQVAE
 from vartk.train import train_main
 from vartk.train.checkpoint import latest_checkpoint
-from vartk.train.data import Batch, BatchOrder, ImageFolder, find_images
+from vartk.train.data import Batch, BatchOrder, ImageFolder, decode_size, find_images
 from vartk.train.loop import TrainConfig, lr_factor, parse_config
 
 SIZE = 8  # px; the tiny tokenizers downsample by 2 -> 4x4 latents
@@ -78,7 +78,8 @@ def tokenizer_job(images: Path, *flags: str):
     cfg = parse_config(TokenizerTrainConfig, ["--data", str(images), "--image-size", str(SIZE), *TOKENIZER_ARGS,
                                               *flags], "test")
     torch.manual_seed(cfg.seed)
-    return TokenizerJob(cfg, ImageFolder(images, SIZE, cache=True), torch.device("cpu"))
+    dataset = ImageFolder(images, decode_size(SIZE, cfg.crop_scale), cache=True)  # as run_training decodes it
+    return TokenizerJob(cfg, dataset, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -314,11 +315,11 @@ def test_label_dropout_replaces_a_share_p_of_the_labels_by_the_null_class():
 @pytest.mark.parametrize("job", ["tokenizer", "var", "gpt"])
 def test_resume_gives_the_uninterrupted_losses(job, images, tmp_path):
     """Kill after step 3 (keep only that checkpoint), resume in a fresh run: steps 3..5 match exactly."""
-    # the tokenizer with a GAN has two optimizers and restarts codes; the transformers have label dropout and flips,
-    # the VAR stochastic depth, the GPT dropout
+    # the tokenizer with a GAN has two optimizers, restarts codes and trains on random crops; the transformers have
+    # label dropout and flips, the VAR stochastic depth and random crops (encoded each step), the GPT dropout
     extra = {"tokenizer": ["--gan-weight", "0.1", "--gan-start", "2", "--disc-layers", "1",
-                           "--restart-codes-every", "3"],
-             "var": ["--hflip", "0.5", "--drop-path-rate", "0.1"], "gpt": ["--hflip", "0.5"]}[job]
+                           "--restart-codes-every", "3", "--crop-scale", "1.5"],
+             "var": ["--hflip", "0.5", "--drop-path-rate", "0.1", "--crop-scale", "1.5"], "gpt": ["--hflip", "0.5"]}[job]
     common = ["--batch-size", "4", "--max-steps", "6", "--log-every", "1", "--save-every", "3",
               "--keep-checkpoints", "5", *FAST, *job_args(job, images, tmp_path), *extra]
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -845,3 +846,40 @@ def test_code_hits_restart_from_zero_so_later_restarts_move_codes_unused_since_t
     window[5] = 0  # code 5, used in the first window, goes unused in the second
     job.code_hits += window
     assert moved_after(3) == [5]
+
+
+def test_random_crops_are_crops_of_the_decoded_images_from_their_own_stream():
+    """--crop-scale: each image of a step is one size x size window of its decoded (larger) image, at a position
+    drawn uniformly from the crops' own generator: the same step seed gives the same crops, and the global RNG
+    (label dropout, dropout) is left as it is."""
+    from vartk.train.data import crop_some
+
+    decoded = torch.arange(64 * 3 * 6 * 6, dtype=torch.float32).view(64, 3, 6, 6)  # every pixel value unique
+    batch = Batch(torch.arange(64), decoded, torch.zeros(64, dtype=torch.long))
+    rng_before = torch.get_rng_state()
+    crops = crop_some(batch, 4, step_seed=7).images  # [64, 3, 4, 4]
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert torch.equal(crops, crop_some(batch, 4, step_seed=7).images)
+    assert not torch.equal(crops, crop_some(batch, 4, step_seed=8).images)
+    positions = []
+    for image, crop in zip(decoded, crops):
+        top, left = divmod(int(crop[0, 0, 0].item()) % 36, 6)  # where the window's first pixel sits
+        assert torch.equal(crop, image[:, top : top + 4, left : left + 4])
+        positions.append((top, left))
+    assert set(positions) == {(t, l) for t in range(3) for l in range(3)}  # 64 draws reach all 9 positions
+
+
+def test_crop_scale_decodes_larger_images_and_encodes_the_crops_each_step(images, tmp_path):
+    """--crop-scale 1.5 at --image-size 8: the images are decoded at 12 px; the tokenizer previews their centre
+    crops at 8 px; a transformer keeps no token table (each step encodes its crops; a table of the 12 px images would
+    not even encode) and trains to the end."""
+    from vartk.train.data import center_crop
+
+    job = tokenizer_job(images, "--crop-scale", "1.5")
+    centres = center_crop(ImageFolder(images, 12, cache=True).images, 8).float() / 255  # [8, 3, 8, 8]
+    assert job.preview.shape[1:] == (3, 8, 8)
+    assert all(any(torch.equal(shown, centre) for centre in centres) for shown in job.preview)
+    out = tmp_path / "var"
+    train_main("var", ["--data", str(images), "--out", str(out), "--batch-size", "4", "--max-steps", "2",
+                       "--crop-scale", "1.5", *FAST, *job_args("var", images, tmp_path)])
+    assert (out / "pipeline" / "model_index.json").is_file() and read_log(out)[-1]["step"] == 1

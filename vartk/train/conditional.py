@@ -33,7 +33,8 @@ class ConditionalTrainConfig(TrainConfig):
     tokenizer: str = arg("", "frozen tokenizer: a save_pretrained folder (e.g. <tokenizer run>/tokenizer) "
                              "or an official checkpoint file (required)")
     label_dropout: float = arg(0.1, "probability of replacing a label by the null class (trains the CFG branch)")
-    precompute_tokens: bool = arg(True, "encode the dataset once at start-up when it is held in memory")
+    precompute_tokens: bool = arg(True, "encode the dataset once at start-up when it is held in memory (not with "
+                                        "--crop-scale > 1: each step encodes its crops)")
     guidance_scale: float = arg(1.5, "classifier-free guidance of the sample grids")
     top_k: int = arg(0, "top-k of the sample grids (0: off)")
     top_p: float = arg(1.0, "top-p of the sample grids (1: off)")
@@ -105,7 +106,7 @@ class ConditionalJob(Job):
         self.grid_side = self.token_grid_side()
         self.num_classes = dataset.num_classes
         self.token_table = self.mirrored_token_table = None  # [N, L] tokens of the dataset's images (mirrored)
-        if cfg.precompute_tokens and dataset.images is not None:
+        if cfg.precompute_tokens and dataset.images is not None and dataset.image_size == cfg.image_size:
             self.token_table = self.encode_all(dataset.images, mirrored=False)
             if cfg.hflip > 0:
                 self.mirrored_token_table = self.encode_all(dataset.images, mirrored=True)

@@ -110,16 +110,40 @@ class Batch:
     mirrored: torch.Tensor | None = None  # [B] bool: the image is flipped left-right (--hflip); None: none is
 
 
-MIRROR_STREAM = 1  # the flips' stream beside the step's own: SeedSequence([step_seed, MIRROR_STREAM])
+MIRROR_STREAM, CROP_STREAM = 1, 2  # the flips' and crops' streams beside the step's own
+
+
+def stream_generator(step_seed: int, stream: int) -> torch.Generator:
+    """A CPU generator of its own for one kind of augmentation, seeded from the step's seed, so it leaves the
+    step's other randomness (e.g. label dropout) as it is without it. The seed is hashed, SeedSequence([step_seed,
+    stream]), not offset: torch's CPU generator reads only a seed's low 32 bits."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([step_seed, stream]).generate_state(1)[0]))
+
+
+def decode_size(image_size: int, crop_scale: float) -> int:
+    """The side training images are decoded at: --image-size x --crop-scale (random crops are cut from it)."""
+    return max(image_size, round(image_size * crop_scale))
+
+
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The central size x size part of images [..., H, W]."""
+    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+    return images[..., top : top + size, left : left + size]
+
+
+def crop_some(batch: Batch, size: int, step_seed: int) -> Batch:
+    """A random size x size crop of each (square) image, uniform over the positions (VAR's RandomCrop after its
+    1.125x resize), drawn from the crops' own stream."""
+    spare = batch.images.shape[-1] - size
+    offsets = torch.randint(0, spare + 1, (len(batch.labels), 2), generator=stream_generator(step_seed, CROP_STREAM))
+    images = torch.stack([image[:, top : top + size, left : left + size]
+                          for image, (top, left) in zip(batch.images, offsets.tolist())])  # [B, 3, size, size]
+    return Batch(batch.indices, images, batch.labels, batch.mirrored)
 
 
 def mirror_some(batch: Batch, probability: float, step_seed: int) -> Batch:
-    """Flip each image left-right with this probability, drawn from a generator of its own seeded from the step's
-    seed (so the flips leave the step's other randomness, e.g. label dropout, as it is without them). The seed is
-    hashed, not offset: torch's CPU generator reads only a seed's low 32 bits."""
-    flip_seed = int(np.random.SeedSequence([step_seed, MIRROR_STREAM]).generate_state(1)[0])
-    generator = torch.Generator().manual_seed(flip_seed)
-    draws = torch.rand(len(batch.labels), generator=generator)  # [B]
+    """Flip each image left-right with this probability, drawn from the flips' own stream."""
+    draws = torch.rand(len(batch.labels), generator=stream_generator(step_seed, MIRROR_STREAM))  # [B]
     mirrored = (draws < probability).to(batch.images.device)
     images = torch.where(mirrored[:, None, None, None], batch.images.flip(-1), batch.images)
     return Batch(batch.indices, images, batch.labels, mirrored)

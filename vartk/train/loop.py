@@ -41,7 +41,8 @@ from ..checkpoints import load_state_dict_strict
 from ..files import check_writable, write_file_atomic, write_text_atomic
 from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from .data import (
-    Batch, BatchOrder, ImageFolder, fits_in_memory, iterate_batches, load_subset, mirror_some, same_classes,
+    Batch, BatchOrder, ImageFolder, crop_some, decode_size, fits_in_memory, iterate_batches, load_subset, mirror_some,
+    same_classes,
 )
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -93,6 +94,8 @@ class TrainConfig:
     class_balance: float = arg(0.0, "draw images of a class with n images with weight n ** -a (0: plain shuffle, "
                                     "1: every class equally often)")
     hflip: float = arg(0.0, "flip each training image left-right with this probability (0: never)")
+    crop_scale: float = arg(1.0, "decode training images at this multiple of --image-size and train on random "
+                                 "--image-size crops of them (VAR's data: 1.125); 1: the center crop only")
     init_from: str = arg("", "start the model from these weights (a save_pretrained folder such as an earlier "
                              "run's transformer/ or tokenizer/) with a fresh optimizer and schedule")
     progress: bool = arg(True, "show a tqdm progress bar")
@@ -116,6 +119,8 @@ class TrainConfig:
             raise SystemExit(f"--precision {self.precision!r} is unknown; use one of {PRECISIONS}")
         if not 0 <= self.hflip <= 1:
             raise SystemExit(f"--hflip is a probability in [0, 1], got {self.hflip}")
+        if not self.crop_scale >= 1:
+            raise SystemExit(f"--crop-scale must be >= 1 (1: no random crops), got {self.crop_scale}")
         if self.init_from and not (Path(self.init_from) / WEIGHTS_NAME).is_file():
             raise SystemExit(f"--init-from {self.init_from}: no {WEIGHTS_NAME} there; give a save_pretrained "
                              "folder such as <run>/transformer")
@@ -568,9 +573,9 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
     """Train `job_cls(cfg, dataset, device)` as configured; returns the output folder."""
     dist = setup_distributed(cfg.device)
     out = Path(cfg.out)
-    cache = fits_in_memory(cfg.data, cfg.image_size, cfg.cache_limit_gb,
-                           copies=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    dataset = ImageFolder(cfg.data, cfg.image_size, cache=cache)
+    size = decode_size(cfg.image_size, cfg.crop_scale)
+    cache = fits_in_memory(cfg.data, size, cfg.cache_limit_gb, copies=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    dataset = ImageFolder(cfg.data, size, cache=cache)
     order = BatchOrder(len(dataset), cfg.batch_size, cfg.seed, dist.rank, dist.world_size, dataset.labels,
                        cfg.class_balance)
     held_out = load_validation_set(cfg, dataset.class_names, dist)
@@ -604,6 +609,8 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         batch = next(batches)
         batch = Batch(batch.indices, batch.images.to(dist.device, non_blocking=True).float() / 255,
                       batch.labels.to(dist.device, non_blocking=True))
+        if size > cfg.image_size:
+            batch = crop_some(batch, cfg.image_size, step_seed(cfg.seed, step, dist.rank))
         if cfg.hflip > 0:
             batch = mirror_some(batch, cfg.hflip, step_seed(cfg.seed, step, dist.rank))
         loss = train_step(job, trainees, batch, step, cfg, window, step_lrs)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..files import write_folder_atomic
 from ..tokenizers.msvq import MultiScaleVQVAE
-from .data import Batch
+from .data import Batch, center_crop
 from .loop import Job, TrainConfig, arg, check_architecture, check_at_least, parse_config, run_training
 
 
@@ -182,7 +182,8 @@ class TokenizerJob(Job):
         if cfg.gan_weight > 0:
             self.discriminator = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers).to(device)
         preview = torch.linspace(0, len(dataset) - 1, min(cfg.num_samples, len(dataset))).round().long().tolist()
-        self.preview = torch.stack([dataset[i][0] for i in preview]).to(device).float() / 255  # [N, 3, H, W]
+        preview_images = center_crop(torch.stack([dataset[i][0] for i in preview]), cfg.image_size)
+        self.preview = preview_images.to(device).float() / 255  # [N, 3, H, W]
         self.reconstruction = None  # the generator phase's output, read by the discriminator phase
         self.code_hits = torch.zeros(cfg.vocab_size, device=device)  # [V] hits since the last code restart
 
