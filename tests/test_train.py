@@ -312,14 +312,23 @@ def test_label_dropout_replaces_a_share_p_of_the_labels_by_the_null_class():
         assert torch.equal(LabelEcho(p).validation_metrics(batch)["loss"], labels)
 
 
-@pytest.mark.parametrize("job", ["tokenizer", "var", "gpt"])
-def test_resume_gives_the_uninterrupted_losses(job, images, tmp_path):
+# what each resumed run exercises: the tokenizers with a GAN have two optimizers, the multi-scale one restarts codes,
+# both train on random crops; the transformers have label dropout and flips, the VAR stochastic depth and random crops
+# (encoded each step), the GPT dropout
+RESUMED_RUNS = {
+    "tokenizer": ["--gan-weight", "0.1", "--gan-start", "2", "--disc-layers", "1", "--restart-codes-every", "3",
+                  "--crop-scale", "1.5"],
+    "tokenizer-llamagen": ["--quantizer", "llamagen", "--codebook-dim", "4", "--gan-weight", "0.1", "--gan-start", "2",
+                           "--disc-layers", "1", "--crop-scale", "1.5"],
+    "var": ["--hflip", "0.5", "--drop-path-rate", "0.1", "--crop-scale", "1.5"],
+    "gpt": ["--hflip", "0.5"],
+}
+
+
+@pytest.mark.parametrize("run", list(RESUMED_RUNS))
+def test_resume_gives_the_uninterrupted_losses(run, images, tmp_path):
     """Kill after step 3 (keep only that checkpoint), resume in a fresh run: steps 3..5 match exactly."""
-    # the tokenizer with a GAN has two optimizers, restarts codes and trains on random crops; the transformers have
-    # label dropout and flips, the VAR stochastic depth and random crops (encoded each step), the GPT dropout
-    extra = {"tokenizer": ["--gan-weight", "0.1", "--gan-start", "2", "--disc-layers", "1",
-                           "--restart-codes-every", "3", "--crop-scale", "1.5"],
-             "var": ["--hflip", "0.5", "--drop-path-rate", "0.1", "--crop-scale", "1.5"], "gpt": ["--hflip", "0.5"]}[job]
+    job, extra = run.split("-")[0], RESUMED_RUNS[run]
     common = ["--batch-size", "4", "--max-steps", "6", "--log-every", "1", "--save-every", "3",
               "--keep-checkpoints", "5", *FAST, *job_args(job, images, tmp_path), *extra]
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -883,3 +892,51 @@ def test_crop_scale_decodes_larger_images_and_encodes_the_crops_each_step(images
     train_main("var", ["--data", str(images), "--out", str(out), "--batch-size", "4", "--max-steps", "2",
                        "--crop-scale", "1.5", *FAST, *job_args("var", images, tmp_path)])
     assert (out / "pipeline" / "model_index.json").is_file() and read_log(out)[-1]["step"] == 1
+
+
+def test_llamagen_quantizer_trains_llamagens_vq_with_its_loss(images, tmp_path):
+    """--quantizer llamagen: a VQModel with L2-normalised --codebook-dim codes; its loss is LlamaGen's
+    mse(codes, z) + beta * mse(codes, z) (values; the two differ in what they send gradients to) plus the pixel
+    loss; its export is a GPT's tokenizer."""
+    import torch.nn.functional as F
+
+    from vartk.pipelines import GPTPipeline
+    from vartk.tokenizers.vq import VQModel
+
+    job = tokenizer_job(images, "--quantizer", "llamagen", "--codebook-dim", "4")
+    model, pixels = job.model.eval(), job.preview  # [8, 3, 8, 8]
+    assert isinstance(model, VQModel) and model.quantize.embedding.weight.shape == (16, 4)
+    with torch.no_grad():
+        metrics = job.validation_metrics(Batch(None, pixels, torch.zeros(len(pixels), dtype=torch.long)))
+        z = F.normalize(model.quant_conv(model.encoder(pixels * 2 - 1)), dim=1)  # [8, 4, 4, 4]
+        codebook = F.normalize(model.quantize.embedding.weight, dim=1)  # [16, 4]
+        flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+        codes = codebook[torch.cdist(flat, codebook).argmin(1)].view(8, 4, 4, 4).permute(0, 3, 1, 2)
+        recon = model.decoder(model.post_quant_conv(codes))
+        expected = 1.25 * F.mse_loss(codes, z) + F.mse_loss(recon, pixels * 2 - 1)
+    assert metrics["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    tokenizer_run, gpt_run = tmp_path / "vq", tmp_path / "gpt"
+    train_main("tokenizer", ["--data", str(images), "--out", str(tokenizer_run), "--batch-size", "4",
+                             "--max-steps", "2", "--quantizer", "llamagen", "--codebook-dim", "4", *FAST,
+                             *TOKENIZER_ARGS])
+    train_main("gpt", ["--data", str(images), "--out", str(gpt_run), "--batch-size", "4", "--max-steps", "2",
+                       "--tokenizer", str(tokenizer_run / "tokenizer"), "--dim", "32", "--n-layer", "2", "--n-head",
+                       "2", *FAST])
+    assert isinstance(GPTPipeline.from_pretrained(gpt_run / "pipeline").tokenizer, VQModel)
+
+
+def test_the_readme_vq16_command_builds_llamagens_vq_ds16_layout(tmp_path):
+    """`vartk train tokenizer --quantizer llamagen` with the README's flags makes exactly the keys and shapes of
+    LlamaGen's vq_ds16_c2i.pt (the committed fixture of the official layout)."""
+    from fixture_utils import load_fixture
+
+    from vartk.train.tokenizer import TokenizerTrainConfig, build_tokenizer
+
+    flags = ("--image-size 256 --ch 128 --ch-mult 1,1,2,2,4 --num-res-blocks 2 --z-channels 256 --vocab-size 16384 "
+             "--quantizer llamagen --codebook-dim 8").split()
+    cfg = parse_config(TokenizerTrainConfig, ["--data", str(tmp_path / "images"), "--out", str(tmp_path / "run"),
+                                              *flags], "test")
+    with torch.device("meta"):
+        model = build_tokenizer(cfg)
+    official = {name: shape for name, (shape, _) in load_fixture("vq_ds16_c2i.json").items()}
+    assert {name: tuple(t.shape) for name, t in model.state_dict().items()} == official

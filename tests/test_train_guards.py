@@ -62,6 +62,8 @@ def copy_of(saved_run, tmp_path):
     (["tokenizer", "--beta", "-1"], "--beta must be >= 0, got -1.0"),
     (["tokenizer", "--l2-weight", "-1"], "--l2-weight must be >= 0, got -1.0"),
     (["tokenizer", "--gan-weight", "-1"], "--gan-weight must be >= 0, got -1.0"),
+    (["tokenizer", "--quantizer", "vqgan"], r"^--quantizer 'vqgan' is unknown; use one of \('multiscale', 'llamagen'\)$"),
+    (["tokenizer", "--quantizer", "llamagen", "--restart-codes-every", "1"], r"^--restart-codes-every 1 works on"),
     (["tokenizer", "--crop-scale", "0.9"], r"^--crop-scale must be >= 1 \(1: no random crops\), got 0.9$"),
     (["var", "--drop-path-rate", "-0.5"], r"^--drop-path-rate must be in \[0, 1\) or -1 \(the official .*got -0.5$"),
     (["var", "--width", "-1"], "^--width must be >= 0, got -1$"),

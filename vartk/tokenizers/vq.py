@@ -62,6 +62,8 @@ class VectorQuantizer(nn.Module):
 class VQModel(ModelMixin, ConfigMixin):
     """LlamaGen's VQ tokenizer; images in [0, 1] at the API, [-1, 1] inside."""
 
+    token_modules = ("encoder", "quant_conv", "quantize")  # what decides an image's tokens
+
     @register_to_config
     def __init__(
         self,
@@ -150,7 +152,8 @@ class VQModel(ModelMixin, ConfigMixin):
         codes = self.quantize.lookup(tokens).float()  # [B, D, h, w]
         vq_loss = F.mse_loss(codes, z.detach()) + self.config.beta * F.mse_loss(codes.detach(), z)
         codes_straight_through = z + (codes - z).detach()
-        stats = {"codebook_usage": self.quantize.record_usage(tokens) if self.training else None}
+        stats = {"codebook_usage": self.quantize.record_usage(tokens) if self.training else None,
+                 "code_hits": torch.bincount(tokens.flatten(), minlength=self.vocab_size).float()}  # [V]
         features = self.post_quant_conv(codes_straight_through.to(self.post_quant_conv.weight.dtype))
         recon = (self.decoder(features) + 1) / 2
         return recon, vq_loss, stats

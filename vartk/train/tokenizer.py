@@ -1,6 +1,8 @@
-"""Train a MultiScaleVQVAE tokenizer (multi-scale, or single-scale with --patch-nums 16).
+"""Train a tokenizer: VAR's multi-scale VQ-VAE (MultiScaleVQVAE; single-scale with --patch-nums 16), or LlamaGen's
+VQ (VQModel, --quantizer llamagen).
 
     vartk train tokenizer --data DIR --out runs/tokenizer --patch-nums 1,2,3,4,5,6,8,10,13,16
+    vartk train tokenizer --data DIR --out runs/vq --quantizer llamagen --codebook-dim 8
 
 --restart-codes-every N fights codebook collapse: codes unused for N steps move onto residual vectors.
 
@@ -24,14 +26,17 @@ import torch.nn.functional as F
 
 from ..files import write_folder_atomic
 from ..tokenizers.msvq import MultiScaleVQVAE
+from ..tokenizers.vq import VQModel
 from .data import Batch, center_crop
 from .loop import Job, TrainConfig, arg, check_architecture, check_at_least, parse_config, run_training
+
+QUANTIZERS = ("multiscale", "llamagen")
 
 
 @dataclass
 class TokenizerTrainConfig(TrainConfig):
-    """Train a multi-scale residual VQ-VAE (VAR tokenizer); one scale (--patch-nums 16) gives a
-    single-scale tokenizer for next-token models."""
+    """Train a multi-scale residual VQ-VAE (VAR tokenizer; one scale, --patch-nums 16, gives a single-scale
+    tokenizer for next-token models) or LlamaGen's VQ (--quantizer llamagen)."""
 
     out: str = arg("runs/tokenizer", "output folder")
     lr: float = arg(2e-4, "peak learning rate")
@@ -43,6 +48,9 @@ class TokenizerTrainConfig(TrainConfig):
     num_res_blocks: int = arg(1, "ResNet blocks per resolution")
     z_channels: int = arg(32, "latent (codebook vector) channels")
     vocab_size: int = arg(1024, "codebook size")
+    quantizer: str = arg("multiscale", f"one of {QUANTIZERS}: VAR's residual quantiser over --patch-nums, or "
+                                       "LlamaGen's VQ (one scale, L2-normalised --codebook-dim codes, 1x1 quant convs)")
+    codebook_dim: int = arg(8, "code vector size of the llamagen quantiser (LlamaGen: 8)")
     patch_nums: tuple[int, ...] = arg((1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
                                       "token-map sides, small to large; the last = image_size / downsampling")
     beta: float = arg(0.25, "commitment loss weight")
@@ -71,8 +79,10 @@ class TokenizerTrainConfig(TrainConfig):
                 f"--lpips-weights {self.lpips_weights}: the perceptual loss is not available in vartk (it needs "
                 "pretrained VGG weights that cannot be fetched offline); train with --l2-weight/--l1-weight and --gan-weight"
             )
+        if self.quantizer not in QUANTIZERS:
+            raise SystemExit(f"--quantizer {self.quantizer!r} is unknown; use one of {QUANTIZERS}")
         check_at_least(self, 1, ("ch", "num_res_blocks", "z_channels", "norm_groups", "disc_channels",
-                                 "disc_layers"))
+                                 "disc_layers", "codebook_dim"))
         check_at_least(self, 0, ("beta", "vq_weight", "l2_weight", "l1_weight", "gan_weight"))  # loss weights
         if self.vocab_size < 2 or not self.ch_mult or min(self.ch_mult) < 1 or not self.patch_nums \
                 or min(self.patch_nums) < 1:
@@ -80,7 +90,7 @@ class TokenizerTrainConfig(TrainConfig):
                              f"positive integers (got {self.ch_mult}, {self.patch_nums})")
         check_architecture(lambda: build_tokenizer(self))
         latent = self.image_size // 2 ** (len(self.ch_mult) - 1)
-        if self.patch_nums[-1] != latent:
+        if self.quantizer == "multiscale" and self.patch_nums[-1] != latent:
             raise SystemExit(
                 f"--patch-nums ends at {self.patch_nums[-1]} but --image-size {self.image_size} with --ch-mult "
                 f"{','.join(map(str, self.ch_mult))} gives a {latent}x{latent} latent; make them agree"
@@ -95,6 +105,9 @@ class TokenizerTrainConfig(TrainConfig):
                 f"--max-steps {self.max_steps} (every checkpoint falls between restart windows, so --resume stays "
                 "exact)"
             )
+        if self.quantizer == "llamagen" and self.restart_codes_every:
+            raise SystemExit(f"--restart-codes-every {self.restart_codes_every} works on the multiscale quantiser's "
+                             "residuals; LlamaGen's L2-normalised codebook has no such restarts")
         if self.train_decoder_only and self.restart_codes_every:
             raise SystemExit("--train-decoder-only keeps the codebook fixed; it cannot be combined with "
                              f"--restart-codes-every {self.restart_codes_every}")
@@ -103,7 +116,11 @@ class TokenizerTrainConfig(TrainConfig):
                              "--init-from <tokenizer run>/tokenizer")
 
 
-def build_tokenizer(cfg: TokenizerTrainConfig) -> MultiScaleVQVAE:
+def build_tokenizer(cfg: TokenizerTrainConfig) -> MultiScaleVQVAE | VQModel:
+    if cfg.quantizer == "llamagen":
+        return VQModel(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks, z_channels=cfg.z_channels,
+                       codebook_size=cfg.vocab_size, codebook_embed_dim=cfg.codebook_dim, beta=cfg.beta,
+                       norm_groups=cfg.norm_groups)
     return MultiScaleVQVAE(
         ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks, z_channels=cfg.z_channels,
         vocab_size=cfg.vocab_size, patch_nums=cfg.patch_nums, beta=cfg.beta, quant_resi=cfg.quant_resi,
@@ -176,7 +193,7 @@ class TokenizerJob(Job):
         self.cfg = cfg
         self.model = build_tokenizer(cfg).to(device)
         if cfg.train_decoder_only:
-            for name in MultiScaleVQVAE.token_modules:
+            for name in type(self.model).token_modules:
                 getattr(self.model, name).requires_grad_(False)
         self.discriminator = None
         if cfg.gan_weight > 0:
