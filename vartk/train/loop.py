@@ -605,14 +605,15 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
     window_start = time.perf_counter()
     batches = iterate_batches(dataset, order, start_step, cfg.num_workers)
     for step in range(start_step, cfg.max_steps):
-        torch.manual_seed(step_seed(cfg.seed, step, dist.rank))
+        seed = step_seed(cfg.seed, step, dist.rank)
+        torch.manual_seed(seed)
         batch = next(batches)
         batch = Batch(batch.indices, batch.images.to(dist.device, non_blocking=True).float() / 255,
                       batch.labels.to(dist.device, non_blocking=True))
         if size > cfg.image_size:
-            batch = crop_some(batch, cfg.image_size, step_seed(cfg.seed, step, dist.rank))
+            batch = crop_some(batch, cfg.image_size, seed)
         if cfg.hflip > 0:
-            batch = mirror_some(batch, cfg.hflip, step_seed(cfg.seed, step, dist.rank))
+            batch = mirror_some(batch, cfg.hflip, seed)
         loss = train_step(job, trainees, batch, step, cfg, window, step_lrs)
         done = step + 1
         checkpoint_due = done % cfg.save_every == 0 or done == cfg.max_steps
