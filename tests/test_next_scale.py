@@ -2,25 +2,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_sampling import reference_filter
-from test_var import NUM_CLASSES, PATCH_NUMS, tiny_tokenizer, tiny_transformer
+from references import greedy_next_scale_reference, reference_filter
+from tiny_models import NUM_CLASSES, PATCH_NUMS
 
 import vartk.samplers.next_scale as next_scale
-from vartk.models.attention import FullKVCache
+from vartk.samplers.kv_cache import FullKVCache
 from vartk.samplers.next_scale import NextScaleSampler, edit_next_scale
 from vartk.tokenizers.msvq import MultiScaleVQVAE
 
 
-@pytest.fixture(scope="module")
-def models():
-    return tiny_transformer(), tiny_tokenizer()
+@pytest.fixture
+def models(var_models):
+    return var_models
 
 
 def sample(models, labels=(1, 7), seed=0, **kwargs):
     transformer, tokenizer = models
     generator = torch.Generator().manual_seed(seed)
     kwargs.setdefault("progress", False)
-    return NextScaleSampler()(transformer, tokenizer, torch.as_tensor(labels), generator=generator, **kwargs)
+    return NextScaleSampler()(transformer, tokenizer, torch.as_tensor(labels), generator=generator,
+                              **kwargs).token_maps
 
 
 def test_returns_one_token_map_per_scale(models):
@@ -36,27 +37,10 @@ def test_same_generator_same_tokens(models):
     assert any(not torch.equal(draws[0], d) for d in draws[1:])
 
 
-@torch.no_grad()
-def greedy_reference(transformer, tokenizer, labels, cfg):
-    """Greedy next-scale sampling through the teacher-forced forward (no KV cache): scales not yet
-    sampled are zeros, which the block-causal mask hides from the scale being predicted."""
-    B, K = len(labels), len(PATCH_NUMS)
-    tokens = [torch.zeros(B, pn, pn, dtype=torch.long) for pn in PATCH_NUMS]
-    both = torch.cat([labels, torch.full_like(labels, NUM_CLASSES)])
-    begin = 0
-    for si, pn in enumerate(PATCH_NUMS):
-        logits = transformer(both, tokenizer.teacher_forcing_input(tokens).repeat(2, 1, 1))[:, begin : begin + pn * pn]
-        t = cfg * si / (K - 1)
-        guided = (1 + t) * logits[:B] - t * logits[B:]
-        tokens[si] = guided.argmax(-1).view(B, pn, pn)
-        begin += pn * pn
-    return tokens
-
-
 @pytest.mark.parametrize("cfg", [0.0, 1.5, 4.0])
 def test_top_k_1_is_the_official_greedy_cfg_ramp(models, cfg):
     labels = torch.tensor([1, 7, 9])
-    expected = greedy_reference(*models, labels, cfg)
+    expected = greedy_next_scale_reference(*models, labels, cfg)
     got = sample(models, labels=labels, guidance_scale=cfg, top_k=1)
     assert all(torch.equal(e, g) for e, g in zip(expected, got))
 
@@ -81,12 +65,12 @@ def test_kv_cache_policy_is_used(models):
     made = []
 
     class Recording(FullKVCache):
-        def new_caches(self, *args):
-            made.extend(super().new_caches(*args))
+        def new_caches(self, spec):
+            made.extend(super().new_caches(spec))
             return made
 
     sample(models, kv_cache=Recording())
-    assert len(made) == 2 and all(cache.length == 14 for cache in made)
+    assert len(made) == 2 and all(cache.length == 1 + 4 for cache in made)  # the last scale (9) is never written
 
 
 def test_more_smooth_is_reproducible_and_changes_the_latent(models):
@@ -94,9 +78,9 @@ def test_more_smooth_is_reproducible_and_changes_the_latent(models):
     runs = []
     for more_smooth in (True, True, False):
         generator = torch.Generator().manual_seed(5)
-        runs.append(NextScaleSampler(more_smooth=more_smooth)(
-            transformer, tokenizer, torch.tensor([2]), generator=generator, progress=False, return_latent=True
-        ))
+        out = NextScaleSampler(more_smooth=more_smooth)(transformer, tokenizer, torch.tensor([2]), generator=generator,
+                                                        progress=False)
+        runs.append((out.token_maps, out.latent))
     (tokens_a, latent_a), (tokens_b, latent_b), (_, latent_hard) = runs
     assert all(torch.equal(a, b) for a, b in zip(tokens_a, tokens_b)) and torch.equal(latent_a, latent_b)
     assert latent_a.shape == (1, 8, 3, 3) and not torch.allclose(latent_a, latent_hard)
@@ -122,7 +106,7 @@ def test_all_ones_mask_keeps_the_image(models):
     transformer, tokenizer = models
     images = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
     known = tokenizer.encode(images)
-    edited = edit_next_scale(transformer, tokenizer, images, torch.ones(3, 3), top_k=4, progress=False)
+    edited = edit_next_scale(transformer, tokenizer, images, torch.ones(3, 3), top_k=4, progress=False).token_maps
     assert all(torch.equal(k, e) for k, e in zip(known, edited))
 
 
@@ -133,7 +117,7 @@ def test_partial_mask_keeps_tokens_where_resized_mask_is_set(models):
     mask = torch.zeros(3, 3)
     mask[:, :2] = 1  # keep the left two columns, generate the right one
     edited = edit_next_scale(transformer, tokenizer, images, mask, class_labels=[4], progress=False,
-                             generator=torch.Generator().manual_seed(0))
+                             generator=torch.Generator().manual_seed(0)).token_maps
     for pn, k, e in zip(PATCH_NUMS, known, edited):
         keep = torch.ones(1, pn, pn, dtype=torch.bool) if pn == 1 else (
             F.interpolate(mask[None, None], size=(pn, pn), mode="bilinear") > 0.5)[0]
@@ -147,7 +131,7 @@ def test_inpainting_without_a_class_uses_the_null_class(models):
     mask = torch.zeros(3, 3)
     mask[:, 0] = 1
     edit = lambda labels: edit_next_scale(transformer, tokenizer, images, mask, class_labels=labels,  # noqa: E731
-                                          progress=False, generator=torch.Generator().manual_seed(0))
+                                          progress=False, generator=torch.Generator().manual_seed(0)).token_maps
     no_class = edit(None)
     assert all(torch.equal(a, b) for a, b in zip(no_class, edit([NUM_CLASSES])))
     assert not all(torch.equal(a, b) for a, b in zip(no_class, edit([0])))
@@ -185,7 +169,7 @@ def test_one_class_label_edits_every_image_and_the_mask_may_be_an_array(models):
     mask = np.zeros((3, 3), dtype=np.float32)
     mask[0] = 1
     edited = [edit_next_scale(transformer, tokenizer, images, m, class_labels=labels, progress=False,
-                              generator=torch.Generator().manual_seed(0))
+                              generator=torch.Generator().manual_seed(0)).token_maps
               for m, labels in ((mask, 4), (torch.from_numpy(mask), [4, 4]))]
     assert all(torch.equal(a, b) for a, b in zip(*edited))
 
@@ -208,7 +192,7 @@ def test_the_1x1_scale_keeps_the_known_token_even_when_the_resized_mask_is_unset
     known = tokenizer.encode(images)
     for seed in range(3):
         edited = edit_next_scale(transformer, tokenizer, images, mask[0, 0], class_labels=[2, 6], top_k=0,
-                                 progress=False, generator=torch.Generator().manual_seed(seed))
+                                 progress=False, generator=torch.Generator().manual_seed(seed)).token_maps
         assert torch.equal(edited[0], known[0])
 
 
@@ -234,7 +218,7 @@ def test_a_per_image_mask_is_applied_to_each_image(models):
     images = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(6))
     known = tokenizer.encode(images)
     edited = edit_next_scale(transformer, tokenizer, images, masks, class_labels=[1, 3], progress=False,
-                             generator=torch.Generator().manual_seed(0))
+                             generator=torch.Generator().manual_seed(0)).token_maps
     for i in range(2):
         keep = masks[i].bool()
         assert torch.equal(edited[-1][i][keep], known[-1][i][keep])

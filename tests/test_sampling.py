@@ -2,27 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from vartk.samplers.sampling import check_sampling_args, filter_logits, sample_from_logits
+from references import reference_filter, reference_probs
+from scipy import stats
 
-
-def reference_filter(row: np.ndarray, top_k: int, top_p: float, rule: str = "var") -> np.ndarray:
-    """Plain-Python top-k then top-p over one row of logits: the set of kept indices. A token is kept while
-    the mass ranked above it is below top_p (VAR) or at most top_p (LlamaGen)."""
-    keep = np.ones_like(row, dtype=bool)
-    if 0 < top_k < len(row):
-        kth = np.sort(row)[::-1][top_k - 1]
-        keep &= row >= kth
-    if top_p < 1.0:
-        masked = np.where(keep, row, -np.inf)
-        probs = np.exp(masked - masked.max())
-        probs /= probs.sum()
-        order = np.argsort(-probs, kind="stable")
-        mass_above = 0.0
-        for idx in order:
-            if mass_above > top_p or (rule == "var" and mass_above == top_p):
-                keep[idx] = False
-            mass_above += probs[idx]
-    return keep
+from vartk.samplers.sampling import (
+    cfg_next_scale, cfg_next_token, check_sampling_args, filter_logits, probs_from_logits, sample_from_logits,
+    var_guidance_ramp,
+)
 
 
 @pytest.mark.parametrize("rule", ["var", "llamagen"])
@@ -107,31 +93,6 @@ def test_numpy_integers_are_integers():
     check_sampling_args(top_k=np.int64(5), top_p=np.float32(0.9), temperature=np.float64(1.0))
 
 
-def test_sampler_specs_build_the_named_class_with_typed_values():
-    from vartk.samplers import FullKVCache, NextScaleSampler, NextTokenSampler, from_spec
-
-    sampler = from_spec("NextTokenSampler:temperature=0.5,cfg_interval=3,cuda_graph=false")
-    assert sampler == NextTokenSampler(temperature=0.5, cfg_interval=3, cuda_graph=False)
-    assert sampler.cuda_graph is False and isinstance(sampler.cfg_interval, int)
-    assert from_spec("nexttokensampler:cuda_graph=auto").cuda_graph == "auto"
-    assert from_spec("nextscalesampler:more_smooth=TRUE") == NextScaleSampler(more_smooth=True)
-    assert from_spec("nextscalesampler:more_smooth=no") == NextScaleSampler(more_smooth=False)
-    assert from_spec("nextscalesampler:more_smooth=On") == NextScaleSampler(more_smooth=True)
-    with pytest.raises(ValueError, match=r"'temperature' in 'nexttokensampler:temperature' is not key=value"):
-        from_spec("nexttokensampler:temperature")
-    assert isinstance(from_spec("fullkvcache"), FullKVCache)
-    with pytest.raises(ValueError, match=r"NextScaleSampler has no setting 'smooth'; its settings: \['more_smooth'\]"):
-        from_spec("nextscalesampler:smooth=true")
-    with pytest.raises(ValueError, match="more_smooth must be True or False, got 'maybe'"):
-        from_spec("nextscalesampler:more_smooth=maybe")
-    with pytest.raises(ValueError, match=r"'gsd'.*available: \['fullkvcache', 'nextscalesampler', 'nexttokensampler'\]"):
-        from_spec("gsd:window=16")
-    with pytest.raises(ValueError, match=r"unknown KV-cache policy 'nextscalesampler'; available: \['fullkvcache'\]"):
-        from_spec("nextscalesampler", kind="kv-cache")
-    with pytest.raises(ValueError, match=r"unknown sampler 'fullkvcache'; available: \['nextscalesampler', "):
-        from_spec("fullkvcache", kind="sampler")
-
-
 def test_fp16_logits_with_a_tiny_temperature_draw_the_argmax():
     """70 / 1e-3 overflows float16 (max 65504): the logits are divided in float32."""
     logits = torch.tensor([[69.0, 70.0, 0.0], [0.0, -1.0, 68.0]], dtype=torch.float16).repeat(50, 1)
@@ -147,3 +108,72 @@ def test_var_top_p_drops_a_token_whose_cumulative_mass_equals_one_minus_top_p():
     logits = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64).log()
     assert top_p_drop_var(logits, 0.5).tolist() == [[False, True, True]]
     assert torch.isfinite(filter_logits(logits, top_p=0.5, top_p_rule="var")).tolist() == [[True, False, False]]
+
+
+SETTINGS = [  # top_k, top_p, temperature
+    (0, 1.0, 1.0), (5, 1.0, 1.0), (0, 0.5, 1.0), (7, 0.8, 0.7), (0, 0.9, 2.0), (1, 1.0, 1.0), (0, 1.0, 0.0),
+    (3, 0.999, 1e-7),
+]
+
+
+@pytest.mark.parametrize("rule", ["var", "llamagen"])
+@pytest.mark.parametrize("top_k, top_p, temperature", SETTINGS)
+def test_probs_from_logits_matches_an_independent_computation(top_k, top_p, temperature, rule):
+    logits = torch.randn(12, 40, generator=torch.Generator().manual_seed(top_k + int(10 * top_p)), dtype=torch.float64)
+    probs = probs_from_logits(logits, top_k, top_p, temperature, rule)
+    assert probs.dtype == torch.float32 and probs.shape == logits.shape
+    expected = np.stack([reference_probs(row, top_k, top_p, temperature, rule) for row in logits.numpy()])
+    np.testing.assert_allclose(probs.numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("probs, top_p, kept_var, kept_llamagen", [
+    ([0.5, 0.25, 0.1875, 0.0625], 0.75, 2, 3), ([0.5, 0.3125, 0.1875], 0.5, 1, 2), ([0.5, 0.25, 0.25], 0.5, 1, 2),
+])
+def test_probs_from_logits_follows_each_top_p_rule_at_the_boundary(probs, top_p, kept_var, kept_llamagen):
+    """At the exact boundary the two official rules keep different sets, and the distribution renormalises
+    over exactly the kept set (binary-exact probabilities, no ties)."""
+    logits = torch.tensor([probs], dtype=torch.float64).log()
+    for rule, kept in (("var", kept_var), ("llamagen", kept_llamagen)):
+        out = probs_from_logits(logits, top_p=top_p, top_p_rule=rule)[0]
+        assert (out > 0).sum() == kept
+        np.testing.assert_allclose(out.numpy(), reference_probs(logits[0].numpy(), 0, top_p, 1.0, rule), atol=1e-7)
+
+
+@pytest.mark.parametrize("top_k, top_p, temperature, rule", [
+    (0, 1.0, 1.0, "var"), (6, 0.9, 0.8, "llamagen"), (0, 0.7, 1.5, "var"), (4, 1.0, 2.0, "llamagen"),
+])
+def test_sample_from_logits_draws_from_exactly_probs_from_logits(top_k, top_p, temperature, rule):
+    """Chi-square goodness of fit of 40000 draws against `probs_from_logits` (p > 0.001), and the test has power:
+    the same draws are far from the unfiltered softmax whenever filtering removed mass."""
+    logits = torch.randn(10, generator=torch.Generator().manual_seed(top_k)) * 1.5  # [V]
+    probs = probs_from_logits(logits, top_k, top_p, temperature, rule).double()
+    draws = sample_from_logits(logits.expand(40000, -1), top_k, top_p, temperature,
+                               torch.Generator().manual_seed(1), top_p_rule=rule)
+    counts = torch.bincount(draws, minlength=10).double()
+    assert counts[probs == 0].sum() == 0  # nothing outside the support
+    support = probs > 0
+    expected = probs[support] / probs[support].sum() * 40000
+    assert stats.chisquare(counts[support].numpy(), expected.numpy()).pvalue > 0.001
+    unfiltered = torch.softmax(logits.double() / temperature, 0)
+    if not torch.allclose(unfiltered, probs, atol=1e-3):
+        assert stats.chisquare(counts.numpy(), (unfiltered / unfiltered.sum() * 40000).numpy()).pvalue < 1e-6
+
+
+def test_greedy_probs_are_a_point_mass_and_greedy_draws_take_it():
+    logits = torch.randn(5, 9, generator=torch.Generator().manual_seed(0))
+    for kwargs in (dict(temperature=0.0), dict(top_k=1)):
+        probs = probs_from_logits(logits, **kwargs)
+        assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 9).float())
+        assert torch.equal(sample_from_logits(logits, **kwargs), logits.argmax(-1))
+
+
+def test_classifier_free_guidance_of_both_families():
+    """LlamaGen mixes u + s (c - u); VAR (1 + t) c - t u with t ramping from 0 to the scale over the scales."""
+    cond, uncond = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    both = torch.stack([cond, uncond]).view(6, 5)  # [cond rows; uncond rows]
+    torch.testing.assert_close(cfg_next_token(both, 2.5), uncond + 2.5 * (cond - uncond))
+    torch.testing.assert_close(cfg_next_token(both, 1.0), cond)
+    torch.testing.assert_close(cfg_next_scale(both, 0.75), 1.75 * cond - 0.75 * uncond)
+    torch.testing.assert_close(cfg_next_scale(both, 0.0), cond)
+    assert [var_guidance_ramp(1.5, k, 4) for k in range(4)] == [0.0, 0.5, 1.0, 1.5]
+    assert var_guidance_ramp(2.0, 0, 1) == 0.0

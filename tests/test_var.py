@@ -4,51 +4,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fixture_utils import load_fixture, state_dict_from_fixture
+from tiny_models import NUM_CLASSES, PATCH_NUMS, random_token_maps, tiny_var_tokenizer, tiny_var_transformer
 
 from vartk.checkpoints import CheckpointError
-from vartk.models.attention import FullKVCache
+from vartk.samplers.kv_cache import FullKVCache
 from vartk.models.var import PATCH_NUMS_512, VARTransformer, infer_official_config
 from vartk.tokenizers.msvq import MultiScaleVQVAE
-
-PATCH_NUMS = (1, 2, 3)
-NUM_CLASSES = 10
-
-
-def tiny_transformer(shared_aln=False, seed=0, **kwargs) -> VARTransformer:
-    """depth 2, width 64, 2 heads, V 32, Cz 8, with every parameter random (not the near-zero gates of init)."""
-    config = dict(depth=2, width=64, num_heads=2, vocab_size=32, latent_channels=8, num_classes=NUM_CLASSES)
-    model = VARTransformer(**{**config, "patch_nums": PATCH_NUMS, "shared_aln": shared_aln, **kwargs}).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model
-
-
-def tiny_tokenizer() -> MultiScaleVQVAE:
-    torch.manual_seed(0)
-    return MultiScaleVQVAE(
-        ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32, patch_nums=PATCH_NUMS,
-        norm_groups=8, share_quant_resi=2,
-    ).eval()
-
-
-def random_token_maps(batch, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 32, (batch, pn, pn), generator=generator) for pn in PATCH_NUMS]
-
 
 @pytest.mark.parametrize("shared_aln", [False, True])
 @torch.no_grad()
 def test_teacher_forcing_equals_cached_scale_by_scale(shared_aln):
-    model, tokenizer = tiny_transformer(shared_aln), tiny_tokenizer()
+    model, tokenizer = tiny_var_transformer(shared_aln), tiny_var_tokenizer()
     labels = torch.tensor([3, NUM_CLASSES])
     tokens = random_token_maps(2)
     teacher_forced = model(labels, tokenizer.teacher_forcing_input(tokens))  # [B, L, V]
     assert teacher_forced.shape == (2, 14, 32) and teacher_forced.dtype == torch.float32
 
-    caches = FullKVCache().new_caches(model.num_layers, 2, model.num_heads, model.seq_len, model.head_dim,
-                                      torch.float32, "cpu")
+    caches = FullKVCache().new_caches(model.cache_spec(2))
     f_hat, x_next, cached = torch.zeros(2, 8, 3, 3), None, []
     for scale_index, scale_tokens in enumerate(tokens):
         cached.append(model.forward_scale(x_next, labels, scale_index, caches))
@@ -56,13 +28,13 @@ def test_teacher_forcing_equals_cached_scale_by_scale(shared_aln):
         if scale_index < len(tokens) - 1:
             x_next = tokenizer.next_scale_input(f_hat, scale_index)
     cached = torch.cat(cached, dim=1)
-    assert caches[0].length == 14
+    assert caches[0].length == 5  # the last scale attends to the cache but is never written into it
     assert (teacher_forced - cached).abs().max() <= 1e-5
     assert teacher_forced.std() > 0.1  # random weights give logits far from constant
 
 
 def test_block_causal_mask_matches_a_loop():
-    model = tiny_transformer()
+    model = tiny_var_transformer()
     level = [0] + [1] * 4 + [2] * 9
     expected = torch.zeros(14, 14)
     for query in range(14):
@@ -75,7 +47,7 @@ def test_block_causal_mask_matches_a_loop():
 
 @torch.no_grad()
 def test_future_scales_do_not_change_earlier_logits():
-    model, tokenizer = tiny_transformer(), tiny_tokenizer()
+    model, tokenizer = tiny_var_transformer(), tiny_var_tokenizer()
     labels = torch.tensor([1])
     tokens = random_token_maps(1)
     changed = tokens[:2] + [torch.randint(0, 32, (1, 3, 3), generator=torch.Generator().manual_seed(9))]
@@ -110,7 +82,7 @@ def test_official_d36_layout_is_inferred():
 
 
 def test_from_official_file_round_trip(tmp_path):
-    model = tiny_transformer(shared_aln=True)
+    model = tiny_var_transformer(shared_aln=True)
     path = tmp_path / "var_tiny.pth"
     torch.save(model.state_dict(), path)
     loaded = VARTransformer.from_official(path, patch_nums=PATCH_NUMS)
@@ -123,7 +95,7 @@ def test_from_official_file_round_trip(tmp_path):
 
 
 def test_from_official_errors_name_keys_and_shapes():
-    state_dict = tiny_transformer().state_dict()
+    state_dict = tiny_var_transformer().state_dict()
     with pytest.raises(CheckpointError, match=r"14 positions.*patch_nums"):
         VARTransformer.from_official(state_dict)
     renamed = dict(state_dict)
@@ -136,7 +108,7 @@ def test_from_official_errors_name_keys_and_shapes():
 
 
 def test_save_pretrained_round_trip(tmp_path):
-    model = tiny_transformer()
+    model = tiny_var_transformer()
     model.save_pretrained(tmp_path)
     loaded = VARTransformer.from_pretrained(tmp_path).eval()
     assert loaded.patch_nums == PATCH_NUMS
@@ -164,7 +136,7 @@ def test_init_weights_follows_the_official_recipe():
 
 
 def test_drop_path_only_in_training():
-    model = tiny_transformer(drop_path_rate=0.9)
+    model = tiny_var_transformer(drop_path_rate=0.9)
     labels, x = torch.tensor([1, 2, 3, 4]), torch.randn(4, 13, 8)
     assert torch.equal(model(labels, x), model(labels, x))
     torch.manual_seed(0)
@@ -172,8 +144,8 @@ def test_drop_path_only_in_training():
 
 
 def test_forward_scale_checks_its_inputs():
-    model = tiny_transformer()
-    caches = FullKVCache().new_caches(2, 1, 2, 14, 32, torch.float32, "cpu")
+    model = tiny_var_transformer()
+    caches = FullKVCache().new_caches(model.cache_spec(1))
     with pytest.raises(ValueError, match="scale_index=1"):
         model.forward_scale(None, torch.tensor([0]), 1, caches)
     with pytest.raises(ValueError, match="one KV cache per block"):
@@ -257,7 +229,7 @@ def reference_forward(model, labels, latents):
 
 def hot_temperature_model(**kwargs) -> VARTransformer:
     """tiny_transformer in float64 whose head-0 attention temperature exceeds the log(100) clamp in every block."""
-    model = tiny_transformer(**kwargs)
+    model = tiny_var_transformer(**kwargs)
     if model.config.attn_l2_norm:
         with torch.no_grad():
             for block in model.blocks:
@@ -295,7 +267,7 @@ def test_forward_matches_reference_formulas(shared_aln):
 def test_autocast_forward_embeds_in_float32_and_runs_the_blocks_in_the_autocast_dtype(shared_aln):
     """As the official training forward: the embeddings are computed with autocast off, then the residual stream,
     the blocks' condition and the mask are cast to the autocast dtype (bfloat16) before the blocks."""
-    model = tiny_transformer(shared_aln)
+    model = tiny_var_transformer(shared_aln)
     labels, latents = torch.tensor([3, NUM_CLASSES]), torch.randn(2, 13, 8)  # [B], [B, L - 1, Cz]
     cond = model.class_emb.weight[labels]  # [B, C], float32
     x = torch.cat([cond[:, None] + model.pos_start, model.word_embed(latents)], 1)
@@ -316,7 +288,7 @@ def test_autocast_forward_embeds_in_float32_and_runs_the_blocks_in_the_autocast_
 def test_autocast_block_and_head_follow_the_official_dtypes():
     """Under autocast the official gates attention in place (the branch keeps attention's bfloat16 even when the
     shared-AdaLN gate is float32) and normalises before the head in float32 (get_logits: h.float())."""
-    model = tiny_transformer(shared_aln=True)
+    model = tiny_var_transformer(shared_aln=True)
     block, x = model.blocks[0], torch.randn(2, 14, 64).bfloat16()  # [B, L, C]
     class_emb = torch.randn(2, 64)  # [B, C]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -334,7 +306,7 @@ def test_autocast_block_and_head_follow_the_official_dtypes():
 @torch.no_grad()
 def test_layer_norms_use_eps_1e_6_without_affine():
     """LayerNorm(eps=1e-6, elementwise_affine=False) in every block and before the head."""
-    model = tiny_transformer()
+    model = tiny_var_transformer()
     torch.manual_seed(0)
     x = torch.randn(2, 5, 64) * 3e-3  # [B, L, C]; variance ~1e-5, so eps shows
     for norm in (model.blocks[0].norm, model.blocks[1].norm, model.head_nm.norm):

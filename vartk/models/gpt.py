@@ -29,7 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
 from ..checkpoints import load_state_dict_strict, read_official_file
-from .attention import StaticKVCache, attention, position_mask
+from .attention import CacheSpec, StaticKVCache, attention, position_mask
 
 GPT_CONFIGS = {
     "GPT-B": dict(dim=768, n_layer=12, n_head=12),
@@ -224,7 +224,7 @@ class GPTTransformer(ModelMixin, ConfigMixin):
         """Blocks, final norm and head over x [B, T, C] at absolute `positions` [B or 1, T] -> float32 [B, T, V]."""
         cfg = self.config
         cos, sin = rope_2d(positions, cfg.grid_size, self.head_dim, cfg.rope_base, cfg.cls_token_num)
-        mask = position_mask(positions, caches[0].length if caches else x.shape[1])  # [B, 1, T, S]
+        mask = position_mask(positions, caches[0].max_len if caches else x.shape[1])  # [B, 1, T, S]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, positions, caches[i] if caches else None)
         return self.output(self.norm(x)).float()
@@ -235,16 +235,21 @@ class GPTTransformer(ModelMixin, ConfigMixin):
         positions = torch.arange(x.shape[1], device=x.device)[None]  # [1, N]
         return self.run_layers(x, positions)
 
-    def new_kv_caches(self, batch: int, dtype: torch.dtype | None = None, device=None) -> list[StaticKVCache]:
-        """One static cache per layer for `batch` rows (CFG rows included), room for the whole sequence
-        (class prefix + image tokens, rounded up to a multiple of 8 like the official cache)."""
-        max_len = -(-(self.config.cls_token_num + self.num_tokens) // 8) * 8
-        dtype = dtype or self.dtype
-        device = device or self.device
-        return [
-            StaticKVCache(batch, self.config.n_head, max_len, self.head_dim, dtype, device)
-            for _ in range(self.config.n_layer)
-        ]
+    def cache_spec(self, rows: int, dtype: torch.dtype | None = None, device=None, extra_positions: int = 0
+                   ) -> CacheSpec:
+        """The static caches of a call with `rows` rows (CFG rows included): room for the whole sequence (class
+        prefix + image tokens) plus `extra_positions` (a draft window may run past the last token), rounded up to
+        a multiple of 8 like the official cache."""
+        max_len = -(-(self.config.cls_token_num + self.num_tokens + extra_positions) // 8) * 8
+        return CacheSpec(num_layers=self.config.n_layer, rows=rows, num_heads=self.config.n_head,
+                         head_dim=self.head_dim, dtype=dtype or self.dtype, device=torch.device(device or self.device),
+                         max_len=max_len)
+
+    def new_kv_caches(self, rows: int, dtype: torch.dtype | None = None, device=None, extra_positions: int = 0
+                      ) -> list[StaticKVCache]:
+        """One static cache per layer (see `cache_spec`)."""
+        spec = self.cache_spec(rows, dtype, device, extra_positions)
+        return [StaticKVCache(spec) for _ in range(spec.num_layers)]
 
     def forward_cached(
         self,

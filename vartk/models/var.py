@@ -27,7 +27,7 @@ from einops import rearrange
 from timm.layers import drop_path
 
 from vartk.checkpoints import CheckpointError, load_state_dict_strict, read_official_file, unwrap_state_dict
-from vartk.models.attention import KVCache, attention
+from vartk.models.attention import AttentionView, CacheSpec, KVCache, attention
 
 from vartk.tokenizers.msvq import PATCH_NUMS_256, PATCH_NUMS_512  # 680 tokens at 256 px, 2240 at 512 px
 
@@ -65,14 +65,21 @@ class SelfAttention(nn.Module):
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         qkv = F.linear(x, self.mat_qkv.weight, bias)  # [B, L, 3C]
         q, k, v = rearrange(qkv, "b l (three h d) -> three b h l d", three=3, h=self.num_heads)  # each [B, H, L, D]
+        q_proj = q
         if self.l2_norm:
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(MAX_LOG_ATTN_SCALE).exp()
             k = F.normalize(k, dim=-1)
         if cache is not None:
             k, v = cache.update(k, v)  # [B, H, S, D]: every scale so far
-        out = attention(q, k, v, attn_mask=attn_mask, scale=self.scale)  # [B, H, L, D]
-        if cache is not None:
-            cache.observe(q)
+        weights = None
+        if cache is not None and cache.wants_attention:  # unfused, so the cache can read the weights
+            weights = (q.float() @ k.float().transpose(-1, -2) * self.scale).softmax(dim=-1)  # [B, H, L, S]
+            out = (weights @ v.float()).to(v.dtype)  # [B, H, L, D]
+        else:
+            out = attention(q, k, v, attn_mask=attn_mask, scale=self.scale)  # [B, H, L, D]
+        if cache is not None and cache.observes:
+            q_proj = q_proj - rearrange(self.q_bias, "(h d) -> h 1 d", h=self.num_heads)  # the raw projection
+            cache.observe(AttentionView(q=q, k=k, scale=self.scale, q_proj=q_proj, weights=weights))
         return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
 
@@ -218,6 +225,14 @@ class VARTransformer(ModelMixin, ConfigMixin):
     def seq_len(self) -> int:
         """Tokens in the whole pyramid (680 for the 256 px schedule)."""
         return self.scale_bounds[-1][1]
+
+    def cache_spec(self, rows: int, dtype: torch.dtype | None = None, device=None) -> CacheSpec:
+        """What the KV caches of a sampling call with `rows` rows (CFG rows included) hold: every block's keys
+        and values, scale by scale; `dtype` defaults to what the blocks compute in (the autocast dtype if on)."""
+        device = torch.device(device or self.device)
+        return CacheSpec(num_layers=self.num_layers, rows=rows, num_heads=self.num_heads, head_dim=self.head_dim,
+                         dtype=dtype or autocast_dtype(device.type, self.dtype), device=device,
+                         scale_lengths=tuple(pn * pn for pn in self.patch_nums))
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()

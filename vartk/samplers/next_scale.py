@@ -14,6 +14,7 @@ of a known image forced wherever a mask says "keep", at every scale (`edit_next_
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,17 +22,21 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from vartk.models.attention import FullKVCache, KVCachePolicy
-from vartk.models.var import autocast_dtype
-from vartk.samplers.sampling import (
-    check_class_labels, check_generator, check_non_negative, check_sampling_args, filter_logits, on_generator_device,
-    sample_from_logits,
+from ..models.attention import caches_nbytes
+from .contract import NextScaleOutput, uniform_stats
+from .kv_cache import FullKVCache, KVCachePolicy
+from .next_token import cuda_peak_memory, reset_cuda_peak_memory
+from .registry import KV_CACHE, NEXT_SCALE, SAMPLER, check_family, register_sampler
+from .sampling import (
+    cfg_next_scale, check_class_labels, check_generator, check_non_negative, check_sampling_args, filter_logits,
+    on_generator_device, sample_from_logits, var_guidance_ramp,
 )
 
 
+@register_sampler("nextscale", family=NEXT_SCALE, aliases=("nextscalesampler",))
 @dataclass
 class NextScaleSampler:
-    """The official VAR sampler. `more_smooth` replaces each scale's code vectors by a
+    """The official VAR sampler, one forward per scale. `more_smooth` replaces each scale's code vectors by a
     Gumbel-softmax mixture of codes (sharper visuals, not used for FID)."""
 
     more_smooth: bool = False
@@ -54,19 +59,19 @@ class NextScaleSampler:
         progress: bool = True,
         known_tokens: list[torch.Tensor] | None = None,
         keep_mask: torch.Tensor | None = None,
-        return_latent: bool = False,
-    ):
-        """Sample token maps for `class_labels` [B] -> list of LongTensor [B, pn, pn], one per scale.
+    ) -> NextScaleOutput:
+        """Sample token maps for `class_labels` [B] -> NextScaleOutput(token maps [B, pn, pn] per scale, the running
+        latent f_hat [B, Cz, h, w] the sampled code vectors built, stats).
 
-        `known_tokens` (per-scale maps of a known image) and `keep_mask` (1 = keep the known
-        token, at the final token resolution) turn sampling into editing; see `edit_next_scale`.
-        With `return_latent`, also returns the running latent f_hat [B, Cz, h, w] that the
-        sampled code vectors built (with `more_smooth` it differs from decoding the tokens).
+        `known_tokens` (per-scale maps of a known image) and `keep_mask` (1 = keep the known token, at the final
+        token resolution) turn sampling into editing; see `edit_next_scale`. `kv_cache` is a KV-cache policy
+        (default: `FullKVCache`).
         """
         check_sampling_args(top_k, top_p)
         check_generator(generator)
         check_non_negative("guidance_scale", guidance_scale, "0 = no guidance")
         check_same_schedule(transformer, tokenizer)
+        check_family(kv_cache, KV_CACHE, NEXT_SCALE)
         device = transformer.device
         labels = check_class_labels(class_labels, transformer.null_class, device, allow_null=known_tokens is not None)
         if (known_tokens is None) != (keep_mask is None):
@@ -74,21 +79,22 @@ class NextScaleSampler:
         if known_tokens is not None:
             known_tokens, keep_mask = check_edit_inputs(tokenizer, known_tokens, keep_mask, len(labels), device)
 
+        start = time.perf_counter()
+        reset_cuda_peak_memory(device)
         B, patch_nums = len(labels), tokenizer.patch_nums
         use_cfg = guidance_scale > 0
         if use_cfg:
             labels = torch.cat([labels, torch.full_like(labels, transformer.null_class)])  # [2B]: cond; null
-        caches = (kv_cache or FullKVCache()).new_caches(
-            transformer.num_layers, len(labels), transformer.num_heads, transformer.seq_len,
-            transformer.head_dim, autocast_dtype(device.type, transformer.dtype), device,  # the keys' dtype
-        )
+        caches = (kv_cache or FullKVCache()).new_caches(transformer.cache_spec(len(labels)))
         f_hat = torch.zeros(B, tokenizer.latent_channels, tokenizer.latent_size, tokenizer.latent_size, device=device)
         x_next, token_maps = None, []
         for scale_index in tqdm(range(len(patch_nums)), desc="scales", disable=not progress):
             pn, ratio = patch_nums[scale_index], scale_index / max(len(patch_nums) - 1, 1)
+            for cache in caches:
+                cache.begin(scale_index)
             logits = transformer.forward_scale(x_next, labels, scale_index, caches)  # [B or 2B, pn^2, V]
             if use_cfg:
-                logits = guided_logits(logits, guidance_scale * ratio)  # [B, pn^2, V]
+                logits = cfg_next_scale(logits, var_guidance_ramp(guidance_scale, scale_index, len(patch_nums)))
             tokens, codes = self.draw(logits, tokenizer, ratio, top_k, top_p, generator)
             codes = rearrange(codes, "b (h w) c -> b c h w", h=pn)  # [B, Cz, pn, pn]
             tokens = tokens.view(B, pn, pn)
@@ -102,7 +108,10 @@ class NextScaleSampler:
             if scale_index < len(patch_nums) - 1:
                 x_next = tokenizer.next_scale_input(f_hat, scale_index)  # [B, pn_next^2, Cz]
                 x_next = x_next.repeat(2, 1, 1) if use_cfg else x_next
-        return (token_maps, f_hat) if return_latent else token_maps
+        stats = uniform_stats(B, forwards=len(patch_nums), tokens=sum(pn * pn for pn in patch_nums),
+                              seconds=time.perf_counter() - start, kv_bytes=caches_nbytes(caches, peak=True),
+                              peak_memory=cuda_peak_memory(device))
+        return NextScaleOutput(token_maps=token_maps, latent=f_hat, stats=stats)
 
     def draw(self, logits, tokenizer, ratio, top_k, top_p, generator):
         """Tokens [B, l] from top-k/top-p filtered logits [B, l, V], and the code vectors the
@@ -117,12 +126,6 @@ class NextScaleSampler:
         weights = ((filtered * (1 + ratio) + gumbel) / tau).softmax(dim=-1)
         codebook = tokenizer.quantize.embedding.weight.float()  # [V, Cz]
         return tokens, weights @ codebook
-
-
-def guided_logits(logits: torch.Tensor, t: float) -> torch.Tensor:
-    """[cond; uncond] logits [2B, l, V] -> (1 + t) * cond - t * uncond, [B, l, V]."""
-    cond, uncond = logits.chunk(2)
-    return (1 + t) * cond - t * uncond
 
 
 def check_same_schedule(transformer, tokenizer) -> None:
@@ -178,18 +181,18 @@ def edit_next_scale(
     images: torch.Tensor,
     mask: torch.Tensor,
     class_labels=None,
-    sampler: NextScaleSampler | None = None,
+    sampler=None,
     **sample_kwargs,
-):
+) -> NextScaleOutput:
     """Zero-shot in/out-painting or class-conditional editing of `images` [B, 3, H, W] in [0, 1].
 
     `mask` is at the final token resolution ([h, w], [B, h, w] or [B, 1, h, w]; 1 = keep the
     image's token, 0 = generate). `class_labels` None means the null class (pure in/out-painting);
-    one class id or B of them make it class-conditional editing. `sampler` defaults to the official
-    editing demo's `NextScaleSampler(more_smooth=True)`, whose effect lives in the running latent: pass
-    `return_latent=True` and decode it with `tokenizer.decode_latent`. `sample_kwargs` go to the sampler
-    (guidance_scale, top_k, top_p, generator, return_latent, ...; that demo uses guidance 3, top_k 900,
-    top_p 0.95). Returns the per-scale token maps [B, pn, pn] (and the latent with `return_latent`).
+    one class id or B of them make it class-conditional editing. `sampler` (any next-scale sampler) defaults to the
+    official editing demo's `NextScaleSampler(more_smooth=True)`, whose effect lives in the running latent: decode
+    the output's `latent` with `tokenizer.decode_latent`. `sample_kwargs` go to the sampler (guidance_scale, top_k,
+    top_p, generator, kv_cache, ...; that demo uses guidance 3, top_k 900, top_p 0.95). Returns the sampler's
+    NextScaleOutput.
     """
     expected = tokenizer.latent_size * tokenizer.downsample_factor
     if images.ndim != 4 or images.shape[-2:] != (expected, expected):
@@ -207,6 +210,7 @@ def edit_next_scale(
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"mask must be a tensor or array of 1 (keep) and 0 (generate) at the final token map, got a "
                         f"{type(mask).__name__}") from None
+    check_family(sampler, SAMPLER, NEXT_SCALE)
     known_tokens = tokenizer.encode(images.to(tokenizer.device))
     sampler = sampler or NextScaleSampler(more_smooth=True)  # the official editing demo's
     return sampler(transformer, tokenizer, labels.expand(batch_size), known_tokens=known_tokens, keep_mask=mask,

@@ -102,6 +102,31 @@ def top_p_drop_llamagen(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 TOP_P_RULES = {"var": top_p_drop_var, "llamagen": top_p_drop_llamagen}
 
 
+def probs_from_logits(
+    logits: torch.Tensor,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    top_p_rule: str = "var",
+) -> torch.Tensor:
+    """The exact distribution `sample_from_logits` draws from, float32 [..., V]: softmax of the logits divided by
+    the temperature (floored at MIN_TEMPERATURE, as in the official LlamaGen), after top-k then top-p
+    filtering. Temperature 0 or top_k 1 (greedy) is a point mass on the argmax."""
+    if temperature == 0 or top_k == 1:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    scaled = logits.float() / max(temperature, MIN_TEMPERATURE)
+    return filter_logits(scaled, top_k, top_p, top_p_rule).softmax(dim=-1)
+
+
+def draw_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of `probs` [..., V] -> int64 [...] (multinomial, with `generator`)."""
+    flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
+    if flat.shape[0] == 0:
+        return torch.zeros(probs.shape[:-1], dtype=torch.long, device=probs.device)
+    tokens = on_generator_device(lambda p: torch.multinomial(p, 1, generator=generator), flat, generator)  # [N, 1]
+    return tokens.view(probs.shape[:-1])
+
+
 def sample_from_logits(
     logits: torch.Tensor,
     top_k: int = 0,
@@ -110,12 +135,26 @@ def sample_from_logits(
     generator: torch.Generator | None = None,
     top_p_rule: str = "var",
 ) -> torch.Tensor:
-    """Draw one token per row of `logits` [..., V] -> int64 [...]. temperature 0 means greedy; a positive one
-    is floored at MIN_TEMPERATURE, as in the official LlamaGen (smaller ones overflow the logits)."""
+    """Draw one token per row of `logits` [..., V] from `probs_from_logits` -> int64 [...]; greedy settings take
+    the argmax without drawing."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1)
-    scaled = logits.float() / max(temperature, MIN_TEMPERATURE)
-    probs = filter_logits(scaled, top_k, top_p, top_p_rule).softmax(dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])  # [N, V]
-    tokens = on_generator_device(lambda p: torch.multinomial(p, 1, generator=generator), flat, generator)  # [N, 1]
-    return tokens.view(probs.shape[:-1])
+    return draw_from_probs(probs_from_logits(logits, top_k, top_p, temperature, top_p_rule), generator)
+
+
+def cfg_next_token(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """LlamaGen's classifier-free guidance: [cond; uncond] logits [2B, ...] -> u + scale (c - u), [B, ...]."""
+    cond, uncond = logits.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def cfg_next_scale(logits: torch.Tensor, t: float) -> torch.Tensor:
+    """VAR's classifier-free guidance at ramp value t: [cond; uncond] logits [2B, ...] -> (1 + t) c - t u, [B, ...].
+    (The same mix as `cfg_next_token` with scale 1 + t, in the official code's own arithmetic.)"""
+    cond, uncond = logits.chunk(2)
+    return (1 + t) * cond - t * uncond
+
+
+def var_guidance_ramp(guidance_scale: float, scale_index: int, num_scales: int) -> float:
+    """VAR's guidance at a scale: t = guidance_scale * k / (K - 1), from 0 at the first scale to guidance_scale."""
+    return guidance_scale * (scale_index / max(num_scales - 1, 1))  # the official order of operations

@@ -164,6 +164,10 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         return ((x.clamp(-1, 1) if clamp else x) + 1) / 2  # clamp=False: a resize may follow
 
     # ---------------------------------------------------------------- running latent
+    def code_vectors(self) -> torch.Tensor:
+        """The codebook vector of each token id, float32 [V, Cz]."""
+        return self.quantize.embedding.weight.detach().float()
+
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token map [B, pn, pn] or [B, pn*pn] -> codebook vectors [B, Cz, pn, pn] (float32)."""
         B, pn = tokens.shape[0], _side(tokens)

@@ -113,6 +113,10 @@ class VQModel(ModelMixin, ConfigMixin):
         x = self.decoder(self.post_quant_conv(codes.to(self.post_quant_conv.weight.dtype)))
         return ((x.clamp(-1, 1) if clamp else x) + 1) / 2  # clamp=False: a resize may follow
 
+    def code_vectors(self) -> torch.Tensor:
+        """The vector the decoder receives for each token id, float32 [V, D] (L2-normalised when configured)."""
+        return self.quantize.codebook().detach().float()
+
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token map [B, h, w] or square [B, h*w] -> (normalised) codes [B, D, h, w]."""
         if tokens.ndim == 2:

@@ -1,0 +1,164 @@
+"""Speculative samplers: exactness against the model's exact token distribution, greedy equality, row
+independence, statistics and settings."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from references import reference_loop, reference_probs
+from scipy import stats
+from tiny_models import NUM_CLASSES, tiny_gpt
+
+from vartk.models.gpt import GPTTransformer
+from vartk.samplers import NextTokenSampler, SJDSampler
+from vartk.samplers.speculative import GSDSampler
+
+VOCAB, GRID, SAMPLES = 4, 2, 10000  # samples per class; two classes
+SETTINGS = dict(guidance_scale=2.0, top_k=3)  # CFG and a top-k that removes a token at most positions
+LABELS = (3, 8)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """A GPT over 4 codes on a 2x2 grid (256 possible images), weights large enough for uneven distributions,
+    and the exact distribution of each test class."""
+    torch.manual_seed(0)
+    model = GPTTransformer(dim=32, n_layer=1, n_head=2, vocab_size=VOCAB, num_classes=NUM_CLASSES, grid_size=GRID)
+    model.init_weights(std=0.5, randomize_output=True)
+    model.eval()
+    return model, {label: exact_joint(model, label) for label in LABELS}
+
+
+def exact_joint(model, label) -> np.ndarray:
+    """The probability of each of the V^N images under CFG + top-k, from teacher-forced forwards of every
+    sequence and the reference filter: float64 [V^N], indexed by the base-V number of the image."""
+    sequences = torch.tensor(list(itertools.product(range(VOCAB), repeat=GRID * GRID)))  # [V^N, N]
+    with torch.no_grad():
+        cond = model(torch.full((len(sequences),), label), sequences[:, :-1])  # [V^N, N, V]
+        uncond = model(torch.full((len(sequences),), NUM_CLASSES), sequences[:, :-1])
+    guided = (uncond + SETTINGS["guidance_scale"] * (cond - uncond)).double().numpy()
+    probs = np.array([[reference_probs(row, SETTINGS["top_k"], 1.0, 1.0, "llamagen") for row in seq] for seq in guided])
+    return np.prod(np.take_along_axis(probs, sequences.numpy()[..., None], axis=-1)[..., 0], axis=1)
+
+
+def image_index(tokens: torch.Tensor) -> np.ndarray:
+    """Tokens [B, N] -> the base-V number of each image [B]."""
+    return (tokens.numpy() * VOCAB ** np.arange(GRID * GRID)[::-1]).sum(axis=1)
+
+
+def sample(sampler, model, seed=0):
+    labels = torch.tensor(LABELS).repeat(SAMPLES)  # [2 * SAMPLES], rows of both classes interleaved
+    return sampler(model, labels, **SETTINGS, generator=torch.Generator().manual_seed(seed), progress=False)
+
+
+def fit_p_values(tokens: torch.Tensor, joints: dict) -> list[float]:
+    """Chi-square goodness of fit of the samples of each class against its exact distribution: the joint of all
+    four positions (cells with expected count < 5 pooled) and each position's marginal."""
+    p_values = []
+    for offset, label in enumerate(LABELS):
+        joint = joints[label]  # [V^N]
+        counts = np.bincount(image_index(tokens[offset::2]), minlength=len(joint))
+        expected = joint * SAMPLES
+        small = expected < 5
+        observed = np.append(counts[~small], counts[small].sum())
+        p_values.append(stats.chisquare(observed, np.append(expected[~small], expected[small].sum())).pvalue)
+        per_position = joint.reshape((VOCAB,) * (GRID * GRID))
+        for position in range(GRID * GRID):
+            marginal = per_position.sum(axis=tuple(a for a in range(GRID * GRID) if a != position))
+            seen = np.bincount(tokens[offset::2, position].numpy(), minlength=VOCAB)
+            support = marginal > 0
+            assert seen[~support].sum() == 0  # nothing outside the top-k support
+            p_values.append(stats.chisquare(seen[support], marginal[support] * SAMPLES).pvalue)
+    return p_values
+
+
+class AcceptsEverything(SJDSampler):
+    """A broken SJD that accepts every draft it tests."""
+
+    def acceptance_ratio(self, p, q, drafts):
+        return torch.ones_like(drafts, dtype=torch.float32)
+
+
+class ProposalIsTheTarget(SJDSampler):
+    """A broken SJD that tests a recycled draft against the current p where the p it was drawn from belongs
+    (so every recycled draft passes)."""
+
+    def acceptance_ratio(self, p, q, drafts):
+        recycled = q.amax(dim=-1, keepdim=True) < 1  # [B, J, 1]: not a point mass
+        return super().acceptance_ratio(p, torch.where(recycled, p, q), drafts)
+
+
+@pytest.mark.parametrize("sampler", [
+    NextTokenSampler(), SJDSampler(window=3), SJDSampler(window=4, coupled=True), SJDSampler(window=3, init="left"),
+    GSDSampler(window=3, group=1, embedding="transformer"),
+], ids=["ar", "sjd", "sjd-coupled", "sjd-left", "gsd-group-1"])
+def test_lossless_samplers_follow_the_exact_distribution(toy, sampler):
+    model, joints = toy
+    out = sample(sampler, model)
+    assert min(fit_p_values(out.tokens, joints)) > 0.01
+    if not isinstance(sampler, NextTokenSampler):  # the test ran with several tokens per forward, rows ragged
+        per_forward = out.stats.tokens_per_forward
+        assert per_forward.mean() > 1.2 and per_forward.min() < per_forward.max()
+
+
+@pytest.mark.parametrize("sampler", [
+    AcceptsEverything(window=3), ProposalIsTheTarget(window=4),
+    GSDSampler(window=4, group=4, prob_delta=1.0, max_distance=float("inf"), embedding="transformer"),
+], ids=["accepts-everything", "proposal-is-the-target", "gsd-group-4"])
+def test_the_exactness_test_has_power(toy, sampler):
+    """Samplers that do not follow the model (two broken SJDs, and GSD, lossy by design) fail the same test."""
+    model, joints = toy
+    assert min(fit_p_values(sample(sampler, model).tokens, joints)) < 1e-4
+
+
+@pytest.mark.parametrize("init", ["random", "left", "above"])
+@pytest.mark.parametrize("coupled", [False, True])
+def test_greedy_speculative_tokens_equal_plain_greedy(gpt_model, init, coupled):
+    labels = torch.tensor([1, 4, 7])
+    expected = reference_loop(gpt_model, labels, 2.0)
+    out = SJDSampler(window=5, init=init, coupled=coupled, temperature=0)(gpt_model, labels, guidance_scale=2.0,
+                                                                         progress=False)
+    assert torch.equal(out.tokens, expected)
+
+
+def test_a_rows_tokens_do_not_depend_on_the_other_rows(gpt_model):
+    """Row 0 keeps its tokens when row 1 changes class (and so accepts differently)."""
+    sampler = SJDSampler(window=6)
+    runs = [sampler(gpt_model, [2, other], guidance_scale=2.0, generator=torch.Generator().manual_seed(9),
+                    progress=False) for other in (5, 8)]
+    assert torch.equal(runs[0].tokens[0], runs[1].tokens[0])
+    assert not torch.equal(runs[0].tokens[1], runs[1].tokens[1])
+
+
+def test_statistics_add_up(gpt_model):
+    labels = torch.tensor([0, 3, 3, 9])
+    out = SJDSampler(window=5)(gpt_model, labels, guidance_scale=2.0, generator=torch.Generator().manual_seed(1),
+                               progress=False)
+    stats_ = out.stats
+    assert stats_.row_tokens.tolist() == [16] * 4
+    assert stats_.forwards == int(stats_.row_forwards.max())  # the batch runs until its slowest row is done
+    verify_steps = stats_.row_forwards - 1  # every forward after the prefill verifies a window per active row
+    assert stats_.accepted_lengths.sum() == verify_steps.sum()
+    # each verify step commits its accepted drafts + 1 token; the prefill commits one
+    accepted_total = (stats_.accepted_lengths * torch.arange(5)).sum()
+    assert accepted_total + verify_steps.sum() + len(labels) == stats_.row_tokens.sum()
+    assert stats_.drafts_accepted.sum() == accepted_total
+    assert (stats_.drafts_accepted <= stats_.drafts_tested).all()
+
+
+def test_the_window_is_clamped_to_the_image(gpt_model):
+    out = SJDSampler(window=100, temperature=0)(gpt_model, [1], guidance_scale=2.0, progress=False)
+    assert torch.equal(out.tokens, reference_loop(gpt_model, torch.tensor([1]), 2.0))
+    assert len(out.stats.accepted_lengths) == 16
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(window=0), "window must be an integer >= 1 .*got 0"),
+    (dict(window=2.5), "window must be an integer >= 1"),
+    (dict(init="diagonal"), r"init must be one of \('random', 'left', 'above'\), got 'diagonal'"),
+    (dict(coupled="yes"), "coupled must be True or False"),
+    (dict(temperature=-1), "temperature must be a finite number >= 0"),
+])
+def test_bad_settings_fail_when_made(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SJDSampler(**settings)
