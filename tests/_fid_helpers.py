@@ -1,17 +1,26 @@
-"""Shared pieces of the metric tests: a random torch-fidelity Inception, tiny extractors, image sets."""
+"""Shared pieces of the metric and FID-run tests: a random torch-fidelity Inception, tiny extractors, image sets,
+a tiny VAR pipeline and a finished sampling run (the fixtures a test module imports to use)."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from vartk import evaluation as fid  # the module behind eval/fid.py and `vartk fid`
+from vartk.models.var import VARTransformer
+from vartk.pipelines import VARPipeline
+from vartk.tokenizers.msvq import MultiScaleVQVAE
+
 REPO = Path(__file__).resolve().parent.parent
+FAST = dict(feature_layer="64", device="cpu", batch_size=16)  # layer "64" stops Inception after its stem
+STUB_META = {"feature_extractor": "stub-classifier", "feature_layer": "colour", "weights": "default"}
+RUN = dict(num_images=10, batch_size=2, sample_only=True)  # an FID run of 5 batches of 2 tiny 8x8 images
 
 
 def build_random_inception(path: Path) -> Path:
@@ -111,6 +120,35 @@ def independent_kid(features_1, features_2) -> float:
     return float(within - 2 * kernel(x, y).mean())
 
 
-def load_fid_script():
-    """The module behind eval/fid.py and `vartk fid`."""
-    return importlib.import_module("vartk.evaluation")
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE(
+        ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32, patch_nums=(1, 2, 4), norm_groups=8
+    )
+    transformer = VARTransformer(
+        depth=2, width=64, num_heads=2, vocab_size=32, latent_channels=8, num_classes=10, patch_nums=(1, 2, 4)
+    )
+    transformer.init_weights(init_adaln_gamma=0.5, init_head=1.0)  # samples depend on seed and label
+    folder = tmp_path_factory.mktemp("pipe") / "tiny-var"
+    VARPipeline(tokenizer=tokenizer, transformer=transformer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "plain"
+    fid.evaluate(str(tiny_pipeline), out, **RUN)
+    return out
+
+
+@pytest.fixture(scope="session")
+def inception(tmp_path_factory):
+    return build_random_inception(tmp_path_factory.getbasetemp() / "inception-random.pth")
+
+
+@pytest.fixture(scope="module")
+def image_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sets")
+    a, b = random_images(12, seed=0), random_images(12, seed=1) // 2  # b: darker, another distribution
+    return {"a": write_folder(root / "a", a), "b": write_folder(root / "b", b), "a_array": a, "b_array": b}

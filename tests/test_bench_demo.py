@@ -72,7 +72,7 @@ def test_demo_backend_generates_named_classes(demo_folder):
 
 def test_demo_generate_is_the_pipeline_call_for_that_class_and_seed(demo_folder):
     from vartk.demo import DemoBackend
-    from vartk.pipelines import load
+    from vartk.loading import load
 
     pipe = load(demo_folder)
     run = lambda label: pipe(class_labels=[label], num_images_per_label=2, guidance_scale=1.5, top_k=10,  # noqa: E731

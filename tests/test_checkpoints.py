@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vartk.checkpoints import (
-    KNOWN_MODELS, CheckpointError, default_cache_dir, find_local_file, load_state_dict_strict, read_official_file,
-    resolve_official_files,
-)
+from vartk.checkpoints import CheckpointError, load_state_dict_strict, read_official_file
+from vartk.hub import KNOWN_MODELS, default_cache_dir, find_local_file, resolve_official_files
 
 
 def test_reads_container_with_namespace_args(tmp_path):
@@ -110,7 +108,7 @@ def resolve_in_subprocess(endpoint: str, tmp_path: Path) -> subprocess.Completed
     env = {name: value for name, value in os.environ.items() if name not in ("HF_HUB_OFFLINE", "HTTPS_PROXY",
                                                                              "https_proxy", "ALL_PROXY", "all_proxy")}
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), VARTK_HOME=str(tmp_path / "vartk"))
-    code = ("import json; from vartk.checkpoints import resolve_official_files; "
+    code = ("import json; from vartk.hub import resolve_official_files; "
             "print(json.dumps({k: str(v) for k, v in resolve_official_files('var-d16').items()}))")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 

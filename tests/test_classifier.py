@@ -1,5 +1,7 @@
 """The in-domain classifier: trains, predicts, and serves as the "vartk-emoji" feature extractor."""
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +9,8 @@ import torch
 from PIL import Image
 
 from vartk.classifier import ImageClassifier, accuracy, load_folder, train_classifier
-from vartk.metrics import EMOJI_CLASSIFIER, compute_metrics, frechet_distance
+from vartk.emoji_extractor import EMOJI_CLASSIFIER, register_emoji_extractor
+from vartk.metrics import compute_metrics, frechet_distance
 
 
 def write_colour_folder(root, per_class: int, seed: int):
@@ -49,6 +52,7 @@ def test_classifier_learns_and_round_trips(trained):
 
 def test_classifier_as_feature_extractor(trained):
     model, root = trained
+    register_emoji_extractor()
     images, _, _ = load_folder(root / "test", 16)
     generated = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
     kwargs = dict(feature_extractor=EMOJI_CLASSIFIER, feature_extractor_weights=str(root / "model"), device="cpu",
@@ -66,3 +70,12 @@ def test_classifier_as_feature_extractor(trained):
     marginal = probs.mean(0)
     expected_is = np.exp(np.mean(np.sum(probs * (np.log(probs) - np.log(marginal)), axis=1)))
     assert same["is"] == pytest.approx(expected_is, rel=1e-3)
+
+
+def test_the_emoji_extractor_is_registered_by_the_fid_command_not_by_imports():
+    code = ("from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY as known; import vartk.metrics, "
+            "vartk.evaluation as fid; before = 'vartk-emoji' in known\n"
+            "try: fid.main(['--feature-extractor', 'vartk-emoji'])\n"
+            "except SystemExit as stop: print(before, 'vartk-emoji' in known, stop)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert result.strip() == "False True vartk fid: --out is required: the run folder for samples and results"

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from test_next_token import NUM_CLASSES, model, reference_loop  # noqa: F401  (model: the tiny GPT fixture)
-from test_train import FAST, job_args, read_log, write_images
+from _train_helpers import FAST, job_args, read_log, write_images
 from test_var import PATCH_NUMS, tiny_tokenizer, tiny_transformer
 
 from vartk.samplers.next_scale import NextScaleSampler

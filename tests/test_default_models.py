@@ -8,7 +8,7 @@ from PIL import Image
 import vartk
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier, accuracy
 from vartk.cli import main as cli_main
-from vartk.pipelines import BUILTIN_MODELS
+from vartk.loading import BUILTIN_MODELS
 
 CATEGORIES = ["activities", "animals_nature", "flags", "food_drink", "objects", "people_body", "smileys_emotion",
               "symbols", "travel_places"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vartk.classifier import SHIPPED_WEIGHTS
-from vartk.pipelines import BUILTIN_MODELS, load
+from vartk.loading import BUILTIN_MODELS, load
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "export_default_models.py"
 spec = importlib.util.spec_from_file_location("export_default_models", TOOL)

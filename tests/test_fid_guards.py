@@ -6,10 +6,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_fid_script import RUN, fid, tiny_pipeline, uninterrupted  # noqa: F401  (fixtures)
-from test_metrics import FAST, STUB_META, image_sets, inception  # noqa: F401  (fixtures)
 
-from _fid_helpers import random_images, register_stubs, write_folder
+from _fid_helpers import (  # noqa: F401  (image_sets, inception, tiny_pipeline, uninterrupted: fixtures)
+    FAST, RUN, STUB_META, fid, image_sets, inception, random_images, register_stubs, tiny_pipeline, uninterrupted,
+    write_folder,
+)
 from vartk import metrics
 from vartk.metrics import INCEPTION_WEIGHTS_FILE, FeatureExtractor, compute_metrics, file_sha256
 from vartk.models.gpt import GPTTransformer

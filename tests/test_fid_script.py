@@ -11,39 +11,15 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import FrozenDict
 
-from _fid_helpers import (
-    REPO, independent_fid, independent_kid, load_fid_script, random_images, register_stubs, write_folder,
+from _fid_helpers import (  # noqa: F401  (tiny_pipeline, uninterrupted: fixtures)
+    REPO, RUN, fid, independent_fid, independent_kid, random_images, register_stubs, tiny_pipeline, uninterrupted,
+    write_folder,
 )
+from vartk.images import images_to_uint8, resize_and_clamp
 from vartk.metrics import LayerStatistics, read_image, save_statistics
-from vartk.models.var import VARTransformer
-from vartk.pipelines import VARPipeline, images_to_uint8, resize_and_clamp
+from vartk.pipelines import VARPipeline
 from vartk.samplers import NextScaleSampler
 from vartk.tokenizers.msvq import MultiScaleVQVAE
-
-fid = load_fid_script()
-RUN = dict(num_images=10, batch_size=2, sample_only=True)  # 5 batches of 2 tiny 8x8 images
-
-
-@pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory):
-    torch.manual_seed(0)
-    tokenizer = MultiScaleVQVAE(
-        ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32, patch_nums=(1, 2, 4), norm_groups=8
-    )
-    transformer = VARTransformer(
-        depth=2, width=64, num_heads=2, vocab_size=32, latent_channels=8, num_classes=10, patch_nums=(1, 2, 4)
-    )
-    transformer.init_weights(init_adaln_gamma=0.5, init_head=1.0)  # samples depend on seed and label
-    folder = tmp_path_factory.mktemp("pipe") / "tiny-var"
-    VARPipeline(tokenizer=tokenizer, transformer=transformer).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_pipeline, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "plain"
-    fid.evaluate(str(tiny_pipeline), out, **RUN)
-    return out
 
 
 def images_of(run) -> dict:

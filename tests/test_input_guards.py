@@ -14,7 +14,8 @@ from vartk.checkpoints import CheckpointError
 from vartk.cli import main as cli_main
 from vartk.models.gpt import GPTTransformer
 from vartk.models.var import VARTransformer
-from vartk.pipelines import GPTPipeline, VARPipeline, load
+from vartk.loading import load
+from vartk.pipelines import GPTPipeline, VARPipeline
 from vartk.tokenizers.msvq import MultiScaleVQVAE
 from vartk.tokenizers.vq import VQModel
 

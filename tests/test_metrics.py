@@ -8,26 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from _fid_helpers import (
-    build_random_inception, independent_fid, independent_kid, random_images, register_stubs, write_folder,
+from _fid_helpers import (  # noqa: F401  (image_sets, inception: fixtures)
+    FAST, STUB_META, image_sets, independent_fid, independent_kid, inception, random_images, register_stubs,
+    write_folder,
 )
 from vartk import metrics
 from vartk.metrics import compute_metrics, frechet_distance
-
-FAST = dict(feature_layer="64", device="cpu", batch_size=16)  # layer "64" stops Inception after its stem
-STUB_META = {"feature_extractor": "stub-classifier", "feature_layer": "colour", "weights": "default"}
-
-
-@pytest.fixture(scope="session")
-def inception(tmp_path_factory):
-    return build_random_inception(tmp_path_factory.getbasetemp() / "inception-random.pth")
-
-
-@pytest.fixture(scope="module")
-def image_sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sets")
-    a, b = random_images(12, seed=0), random_images(12, seed=1) // 2  # b: darker, another distribution
-    return {"a": write_folder(root / "a", a), "b": write_folder(root / "b", b), "a_array": a, "b_array": b}
 
 
 def test_frechet_distance_of_1d_gaussians_is_closed_form():
@@ -136,10 +122,12 @@ def test_new_shipped_classifier_weights_change_the_cache_key(tmp_path, monkeypat
     import shutil
 
     from vartk import classifier
+    from vartk.emoji_extractor import EMOJI_CLASSIFIER, register_emoji_extractor
 
+    register_emoji_extractor()
     shipped = shutil.copytree(classifier.SHIPPED_WEIGHTS, tmp_path / "emoji-classifier")
     monkeypatch.setattr(classifier, "SHIPPED_WEIGHTS", shipped)
-    extractor = metrics.FeatureExtractor(metrics.EMOJI_CLASSIFIER, device="cpu")
+    extractor = metrics.FeatureExtractor(EMOJI_CLASSIFIER, device="cpu")
     before = extractor.weights_id
     (shipped / "config.json").write_text((shipped / "config.json").read_text() + " ")
     assert extractor.weights_id != before

@@ -7,12 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vartk.checkpoints import KNOWN_MODELS, CheckpointError, KnownModel
+from vartk.checkpoints import CheckpointError
 from vartk.cli import main as cli_main
+from vartk.hub import KNOWN_MODELS, KnownModel
+from vartk.loading import load
 from vartk.models.gpt import GPT_CONFIGS, GPTTransformer
 from vartk.models.var import VARTransformer
 from vartk.samplers import NextScaleSampler
-from vartk.pipelines import GPTPipeline, VARPipeline, load
+from vartk.pipelines import GPTPipeline, VARPipeline
 from vartk.tokenizers.msvq import MultiScaleVQVAE
 
 IMAGE_SIZE = 32  # tiny VAE: one downsampling, 16x16 latent, the official 1..16 scale schedule
@@ -208,7 +210,7 @@ def test_cli_usage_errors_name_the_flag(argv, match, capsys):
 
 
 def test_a_box_covers_every_token_it_touches():
-    from vartk.cli import box_mask
+    from vartk.arguments import box_mask
 
     assert box_mask((0.25, 0.25, 0.75, 0.75), 16).nonzero().amin(0).tolist() == [4, 4]
     assert box_mask((0.25, 0.25, 0.75, 0.75), 16).sum() == 8 * 8

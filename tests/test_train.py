@@ -11,64 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
+from _train_helpers import (  # noqa: F401  (images, one_thread: fixtures)
+    FAST, SIZE, TOKENIZER, TOKENIZER_ARGS, images, job_args, kill_after, one_thread, read_log, save_tokenizer,
+    write_images,
+)
 from vartk.tokenizers.msvq import MultiScaleVQVAE
 from vartk.train import train_main
-from vartk.train.checkpoint import latest_checkpoint
 from vartk.train.data import Batch, BatchOrder, ImageFolder, decode_size, find_images
 from vartk.train.loop import TrainConfig, lr_factor, parse_config
-
-SIZE = 8  # px; the tiny tokenizers downsample by 2 -> 4x4 latents
-TOKENIZER = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, vocab_size=16, norm_groups=4)
-TOKENIZER_ARGS = ["--ch", "8", "--ch-mult", "1,2", "--num-res-blocks", "1", "--z-channels", "4", "--vocab-size", "16",
-                  "--norm-groups", "4", "--patch-nums", "1,2,4"]
-FAST = ["--image-size", str(SIZE), "--no-progress", "--warmup-steps", "2", "--sample-every", "0", "--num-samples", "4"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs are fastest on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_images(folder: Path, classes: int, per_class: int, seed: int = 0) -> Path:
-    """Class folders of smooth random RGB PNGs (a colour gradient per image)."""
-    rng = np.random.default_rng(seed)
-    ramp = np.linspace(0, 1, 12)[:, None, None]  # 12 px, so loading also resizes
-    for c in range(classes):
-        (folder / f"class_{c}").mkdir(parents=True)
-        for i in range(per_class):
-            low, high = rng.random(3), rng.random(3)
-            pixels = ((low + (high - low) * ramp * ramp.transpose(1, 0, 2)) * 255).astype(np.uint8)  # [12, 12, 3]
-            Image.fromarray(pixels).save(folder / f"class_{c}" / f"{i}.png")
-    return folder
-
-
-@pytest.fixture
-def images(tmp_path) -> Path:
-    return write_images(tmp_path / "images", classes=2, per_class=4)
-
-
-def save_tokenizer(folder: Path, patch_nums) -> str:
-    torch.manual_seed(0)
-    MultiScaleVQVAE(**TOKENIZER, patch_nums=patch_nums, share_quant_resi=min(4, len(patch_nums))).save_pretrained(folder)
-    return str(folder)
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-
-def job_args(job: str, images: Path, tmp_path: Path) -> list[str]:
-    if job == "tokenizer":
-        return TOKENIZER_ARGS
-    if job == "var":
-        return ["--tokenizer", save_tokenizer(tmp_path / "msvq", (1, 2, 4)), "--depth", "2", "--width", "32",
-                "--num-heads", "2"]
-    return ["--tokenizer", save_tokenizer(tmp_path / "vq1", (4,)), "--dim", "32", "--n-layer", "2", "--n-head", "2",
-            "--multiple-of", "16"]
+from vartk.train.resume import latest_checkpoint
 
 
 def tokenizer_job(images: Path, *flags: str):
@@ -345,17 +296,6 @@ def test_resume_gives_the_uninterrupted_losses(run, images, tmp_path):
             assert abs(a["discriminator_loss"] - b["discriminator_loss"]) <= 1e-6
 
 
-def kill_after(run: Path, step: int, into: Path) -> None:
-    """A run killed one step and a half after checkpoint `step`: a fresh --out holding only that checkpoint and
-    the log up to then, its last line cut short."""
-    name = f"step_{step:07d}"
-    (into / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run / "checkpoints" / name, into / "checkpoints" / name)
-    (into / "checkpoints" / "latest").write_text(name + "\n")
-    lines = [line for line in (run / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step + 1]
-    (into / "log.jsonl").write_text("\n".join(lines) + "\n" + lines[-1][:10])
-
-
 def test_architecture_defaults_are_the_official_ones():
     """GPT-L's official SwiGLU is 2816 wide (2/3 of 4 * 1024, rounded up to a multiple of 256); VAR's stochastic
     depth rises linearly to 0.1 * depth / 24 in the last block (d16: 0.0667)."""
@@ -563,7 +503,7 @@ def test_patchgan_hinge_losses(images):
 
 def test_pruning_keeps_the_best_validated_checkpoint_and_export_picks_it(tmp_path):
     """Held-out losses 0.5, 0.2, 0.9, 0.8 at steps 1-4 with keep 1: steps 2 (best) and 4 (newest) stay."""
-    from vartk.train.checkpoint import best_checkpoint, save_checkpoint
+    from vartk.train.resume import best_checkpoint, save_checkpoint
     from vartk.train.export import find_checkpoint
 
     module = torch.nn.Linear(2, 2)

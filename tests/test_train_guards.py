@@ -7,25 +7,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import (  # noqa: F401  (one_thread: the autouse fixture)
-    FAST, TOKENIZER_ARGS, job_args, kill_after, one_thread, read_log, save_tokenizer, write_images,
-)
 
-from vartk.cli import class_arguments
+from _train_helpers import (  # noqa: F401  (images, one_thread: fixtures)
+    FAST, TOKENIZER_ARGS, images, job_args, kill_after, one_thread, read_log, save_tokenizer, write_images,
+)
+from vartk.arguments import class_arguments
 from vartk.cli import main as cli_main
 from vartk.images import list_images, open_rgb
 from vartk.train import train_main
-from vartk.train.checkpoint import latest_checkpoint
 from vartk.train.conditional import load_tokenizer
 from vartk.train.data import BatchOrder, find_images, fits_in_memory
 from vartk.train.gpt import GPTJob
 from vartk.train.loop import Distributed, TrainConfig, load_validation_set
+from vartk.train.resume import latest_checkpoint
 from vartk.tokenizers.msvq import MultiScaleVQVAE
-
-
-@pytest.fixture
-def images(tmp_path):
-    return write_images(tmp_path / "images", classes=2, per_class=4)
 
 
 @pytest.fixture(scope="module")

@@ -35,9 +35,11 @@ import torch
 from torchvision.utils import save_image
 
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier, accuracy, load_folder
+from vartk.emoji_extractor import EMOJI_CLASSIFIER, register_emoji_extractor
 from vartk.files import write_text_atomic
-from vartk.metrics import EMOJI_CLASSIFIER, compute_metrics, psnr
-from vartk.pipelines import images_to_uint8, load
+from vartk.metrics import compute_metrics, psnr
+from vartk.images import images_to_uint8
+from vartk.loading import load
 
 MATCHED_SEED_OFFSET = 10_000  # the class-matched set's batches draw from other seeds than the balanced set's
 
@@ -106,6 +108,7 @@ def main(argv=None) -> dict:
                         help='JSON overriding the models\' own sampling settings, e.g. {"guidance_scale": 4, "top_k": 50}; '
                              'repeat it to score several settings (default: the models\' own)')
     args = parser.parse_args(argv)
+    register_emoji_extractor()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     classifier = ImageClassifier.from_pretrained(SHIPPED_WEIGHTS, low_cpu_mem_usage=False).eval()

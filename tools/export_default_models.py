@@ -19,7 +19,7 @@ import torch
 
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier
 from vartk.files import write_folder_atomic
-from vartk.pipelines import BUILTIN_MODELS, load
+from vartk.loading import BUILTIN_MODELS, load
 from vartk.train.conditional import require_same_encoding
 
 

@@ -21,7 +21,7 @@ logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFloat32Wa
 _EXPORTS = {
     "GPTPipeline": ".pipelines",
     "VARPipeline": ".pipelines",
-    "load": ".pipelines",
+    "load": ".loading",
     "GPTTransformer": ".models.gpt",
     "VARTransformer": ".models.var",
     "MultiScaleVQVAE": ".tokenizers.msvq",

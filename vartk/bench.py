@@ -145,7 +145,7 @@ def build(kind: str, builder, dtype: torch.dtype, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    from .cli import DEFAULT_DEVICE, int_in_range, parse_device
+    from .arguments import DEFAULT_DEVICE, int_in_range, parse_device
 
     parser = argparse.ArgumentParser(prog="vartk bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

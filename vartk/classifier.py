@@ -3,9 +3,9 @@
     python -m vartk.classifier --data emoji/train --test emoji/test --out runs/classifier
 
 The shipped one (vartk/assets/emoji-classifier) is trained on the emoji categories of the default
-models; `vartk.metrics` registers it as the torch-fidelity feature extractor "vartk-emoji": FID / KID /
-precision-recall on its pooled features, IS on its logits. These numbers describe emoji
-images only and are not comparable with ImageNet (Inception) FID.
+models; `vartk.emoji_extractor.register_emoji_extractor()` registers it as the torch-fidelity feature
+extractor "vartk-emoji": FID / KID / precision-recall on its pooled features, IS on its logits. These numbers
+describe emoji images only and are not comparable with ImageNet (Inception) FID.
 """
 from __future__ import annotations
 

@@ -2,139 +2,21 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import re
 import sys
 from pathlib import Path
 
 import torch
 
-from .files import check_writable
+from .arguments import (
+    DEFAULT_DEVICE, box_mask, check_output, class_arguments, parse_box, parse_device, parse_seed, parse_spec_flag,
+)
 from .samplers import KV_CACHE_SPEC_HELP, SAMPLER_SPEC_HELP
 
 
-SAMPLE_FILE = re.compile(r"\d{5}\.png")  # the names of the PNGs a folder --out receives
-
-
-def check_output(out: Path) -> Path:
-    """Refuse, before any sampling, an --out that could not be written: another image type than .png, a .png path
-    that is a folder or under a file, a folder that is a file or holds anything but earlier samples (which a new
-    run replaces), a place we may not write to."""
-    from PIL import Image
-
-    suffix = out.suffix.lower()
-    if suffix != ".png" and suffix in Image.registered_extensions():
-        raise SystemExit(f"--out {out}: grids are written as PNG; give a .png path, or a folder name")
-    if suffix == ".png":
-        if out.is_dir():
-            raise SystemExit(f"--out {out} is a folder; give a .png file for a grid, or a folder name")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise SystemExit(f"--out {out}: {out.parent} is not a folder")
-    elif out.is_file():
-        raise SystemExit(f"--out {out} is a file; give a .png path for a grid, or a folder")
-    elif out.is_dir():
-        others = sorted(p.name for p in out.iterdir() if not SAMPLE_FILE.fullmatch(p.name))
-        if others:
-            raise SystemExit(f"--out {out} holds other files ({others[:3]}); give a new or empty folder")
-    check_writable(out.absolute().parent, f"--out {out}")
-    return out
-
-
-def save_images(images: torch.Tensor, out: Path) -> None:
-    """Write [B, 3, H, W] images in [0, 1] as one PNG grid (`out` ends in .png) or as a folder of PNGs
-    00000.png, ... that replaces the folder's earlier samples as a whole."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    from .files import write_file_atomic, write_folder_atomic
-    from .pipelines import images_to_uint8
-
-    def write_png(tensor, path: Path):
-        Image.fromarray(images_to_uint8(tensor[None])[0]).save(path, format="PNG")
-
-    if out.suffix.lower() == ".png":
-        grid = make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), padding=2, pad_value=1.0)
-        write_file_atomic(out, lambda tmp: write_png(grid, tmp))
-        return
-
-    def write_folder(folder: Path):
-        folder.mkdir(parents=True)
-        for i, image in enumerate(images):
-            write_png(image, folder / f"{i:05d}.png")
-
-    write_folder_atomic(out, write_folder)
-
-
-def class_arguments(classes: list[str], class_names: list[str] | None) -> list[int | str]:
-    """--class values: a name of the model's classes as that name (folders may be named 0, 1, 10, 2), other
-    integers as ids, anything else as a name (the pipeline checks both)."""
-    return [c if c in (class_names or ()) or not c.lstrip("-").isdigit() else int(c) for c in classes]
-
-
-def int_in_range(minimum: int, maximum: int | None = None):
-    """argparse type: an integer in [minimum, maximum] (no maximum: >= minimum)."""
-    allowed = f">= {minimum}" if maximum is None else f"in {minimum}-{maximum}"
-
-    def parse(text: str) -> int:
-        digits = text.isascii() and text.isdigit()  # no sign, no unicode digits
-        if not digits or int(text) < minimum or (maximum is not None and int(text) > maximum):
-            raise argparse.ArgumentTypeError(f"expected an integer {allowed}, got {text!r}")
-        return int(text)
-    return parse
-
-
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 ... 2^64 - 1 (negative ones wrap around)
-parse_seed = int_in_range(0, MAX_SEED)
-
-
-def parse_device(text: str) -> str:
-    """argparse type of --device: a torch device that exists here."""
-    from .pipelines import check_device
-
-    try:
-        check_device(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err))
-    return text
-
-
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    """argparse type of --box: y0,x0,y1,x1 fractions of the image with 0 <= y0 < y1 <= 1, 0 <= x0 < x1 <= 1."""
-    try:
-        y0, x0, y1, x1 = (float(v) for v in text.split(","))
-        valid = 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1
-    except ValueError:  # not four numbers
-        valid = False
-    if not valid:
-        raise argparse.ArgumentTypeError(f"{text!r} must be four fractions y0,x0,y1,x1 with 0 <= y0 < y1 <= 1 and "
-                                         "0 <= x0 < x1 <= 1, e.g. 0.25,0.25,0.75,0.75")
-    return y0, x0, y1, x1
-
-
-def box_mask(box: tuple[float, float, float, float], size: int) -> torch.Tensor:
-    """1 on the tokens a box touches (rounded outward, so a thin box still covers a row), else 0: [size, size]."""
-    y0, x0, y1, x1 = box
-    mask = torch.zeros(size, size)  # [h, w]
-    mask[math.floor(y0 * size) : math.ceil(y1 * size), math.floor(x0 * size) : math.ceil(x1 * size)] = 1
-    return mask
-
-
-def parse_spec_flag(spec: str | None, kind: str):
-    """A `--sampler` / `--kv-cache` spec (`kind`: "sampler" / "kv-cache") -> an object from vartk.samplers (None
-    stays None)."""
-    from .samplers import from_spec
-
-    try:
-        return None if spec is None else from_spec(spec, kind)
-    except (ValueError, TypeError) as err:
-        raise SystemExit(f"bad --{kind} {spec!r}: {err}")
-
-
 def cmd_sample(args) -> None:
-    from .pipelines import load
+    from .images import save_images
+    from .loading import load
 
     out = check_output(Path(args.out))
     pipe = load(args.model, device=args.device)
@@ -171,8 +53,9 @@ def cmd_convert(args) -> None:
 
 
 def cmd_inpaint(args) -> None:
-    from .images import open_rgb
-    from .pipelines import VARPipeline, load
+    from .images import open_rgb, save_images
+    from .loading import load
+    from .pipelines import VARPipeline
 
     out = check_output(Path(args.out))
     image = open_rgb(args.image)
@@ -188,9 +71,6 @@ def cmd_inpaint(args) -> None:
                           guidance_scale=args.cfg, top_k=args.top_k, top_p=args.top_p).images
     save_images(images, out)
     print(f"wrote {out}")
-
-
-DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, fallback: str) -> None:

@@ -17,7 +17,7 @@ class DemoBackend:
     """Loads pipelines once and turns the UI's values into images."""
 
     def __init__(self, model_names: list[str], device: str):
-        from .pipelines import load
+        from .loading import load
 
         self.pipes = {name: load(name, device=device) for name in model_names}
         self.device = device
@@ -98,7 +98,7 @@ def build_demo(backend: DemoBackend):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import DEFAULT_DEVICE, int_in_range, parse_device
+    from .arguments import DEFAULT_DEVICE, int_in_range, parse_device
 
     parser = argparse.ArgumentParser(prog="vartk demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -51,10 +51,11 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from vartk.cli import int_in_range, parse_spec_flag
+from vartk.arguments import int_in_range, parse_spec_flag
+from vartk.emoji_extractor import EMOJI_CLASSIFIER, register_emoji_extractor
 from vartk.files import check_writable, write_text_atomic
+from vartk.images import images_to_uint8
 from vartk.metrics import INCEPTION, check_scoring, compute_metrics, list_images, npz_keys, paired_psnr
-from vartk.pipelines import images_to_uint8
 from vartk.samplers import KV_CACHE_SPEC_HELP, SAMPLER_SPEC_HELP
 
 VAR_PROTOCOL = {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96}
@@ -78,7 +79,7 @@ STOP_AFTER_ENV = "VARTK_FID_STOP_AFTER"  # test hook: die inside the batch after
 
 def _llamagen_preset(pipe, model: str) -> str | None:
     """'GPT-B' ... 'GPT-3B' from an official model name or the transformer config, else None."""
-    from vartk.checkpoints import KNOWN_MODELS
+    from vartk.hub import KNOWN_MODELS
     from vartk.models.gpt import GPT_CONFIGS
 
     if model in KNOWN_MODELS:
@@ -578,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size-eval", type=eval_size, default="auto",
                         help="resize samples to this size; auto = the protocol's, native = no resize")
     parser.add_argument("--metrics", default=None, help="fid,is,kid,prc (default: what the reference allows)")
-    parser.add_argument("--feature-extractor", default=INCEPTION, help="a torch-fidelity registered extractor")
+    parser.add_argument("--feature-extractor", default=INCEPTION,
+                        help=f"a torch-fidelity registered extractor, or {EMOJI_CLASSIFIER} (the emoji classifier)")
     parser.add_argument(
         "--inception-weights", "--feature-extractor-weights", dest="weights", default=None, metavar="FILE",
         help="weights file for the extractor (default: torch-fidelity's cache, $TORCH_HOME/hub/checkpoints/)",
@@ -594,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.feature_extractor == EMOJI_CLASSIFIER:
+        register_emoji_extractor()
     scoring = dict(
         feature_extractor=args.feature_extractor, feature_extractor_weights=args.weights,
         feature_layer=args.feature_layer, score_batch_size=args.score_batch_size,

@@ -1,11 +1,17 @@
-"""Reading image files the same way everywhere (training data, FID references, the demo's uploads)."""
+"""Images in and out, the same way everywhere: reading files (training data, FID references, the demo's uploads),
+converting what a tokenizer decodes to uint8 / PIL / tensors, writing PNG grids and folders."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .files import write_file_atomic, write_folder_atomic
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes for 16-bit (and 32-bit int) grey images
@@ -46,3 +52,62 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         files += [Path(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
     return sorted(files)
+
+
+def images_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounding (what every PNG vartk writes holds)."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def resize_and_clamp(decoded: torch.Tensor, output_size: int | None) -> torch.Tensor:
+    """A tokenizer's unclamped output [B, 3, H, W] (about [0, 1]) -> float images [B, 3, S, S] in [0, 1], S =
+    output_size (None: H). The bicubic resize comes before the clamp, as in LlamaGen's FID script (384 px samples
+    scored at 256): clamping first would cut the overshoot the resize averages in."""
+    decoded = decoded.float()
+    if output_size is not None and decoded.shape[-2:] != (output_size, output_size):
+        decoded = F.interpolate(decoded, size=(output_size, output_size), mode="bicubic", align_corners=False)
+    return decoded.clamp(0, 1)
+
+
+def images_to_output(images: torch.Tensor, output_type: str):
+    """[B, 3, H, W] float in [0, 1] -> the requested output type."""
+    if output_type == "pt":
+        return images
+    array = images_to_uint8(images)  # [B, H, W, 3]
+    if output_type == "np":
+        return array
+    return [Image.fromarray(a) for a in array]
+
+
+def pil_arrays(images: list) -> list[np.ndarray]:
+    """A list of PIL images, all of one size -> their uint8 RGB arrays [H, W, 3]; else one TypeError / ValueError."""
+    if not images:
+        raise ValueError("the image list is empty; give at least one image")
+    if not all(isinstance(im, Image.Image) for im in images):
+        raise TypeError(f"a list of images must hold PIL images only, got "
+                        f"{sorted({type(im).__name__ for im in images})}")
+    sizes = sorted({im.size for im in images})
+    if len(sizes) > 1:
+        raise ValueError(f"the images have different sizes {sizes} (width, height); give images of one size")
+    return [np.asarray(to_rgb(im)) for im in images]
+
+
+def save_images(images: torch.Tensor, out: Path) -> None:
+    """Write [B, 3, H, W] images in [0, 1] as one PNG grid (`out` ends in .png) or as a folder of PNGs
+    00000.png, ... that replaces the folder's earlier samples as a whole."""
+    from torchvision.utils import make_grid
+
+    def write_png(tensor, path: Path):
+        Image.fromarray(images_to_uint8(tensor[None])[0]).save(path, format="PNG")
+
+    if out.suffix.lower() == ".png":
+        grid = make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), padding=2, pad_value=1.0)
+        write_file_atomic(out, lambda tmp: write_png(grid, tmp))
+        return
+
+    def write_folder(folder: Path):
+        folder.mkdir(parents=True)
+        for i, image in enumerate(images):
+            write_png(image, folder / f"{i:05d}.png")
+
+    write_folder_atomic(out, write_folder)

@@ -40,7 +40,6 @@ from .images import IMAGE_EXTENSIONS, list_images, open_rgb
 try:
     import scipy.linalg
     from torch_fidelity import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
-    from torch_fidelity import register_feature_extractor
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
@@ -192,59 +191,6 @@ def _torch_fidelity_module(name: str, weights: str | None, weights_id: str, laye
         ) from err
 
 
-class ClassifierExtractor(FeatureExtractorBase):
-    """torch-fidelity extractor around a `vartk.classifier.ImageClassifier`: uint8 [B, 3, H, W] ->
-    "features" (pooled, for FID / KID / PRC) and "logits" (for IS). `feature_extractor_weights_path`
-    is a folder written by `save_pretrained`; default: the emoji classifier shipped in the package."""
-
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-        from .checkpoints import load_saved_model
-        from .classifier import ImageClassifier
-
-        super().__init__(name, features_list)
-        folder = Path(feature_extractor_weights_path or self.default_weights())
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"classifier folder {folder} has no config.json; train one with `python -m vartk.classifier` "
-                "or reinstall vartk for the shipped emoji classifier"
-            )
-        self.net = load_saved_model(folder, (ImageClassifier,))  # strict, float32, eval mode
-
-    @staticmethod
-    def default_weights() -> Path:
-        """The weights used when none are given: the shipped emoji classifier (replaced by a new release)."""
-        from .classifier import SHIPPED_WEIGHTS
-
-        return SHIPPED_WEIGHTS
-
-    @staticmethod
-    def get_provided_features_list():
-        return ("features", "logits")
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "logits" if metric == "isc" else "features"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
-
-    def forward(self, x):
-        with torch.no_grad():
-            features = self.net.features(x.float() / 255)
-            outputs = {"features": features, "logits": self.net.head(features)}
-        return tuple(outputs[name] for name in self.features_list)
-
-
-EMOJI_CLASSIFIER = "vartk-emoji"
-if EMOJI_CLASSIFIER not in FEATURE_EXTRACTORS_REGISTRY:
-    register_feature_extractor(EMOJI_CLASSIFIER, ClassifierExtractor)
-
-
 @dataclass
 class FeatureExtractor:
     """A torch-fidelity feature extractor by registered name and the settings it runs with."""
@@ -259,7 +205,8 @@ class FeatureExtractor:
         if self.name not in FEATURE_EXTRACTORS_REGISTRY:
             raise ValueError(
                 f"feature extractor {self.name!r} is not registered with torch-fidelity; "
-                f"known: {sorted(FEATURE_EXTRACTORS_REGISTRY)}"
+                f"known: {sorted(FEATURE_EXTRACTORS_REGISTRY)} (the emoji classifier \"vartk-emoji\" after "
+                "vartk.emoji_extractor.register_emoji_extractor())"
             )
         if self.weights is not None and not Path(self.weights).exists():
             raise FileNotFoundError(f"feature extractor weights {self.weights} do not exist")
@@ -441,7 +388,7 @@ def content_hash(source: str | os.PathLike) -> str:
 def _cache_files(reference: Path, digest: str, extractor: FeatureExtractor, layer: str) -> list[Path]:
     """Where the cached statistics of `reference` (content hash `digest`) at `layer` live: next to it,
     else in the vartk cache."""
-    from .checkpoints import default_cache_dir
+    from .hub import default_cache_dir
 
     key_parts = [digest, extractor.name, layer, extractor.weights_id, CACHE_FORMAT]
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]

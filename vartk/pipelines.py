@@ -6,7 +6,8 @@
     out.images  # list of PIL images
 
 Both pipelines have the components `tokenizer` and `transformer`; sampling strategies and KV-cache
-policies are objects passed to `__call__`.
+policies are objects passed to `__call__`. A folder `save_pretrained` wrote loads back strictly with
+`from_pretrained` (`load_folder`); `vartk.load` (vartk.loading) also takes built-in and official model names.
 """
 from __future__ import annotations
 
@@ -14,21 +15,17 @@ import contextlib
 import functools
 import numbers
 import operator
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
-from .checkpoints import (
-    KNOWN_MODELS, CheckpointError, check_official_files_exist, load_saved_model, read_json_object,
-    resolve_official_files,
-)
-from .images import to_rgb
+from .checkpoints import CheckpointError, load_saved_model, read_json_object
+from .hub import check_official_files_exist
+from .images import images_to_output, pil_arrays, resize_and_clamp
 from .models.attention import KVCachePolicy
 from .models.gpt import TOKENIZER_DOWNSAMPLE, GPTTransformer
 from .models.var import VARTransformer
@@ -51,31 +48,6 @@ def eval_mode(*modules: torch.nn.Module):
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)
-
-
-def images_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounding (what every PNG vartk writes holds)."""
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def resize_and_clamp(decoded: torch.Tensor, output_size: int | None) -> torch.Tensor:
-    """A tokenizer's unclamped output [B, 3, H, W] (about [0, 1]) -> float images [B, 3, S, S] in [0, 1], S =
-    output_size (None: H). The bicubic resize comes before the clamp, as in LlamaGen's FID script (384 px samples
-    scored at 256): clamping first would cut the overshoot the resize averages in."""
-    decoded = decoded.float()
-    if output_size is not None and decoded.shape[-2:] != (output_size, output_size):
-        decoded = F.interpolate(decoded, size=(output_size, output_size), mode="bicubic", align_corners=False)
-    return decoded.clamp(0, 1)
-
-
-def _images_to_output(images: torch.Tensor, output_type: str):
-    """[B, 3, H, W] float in [0, 1] -> the requested output type."""
-    if output_type == "pt":
-        return images
-    array = images_to_uint8(images)  # [B, H, W, 3]
-    if output_type == "np":
-        return array
-    return [Image.fromarray(a) for a in array]
 
 
 class _AutoregressivePipeline(DiffusionPipeline):
@@ -190,7 +162,7 @@ class _AutoregressivePipeline(DiffusionPipeline):
 
     def _finish(self, decoded: torch.Tensor, output_type: str, return_dict: bool, output_size: int | None = None):
         """The tokenizer's output (`resize_and_clamp`) as `output_type`."""
-        images = _images_to_output(resize_and_clamp(decoded, output_size), output_type)
+        images = images_to_output(resize_and_clamp(decoded, output_size), output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
@@ -311,19 +283,6 @@ class VARPipeline(_AutoregressivePipeline):
         return (image[None] if image.ndim == 3 else image).to(self.device, torch.float32)
 
 
-def pil_arrays(images: list) -> list[np.ndarray]:
-    """A list of PIL images, all of one size -> their uint8 RGB arrays [H, W, 3]; else one TypeError / ValueError."""
-    if not images:
-        raise ValueError("the image list is empty; give at least one image")
-    if not all(isinstance(im, Image.Image) for im in images):
-        raise TypeError(f"a list of images must hold PIL images only, got "
-                        f"{sorted({type(im).__name__ for im in images})}")
-    sizes = sorted({im.size for im in images})
-    if len(sizes) > 1:
-        raise ValueError(f"the images have different sizes {sizes} (width, height); give images of one size")
-    return [np.asarray(to_rgb(im)) for im in images]
-
-
 class GPTPipeline(_AutoregressivePipeline):
     """Next-token (LlamaGen) generation: a single-scale tokenizer and a GPTTransformer."""
 
@@ -403,8 +362,6 @@ class GPTPipeline(_AutoregressivePipeline):
 
 PIPELINES = {"VARPipeline": VARPipeline, "GPTPipeline": GPTPipeline}
 PIPELINE_INDEX = DiffusionPipeline.config_name  # model_index.json, the file every pipeline folder has
-ASSETS = Path(__file__).parent / "assets"
-BUILTIN_MODELS = {"default": ASSETS / "default", "default-gpt": ASSETS / "default-gpt"}
 
 
 def load_folder(folder: Path) -> _AutoregressivePipeline:
@@ -425,56 +382,9 @@ def load_folder(folder: Path) -> _AutoregressivePipeline:
         raise CheckpointError(f"{folder} does not make a {class_name}: {err}") from None
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """`device` as a torch.device that exists here; else one ValueError saying what is allowed."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{device!r} is not a torch device; use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and (device.index or 0) >= count:
-        raise ValueError(f"there is no CUDA device {str(device)!r} here ({count} found); use 'cpu'"
-                         + (f" or 'cuda:0' ... 'cuda:{count - 1}'" if count else ""))
-    return device
-
-
 def with_transformer_dtype(pipe: _AutoregressivePipeline, torch_dtype: torch.dtype | None):
     """`pipe` with its transformer cast to `torch_dtype` (None: as it is). The tokenizer stays in float32, as the
     official samplers keep their VAE / VQ: codes and decoded images are not rounded to bfloat16."""
     if torch_dtype is not None:
         pipe.transformer.to(torch_dtype)
     return pipe
-
-
-def load(name: str = "default", device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None):
-    """Load a pipeline by name or folder.
-
-    - "default" / "default-gpt": the small emoji models shipped in the package (offline);
-    - a folder written by `save_pretrained` (also one named like an official model, e.g. the output of
-      `vartk convert --out var-d16`: an existing folder comes first);
-    - an official model name ("var-d16" ... "var-d36", "llamagen-b" ... "llamagen-3b"), resolved
-      from $VARTK_HOME / the Hugging Face cache or downloaded.
-    torch_dtype: the transformer's weights (e.g. torch.bfloat16); the tokenizer stays in float32.
-    """
-    if not isinstance(name, (str, os.PathLike)):
-        raise TypeError(f"the model to load is a name or a folder path, got {name!r}; e.g. 'default', 'default-gpt', "
-                        "'var-d16' or a folder written by save_pretrained")
-    device = check_device(device)
-    folder = BUILTIN_MODELS.get(name, Path(name))
-    if (folder / PIPELINE_INDEX).is_file():
-        pipe = load_folder(folder)
-    elif name in KNOWN_MODELS:
-        known = KNOWN_MODELS[name]
-        files = resolve_official_files(name)
-        if known.family == "var":
-            pipe = VARPipeline.from_official(vae=files["vae"], var=files["var"])
-        else:
-            pipe = GPTPipeline.from_official(vq=files["vq"], gpt=files["gpt"], **known.options)
-    elif name in BUILTIN_MODELS:
-        raise FileNotFoundError(f"the built-in model {name!r} is missing from {folder}; reinstall vartk")
-    else:
-        raise FileNotFoundError(
-            f"{name!r} is neither a folder written by save_pretrained (no model_index.json there), a built-in model "
-            f"({sorted(BUILTIN_MODELS)}) nor an official model name ({sorted(KNOWN_MODELS)})"
-        )
-    return with_transformer_dtype(pipe.to(device), torch_dtype)

@@ -22,10 +22,10 @@ from ..models.gpt import GPTTransformer
 from ..files import refuse_foreign_folder
 from ..models.var import VARTransformer
 from ..pipelines import PIPELINE_INDEX
-from .checkpoint import best_checkpoint, checkpoint_dir, latest_checkpoint, read_trainer_state
 from .conditional import RUN_TOKENIZER, load_tokenizer, require_same_encoding
 from .data import find_images
 from .gpt import GPTJob
+from .resume import best_checkpoint, checkpoint_dir, latest_checkpoint, read_trainer_state
 from .var import VARJob
 
 JOBS = {"VARTransformer": (VARTransformer, VARJob), "GPTTransformer": (GPTTransformer, GPTJob)}

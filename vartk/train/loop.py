@@ -39,11 +39,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoints import load_state_dict_strict
 from ..files import check_writable, write_file_atomic, write_text_atomic
-from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from .data import (
     Batch, BatchOrder, ImageFolder, crop_some, decode_size, fits_in_memory, iterate_batches, load_subset, mirror_some,
     same_classes,
 )
+from .resume import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")

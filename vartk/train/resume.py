@@ -1,4 +1,4 @@
-"""Training checkpoints: written atomically, read back exactly.
+"""Resuming a training run: its step checkpoints, written atomically and read back exactly.
 
     <out>/checkpoints/step_0001000/
         <name>/                 save_pretrained folder (safetensors + config.json) of each diffusers model
