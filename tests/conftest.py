@@ -22,3 +22,11 @@ def gpt_model():
 def var_models():
     """(tiny VAR transformer, its tiny multi-scale tokenizer) in eval mode; tests must not change them."""
     return tiny_var_transformer(), tiny_var_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_pipelines():
+    """(next-token pipeline, next-scale pipeline) of tiny random models (tests/tiny_models.py)."""
+    from tiny_models import tiny_pipelines as build
+
+    return build()

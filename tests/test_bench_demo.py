@@ -1,4 +1,5 @@
 """The benchmark script's code path (tiny models, CPU) and the Gradio demo end to end on loopback."""
+import json
 import math
 import re
 import socket
@@ -18,8 +19,24 @@ def test_bench_tiny_runs_every_model_and_batch(capsys):
     rows = bench_main(["--tiny", "--device", "cpu", "--dtype", "float32", "--batches", "1", "2", "--repeats", "1"])
     assert [(r.model, r.batch) for r in rows] == [("VAR-tiny", 1), ("VAR-tiny", 2), ("GPT-tiny", 1), ("GPT-tiny", 2)]
     assert all(r.seconds > 0 and math.isclose(r.images_per_second, r.batch / r.seconds) for r in rows)
+    assert [r.forwards_per_image for r in rows] == [3, 3, 16, 16]  # 3 scales; prefill + 15 decode steps
+    assert all(r.kv_mib > 0 for r in rows)
     printed = capsys.readouterr().out
-    assert "| model | mode | batch |" in printed and printed.count("| VAR-tiny | eager |") == 2
+    assert "| model | sampler | KV cache | batch |" in printed and printed.count("| VAR-tiny | nextscale | full |") == 2
+
+
+def test_bench_times_each_sampler_and_kv_cache_of_the_models_family(capsys, tmp_path):
+    """Samplers and policies run only on the family they belong to; KV bytes follow the policy; --json."""
+    rows = bench_main(["--tiny", "--device", "cpu", "--batches", "2", "--repeats", "1", "--sampler", "sjd:window=4",
+                       "--sampler", "nextscale", "--kv-cache", "full", "--kv-cache", "sliding:budget=0.5",
+                       "--json", str(tmp_path / "rows.json")])
+    assert [(r.model, r.sampler, r.kv_cache) for r in rows] == [
+        ("VAR-tiny", "nextscale", "full"), ("VAR-tiny", "nextscale", "sliding:budget=0.5"),
+        ("GPT-tiny", "sjd:window=4", "-")]
+    full, sliding, sjd = rows
+    assert sliding.kv_mib < full.kv_mib
+    assert sjd.forwards_per_image < 16 and sjd.tokens_per_forward > 1
+    assert [row["sampler"] for row in json.loads((tmp_path / "rows.json").read_text())] == [r.sampler for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +57,23 @@ def demo_folder(tmp_path_factory):
 
 
 def test_format_row_compares_with_the_official_throughput():
-    row = format_row(Row("GPT-B", "eager", 64, seconds=1.0, first_call=3.0, peak_mib=100.0))
+    row = format_row(Row("GPT-B", "nexttoken:cuda_graph=false", "-", 64, seconds=1.0, first_call=3.0, peak_mib=100.0,
+                         forwards_per_image=256, tokens_per_forward=1.0, kv_mib=12.5))
     # 64 img/s against the official GPT-B at batch 64: 18.1 img/s eager (64 / 18.1 = 3.54), 198.6 compiled (0.32)
-    assert row == "| GPT-B | eager | 64 | 1.000 | 64.0 | 100 | 3.00 | 3.533 | 18.1 | 2583 | 3.54x | 0.32x |"
-    row = format_row(Row("VAR-tiny", "eager", 2, seconds=0.5, first_call=1.0, peak_mib=float("nan")))
-    assert row == "| VAR-tiny | eager | 2 | 0.500 | 4.0 | nan | 1.00 | - | - | - | - | - |"
+    assert row == ("| GPT-B | nexttoken:cuda_graph=false | - | 64 | 1.000 | 64.0 | 0.0156 | 256.0 | 1.00 | 12.50 | 100 | "
+                   "3.00 | 3.533 | 18.1 | 2583 | 3.54x | 0.32x |")
+    row = format_row(Row("VAR-tiny", "nextscale", "full", 2, seconds=0.5, first_call=1.0, peak_mib=float("nan")))
+    assert row.startswith("| VAR-tiny | nextscale | full | 2 | 0.500 | 4.0 |") and row.endswith("| - | - | - | - | - |")
+    speculative = format_row(Row("GPT-B", "sjd", "-", 64, seconds=1.0, first_call=3.0, peak_mib=1.0))
+    assert speculative.endswith("| - | - | - | - | - |")  # the official numbers describe plain sampling only
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--tiny", "--only", "GPT-B"], r"--only \['GPT-B'\] unknown; the tiny models are \['GPT-tiny', 'VAR-tiny'\]"),
     (["--tiny", "--repeats", "0"], "--repeats: expected an integer >= 1, got '0'"),
-    ([], "take hours per row on a CPU; run on a GPU, or pass --tiny"),
+    ([], "take hours per row on a CPU; run on a GPU, pass --model for a loaded model, or --tiny"),
+    (["--tiny", "--sampler", "sjdd"], r"--sampler 'sjdd': unknown sampler 'sjdd'; available: \['nexttoken'"),
+    (["--tiny", "--kv-cache", "scalekv:budget=2"], r"--kv-cache 'scalekv:budget=2': budget must be in \(0, 1\]"),
 ])
 def test_bench_refuses_what_would_mislead_or_take_hours(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -63,11 +86,14 @@ def test_demo_backend_generates_named_classes(demo_folder):
 
     backend = DemoBackend([demo_folder], "cpu")
     assert backend.class_choices(demo_folder) == ["cat", "dog", "fox"]
-    images = backend.generate(demo_folder, "dog", 3, 1.5, 10, 0.9, 0)
+    images, cost = backend.generate(demo_folder, "dog", 3, 1.5, 10, 0.9, 0)
     assert len(images) == 3 and images[0].size == (8, 8)
+    assert re.fullmatch(r"[0-9.]+ s, 3\.0 transformer forwards per image \(7\.00 tokens per forward\), KV cache .*B", cost)
     as_arrays = lambda images: [np.asarray(im) for im in images]  # noqa: E731
-    assert np.array_equal(as_arrays(backend.generate(demo_folder, "dog", 3, 1.5, 10, 0.9, None)), as_arrays(images))
-    assert len(backend.generate(demo_folder, "dog", 1, 1.5, 10, 0.9, 2**70)) == 1  # a cleared or huge seed box
+    assert np.array_equal(as_arrays(backend.generate(demo_folder, "dog", 3, 1.5, 10, 0.9, None)[0]),
+                          as_arrays(images))
+    assert len(backend.generate(demo_folder, "dog", 1, 1.5, 10, 0.9, 2**70)[0]) == 1  # a cleared or huge seed box
+    assert backend.sampler_choices(demo_folder)[0] == "nextscale" and "scalekv" in backend.kv_cache_choices(demo_folder)
 
 
 def test_demo_generate_is_the_pipeline_call_for_that_class_and_seed(demo_folder):
@@ -78,7 +104,7 @@ def test_demo_generate_is_the_pipeline_call_for_that_class_and_seed(demo_folder)
     run = lambda label: pipe(class_labels=[label], num_images_per_label=2, guidance_scale=1.5, top_k=10,  # noqa: E731
                              top_p=0.9, generator=torch.Generator().manual_seed(7), output_type="np",
                              progress=False).images
-    images = DemoBackend([demo_folder], "cpu").generate(demo_folder, "fox", 2, 1.5, 10, 0.9, 7)
+    images, _ = DemoBackend([demo_folder], "cpu").generate(demo_folder, "fox", 2, 1.5, 10, 0.9, 7)
     fox = np.stack([np.asarray(image) for image in images])
     np.testing.assert_array_equal(fox, run(2))
     assert not np.array_equal(fox, run(0))  # the class shows in the samples
@@ -96,14 +122,14 @@ def test_demo_serves_on_loopback(demo_folder):
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
-        gallery = client.predict(demo_folder, "fox", 2, 1.5, 10, 0.9, 0, api_name="/generate")
-        assert len(gallery) == 2
+        gallery, cost = client.predict(demo_folder, "fox", 2, 1.5, 10, 0.9, 0, None, None, api_name="/generate")
+        assert len(gallery) == 2 and "transformer forwards per image" in cost
         def refuse(*values):
             raise ValueError("guidance_scale must be a finite number >= 0, got nan")
 
         backend.generate = refuse
         with pytest.raises(Exception, match="guidance_scale must be a finite number"):  # the message reaches the user
-            client.predict(demo_folder, "fox", 1, 1.5, 10, 0.9, 0, api_name="/generate")
+            client.predict(demo_folder, "fox", 1, 1.5, 10, 0.9, 0, None, None, api_name="/generate")
     finally:
         demo.close()
 
@@ -113,7 +139,7 @@ def test_cli_passes_flags_through_to_bench_and_train(capsys):
 
     cli_main(["bench", "--tiny", "--device", "cpu", "--dtype", "float32", "--batches", "1", "--repeats", "1",
               "--only", "VAR-tiny"])
-    assert "| VAR-tiny | eager | 1 |" in capsys.readouterr().out
+    assert "| VAR-tiny | nextscale | full | 1 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="JOB is tokenizer, var, gpt or export"):
         cli_main(["train", "--data", "x"])
     with pytest.raises(SystemExit, match="unknown job 'nope'"):

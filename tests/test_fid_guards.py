@@ -43,8 +43,7 @@ def test_scoring_settings_are_checked_before_the_first_sample(tiny_pipeline, tmp
     (dict(guidance_scale=-1.0), "guidance_scale must be a finite number >= 0, got -1.0"),
     (dict(top_p=2.0), r"top_p must be in \(0, 1\] \(1 = no top-p filtering\), got 2.0"),
     (dict(top_k=-5), r"top_k must be an integer >= 0 \(0 = no top-k filtering\), got -5"),
-    (dict(sampler="nexttokensampler"), "sampler NextTokenSampler is not a NextScaleSampler, which next-scale models "
-                                       "need"),
+    (dict(sampler="nexttokensampler"), r"unknown next-scale sampler 'nexttokensampler'; available: \['nextscale'"),
 ])
 def test_bad_sampling_options_are_refused_before_settings_are_pinned(tiny_pipeline, tmp_path, options, message):
     with pytest.raises(ValueError, match=message):

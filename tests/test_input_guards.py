@@ -291,8 +291,9 @@ def test_convert_refuses_llamagen_flags_with_a_var_model(tmp_path, extra):
 
 
 @pytest.mark.parametrize("spec,example", [
-    ("nextscalesampler:more_smooth", "nextscalesampler:more_smooth=false"),
-    ("NextTokenSampler:0.9", "NextTokenSampler:temperature=1.0"),
+    ("nextscalesampler:more_smooth", "nextscale:more_smooth=false"),
+    ("NextTokenSampler:0.9", "nexttoken:temperature=1.0"),
+    ("sjd:16", "sjd:window=16"),
 ])
 def test_a_bad_sampler_spec_shows_an_example_of_that_class(spec, example):
     from vartk.samplers import from_spec

@@ -162,10 +162,10 @@ def test_the_decode_graph_is_captured_once_per_model_and_batch(gpt_model, monkey
 
 
 def test_a_pipeline_keeps_its_default_sampler():
-    from vartk.pipelines import load
+    from vartk.loading import load
 
     pipe = load("default-gpt")
-    assert pipe.default_sampler is pipe.default_sampler and pipe.default_sampler == NextTokenSampler()
+    assert pipe.sampler is pipe.sampler and pipe.sampler == NextTokenSampler()
 
 
 def test_a_one_token_window_step_is_the_official_decode_step_bit_for_bit(gpt_model):

@@ -241,10 +241,13 @@ def test_cli_output_is_checked_before_sampling_and_a_folder_holds_one_run(conver
 def test_a_sampler_of_the_other_family_is_refused(converted):
     from vartk.samplers import NextTokenSampler
 
-    with pytest.raises(ValueError, match="sampler NextTokenSampler.* is not a NextScaleSampler"):
+    with pytest.raises(ValueError, match=r"sampler NextTokenSampler is for next-token models, this is a next-scale "
+                                         r"model; its samplers: \['nextscale'"):
         sample(load(str(converted)), sampler=NextTokenSampler())
-    with pytest.raises(ValueError, match="kv_cache str is not a KVCachePolicy"):
-        sample(load(str(converted)), kv_cache="full")
+    with pytest.raises(ValueError, match=r"unknown next-scale KV-cache policy 'nexttoken'; available: \['full'"):
+        sample(load(str(converted)), kv_cache="nexttoken")
+    with pytest.raises(ValueError, match="KV-cache policy 3 is not a KV-cache policy"):
+        sample(load(str(converted)), kv_cache=3)
 
 
 def test_a_local_folder_named_like_an_official_model_is_loaded(converted, tmp_path, monkeypatch):
@@ -274,7 +277,7 @@ def test_inpaint_takes_arrays_and_refuses_unscaled_tensors(converted):
     (["--top-p", "0"], "top_p must be in"),
     (["--top-k", "-1"], "top_k must be"),
     (["--class", "cat"], "unknown class 'cat'"),
-    (["--sampler", "nope"], "unknown sampler 'nope'; available: \\['nextscalesampler', 'nexttokensampler'\\]"),
+    (["--sampler", "nope"], "bad --sampler 'nope': unknown next-scale sampler 'nope'; available: \\['nextscale'\\]"),
 ])
 def test_bad_cli_arguments(converted, tmp_path, argv, match):
     with pytest.raises(SystemExit, match=match):

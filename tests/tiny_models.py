@@ -46,3 +46,20 @@ def tiny_gpt(seed=0, **kwargs) -> GPTTransformer:
     model = GPTTransformer(**{**config, **kwargs})
     model.init_weights(std=0.2, randomize_output=True)
     return model.eval()
+
+
+def tiny_pipelines():
+    """A next-token pipeline (the tiny GPT with a single-scale tokenizer of its 64 codes on its 4x4 grid) and a
+    next-scale pipeline on the official 256 px schedule (10 scales, 680 tokens: KV-cache policies work at their
+    default budgets), both random."""
+    from vartk.models.var import PATCH_NUMS_256
+    from vartk.pipelines import GPTPipeline, VARPipeline
+
+    torch.manual_seed(0)
+    gpt_tokenizer = MultiScaleVQVAE(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=GPT_VOCAB,
+                                    patch_nums=(4,), norm_groups=8).eval()
+    var_tokenizer = MultiScaleVQVAE(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=VAR_VOCAB,
+                                    patch_nums=PATCH_NUMS_256, norm_groups=8, share_quant_resi=2).eval()
+    var = tiny_var_transformer(patch_nums=PATCH_NUMS_256, width=32)
+    return GPTPipeline(tokenizer=gpt_tokenizer, transformer=tiny_gpt()), VARPipeline(tokenizer=var_tokenizer,
+                                                                                     transformer=var)

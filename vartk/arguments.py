@@ -94,12 +94,10 @@ def box_mask(box: tuple[float, float, float, float], size: int) -> torch.Tensor:
     return mask
 
 
-def parse_spec_flag(spec: str | None, kind: str):
-    """A `--sampler` / `--kv-cache` spec (`kind`: "sampler" / "kv-cache") -> an object from vartk.samplers (None
-    stays None)."""
-    from .samplers import from_spec
-
+def parse_spec_flag(spec: str | None, kind: str, pipe):
+    """A `--sampler` / `--kv-cache` spec (`kind`: "sampler" / "kv-cache") -> a registered object of `pipe`'s family
+    (None stays None); a bad spec ends the command with one line naming it and what is available."""
     try:
-        return None if spec is None else from_spec(spec, kind)
+        return None if spec is None else pipe.resolve(spec, kind)
     except (ValueError, TypeError) as err:
         raise SystemExit(f"bad --{kind} {spec!r}: {err}")

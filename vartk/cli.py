@@ -11,7 +11,7 @@ import torch
 from .arguments import (
     DEFAULT_DEVICE, box_mask, check_output, class_arguments, parse_box, parse_device, parse_seed, parse_spec_flag,
 )
-from .samplers import KV_CACHE_SPEC_HELP, SAMPLER_SPEC_HELP
+from .samplers import KV_CACHE, SAMPLER, spec_help
 
 
 def cmd_sample(args) -> None:
@@ -21,14 +21,16 @@ def cmd_sample(args) -> None:
     out = check_output(Path(args.out))
     pipe = load(args.model, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    images = pipe(
+    result = pipe(
         class_labels=class_arguments(args.classes or ["0"], pipe.class_names), num_images_per_label=args.n,
-        generator=generator, output_type="pt", sampler=parse_spec_flag(args.sampler, "sampler"),
-        kv_cache=parse_spec_flag(args.kv_cache, "kv-cache"), guidance_scale=args.cfg, top_k=args.top_k,
+        generator=generator, output_type="pt", sampler=parse_spec_flag(args.sampler, SAMPLER, pipe),
+        kv_cache=parse_spec_flag(args.kv_cache, KV_CACHE, pipe), guidance_scale=args.cfg, top_k=args.top_k,
         top_p=args.top_p,
-    ).images
-    save_images(images, out)
-    print(f"wrote {images.shape[0]} images to {out}")
+    )
+    save_images(result.images, out)
+    if args.verbose:
+        print(result.stats.summary())
+    print(f"wrote {result.images.shape[0]} images to {out}")
 
 
 def cmd_convert(args) -> None:
@@ -92,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=4, help="images per class (default: 4)")
     add_sampling_flags(sample, "the family's official one")
     sample.add_argument("--seed", type=parse_seed, default=0, help="(default: 0)")
-    sample.add_argument("--sampler", default=None, help=SAMPLER_SPEC_HELP)
-    sample.add_argument("--kv-cache", default=None, help=KV_CACHE_SPEC_HELP)
+    sample.add_argument("--sampler", default=None, help=spec_help(SAMPLER))
+    sample.add_argument("--kv-cache", default=None, help=spec_help(KV_CACHE))
+    sample.add_argument("-v", "--verbose", action="store_true",
+                        help="print what sampling cost: transformer forwards, tokens per forward, seconds, KV bytes")
     sample.add_argument("--device", type=parse_device, default=DEFAULT_DEVICE)
     sample.add_argument("--out", default="samples.png",
                         help="a .png path for a grid, else a folder (default: samples.png)")

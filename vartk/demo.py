@@ -12,6 +12,9 @@ import os
 
 import torch
 
+from .samplers import KV_CACHE, SAMPLER, registry
+from .samplers.contract import format_bytes
+
 
 class DemoBackend:
     """Loads pipelines once and turns the UI's values into images."""
@@ -32,10 +35,21 @@ class DemoBackend:
         options = self.pipes[model_name].sampling_options()
         return options["guidance_scale"], options["top_k"], options["top_p"]
 
+    def sampler_choices(self, model_name: str) -> list[str]:
+        """The registered samplers of the model's family (GSD is lossy, as its name in the list says)."""
+        family = self.pipes[model_name].sampling_family
+        return [e.name for e in registry.entries(SAMPLER, family)]
+
+    def kv_cache_choices(self, model_name: str) -> list[str]:
+        """The registered KV-cache policies of the model's family (none for next-token models)."""
+        family = self.pipes[model_name].sampling_family
+        return [e.name for e in registry.entries(KV_CACHE, family)]
+
     def generate(self, model_name: str, class_choice: str, count: int, guidance_scale: float, top_k: int,
-                 top_p: float, seed: int):
-        """Images for the UI's values; an empty seed box means 0, any integer is taken modulo 2^63. A bad value
-        raises one ValueError naming the field and what it allows (the UI shows it)."""
+                 top_p: float, seed: int, sampler: str | None = None, kv_cache: str | None = None):
+        """(images, what the call cost as a line of text) for the UI's values; an empty seed box means 0, any
+        integer is taken modulo 2^63; sampler / kv_cache are registry specs ("sjd:window=16"), empty = the
+        model's own. A bad value raises one ValueError naming the field and what it allows (the UI shows it)."""
         if model_name not in self.pipes:
             raise ValueError(f"unknown model {model_name!r}; choose one of {list(self.pipes)}")
         choices = self.class_choices(model_name)
@@ -45,14 +59,22 @@ class DemoBackend:
         seed = 0 if seed is None or seed == "" else ui_number("seed", seed, "a whole number", integer=True,
                                                               minimum=-math.inf)
         generator = torch.Generator(device=self.device).manual_seed(seed % 2**63)
-        return self.pipes[model_name](
+        out = self.pipes[model_name](
             class_labels=[choices.index(class_choice)],
             num_images_per_label=ui_number("images", count, "a whole number >= 1", integer=True, minimum=1),
             guidance_scale=ui_number("guidance scale", guidance_scale, "a number >= 0"),
             top_k=ui_number("top-k", top_k, "a whole number >= 0 (0 = off)", integer=True),
             top_p=ui_number("top-p", top_p, "a number in (0, 1]"),
+            sampler=sampler or None, kv_cache=kv_cache or None,
             generator=generator, output_type="pil", progress=False,
-        ).images
+        )
+        return out.images, cost_line(out.stats)
+
+
+def cost_line(stats) -> str:
+    """What a call cost, for the UI: seconds, transformer forwards per image, tokens per forward, KV-cache bytes."""
+    return (f"{stats.seconds:.2f} s, {stats.row_forwards.double().mean():.1f} transformer forwards per image "
+            f"({stats.tokens_per_forward.mean():.2f} tokens per forward), KV cache {format_bytes(stats.kv_bytes)}")
 
 
 def ui_number(field: str, value, allowed: str, integer: bool = False, minimum: float = 0) -> int | float:
@@ -82,18 +104,28 @@ def build_demo(backend: DemoBackend):
             top_k = gr.Slider(0, 4096, value=initial_top_k, step=1, label="top-k (0 = off)")
             top_p = gr.Slider(0.05, 1.0, value=initial_top_p, step=0.01, label="top-p")
             seed = gr.Number(value=0, precision=0, label="seed")
+        with gr.Row():
+            sampler = gr.Dropdown(backend.sampler_choices(names[0]), value=None, allow_custom_value=True,
+                                  label="sampler (empty: the model's own; a spec such as sjd:window=16 works too)")
+            kv_cache = gr.Dropdown(backend.kv_cache_choices(names[0]), value=None, allow_custom_value=True,
+                                   label="KV cache (next-scale; empty: full; e.g. scalekv:budget=0.1)")
         run = gr.Button("Generate", variant="primary")
         gallery = gr.Gallery(label="samples", columns=4)
+        cost = gr.Markdown()
         model.change(lambda m: (gr.Dropdown(choices=backend.class_choices(m), value=backend.class_choices(m)[0]),
-                                *backend.sampling_sliders(m)),
-                     model, [label, cfg, top_k, top_p])
+                                *backend.sampling_sliders(m),
+                                gr.Dropdown(choices=backend.sampler_choices(m), value=None),
+                                gr.Dropdown(choices=backend.kv_cache_choices(m), value=None)),
+                     model, [label, cfg, top_k, top_p, sampler, kv_cache])
+
         def generate(*values):
             try:
                 return backend.generate(*values)
             except ValueError as err:  # a bad setting: shown in the UI, not as a bare "Error"
                 raise gr.Error(str(err))
 
-        run.click(generate, [model, label, count, cfg, top_k, top_p, seed], gallery, api_name="generate")
+        run.click(generate, [model, label, count, cfg, top_k, top_p, seed, sampler, kv_cache], [gallery, cost],
+                  api_name="generate")
     return demo
 
 

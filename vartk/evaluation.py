@@ -51,12 +51,12 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from vartk.arguments import int_in_range, parse_spec_flag
+from vartk.arguments import int_in_range
 from vartk.emoji_extractor import EMOJI_CLASSIFIER, register_emoji_extractor
 from vartk.files import check_writable, write_text_atomic
 from vartk.images import images_to_uint8
 from vartk.metrics import INCEPTION, check_scoring, compute_metrics, list_images, npz_keys, paired_psnr
-from vartk.samplers import KV_CACHE_SPEC_HELP, SAMPLER_SPEC_HELP
+from vartk.samplers import KV_CACHE, SAMPLER, spec_help
 
 VAR_PROTOCOL = {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96}
 # (preset, grid size) -> the cfg of the LlamaGen README's FID for that released checkpoint (the paper's appendix
@@ -322,11 +322,6 @@ def software_versions() -> dict:
     return versions
 
 
-def _as_object(spec, kind: str):
-    """A sampler / KV-cache policy given as an object or as 'name:key=value,...' (vartk.samplers)."""
-    return parse_spec_flag(spec, kind) if isinstance(spec, str) else spec
-
-
 def check_sampling(pipe, options: dict) -> None:
     """What the pipeline checks when called, checked before --out is written: a bad option would otherwise fail the
     first batch after settings.json pinned it, and the corrected rerun would be refused."""
@@ -447,8 +442,10 @@ def evaluate(
         "kv_cache": kv_cache if isinstance(kv_cache, str) or kv_cache is None else repr(kv_cache),
         "dtype": dtype, "image_size_eval": eval_size, "png": "uint8 = round(255 x)",
     }
-    options.update(sampler=_as_object(sampler, "sampler"), kv_cache=_as_object(kv_cache, "kv-cache"))
+    options.update(sampler=sampler, kv_cache=kv_cache)
     check_sampling(pipe, options)
+    options.update(sampler=pipe.resolve(sampler, SAMPLER), kv_cache=pipe.policy_for_call(kv_cache))  # one object,
+    # kept for every batch (a CUDA graph is captured once)
     out = Path(out)
     check_out_and_reference(out, reference)
     samples = out / "samples"
@@ -573,8 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the protocol's)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--sampler", default=None, help=SAMPLER_SPEC_HELP)
-    parser.add_argument("--kv-cache", default=None, help=KV_CACHE_SPEC_HELP)
+    parser.add_argument("--sampler", default=None, help=spec_help(SAMPLER))
+    parser.add_argument("--kv-cache", default=None, help=spec_help(KV_CACHE))
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--image-size-eval", type=eval_size, default="auto",
                         help="resize samples to this size; auto = the protocol's, native = no resize")

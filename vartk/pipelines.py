@@ -5,14 +5,16 @@
                generator=torch.Generator().manual_seed(0))
     out.images  # list of PIL images
 
-Both pipelines have the components `tokenizer` and `transformer`; sampling strategies and KV-cache
-policies are objects passed to `__call__`. A folder `save_pretrained` wrote loads back strictly with
+Both pipelines have the components `tokenizer` and `transformer`. Sampling strategies and KV-cache policies are
+objects (or registry specs such as "sjd:window=16") passed to `__call__`; the ones a pipeline holds
+(`pipe.sampler`, `pipe.kv_cache`) are used when a call passes none, and are saved with it, as diffusers saves a
+scheduler. A folder `save_pretrained` wrote loads back strictly with
 `from_pretrained` (`load_folder`); `vartk.load` (vartk.loading) also takes built-in and official model names.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import numbers
 import operator
 from pathlib import Path
@@ -26,11 +28,14 @@ from PIL import Image
 from .checkpoints import CheckpointError, load_saved_model, read_json_object
 from .hub import check_official_files_exist
 from .images import images_to_output, pil_arrays, resize_and_clamp
-from .models.attention import KVCachePolicy
 from .models.gpt import TOKENIZER_DOWNSAMPLE, GPTTransformer
 from .models.var import VARTransformer
+from .samplers import registry
+from .samplers.contract import SamplerStats
+from .samplers.kv_cache import KVCachePolicy
 from .samplers.next_scale import NextScaleSampler, check_same_schedule, edit_next_scale
 from .samplers.next_token import NextTokenSampler
+from .samplers.registry import KV_CACHE, NEXT_SCALE, NEXT_TOKEN, SAMPLER
 from .samplers.sampling import check_class_labels, check_non_negative, check_sampling_args
 from .tokenizers.msvq import MultiScaleVQVAE
 from .tokenizers.vq import VQModel
@@ -50,15 +55,29 @@ def eval_mode(*modules: torch.nn.Module):
             m.train(mode)
 
 
-class _AutoregressivePipeline(DiffusionPipeline):
-    """What both pipelines share: argument checks, label expansion, output conversion."""
+@dataclasses.dataclass
+class SamplingOutput(ImagePipelineOutput):
+    """images: PIL images, a uint8 array [B, H, W, 3] or a float tensor [B, 3, H, W]; stats: what sampling cost
+    (transformer forwards, tokens per forward, seconds, KV-cache bytes; see `SamplerStats`)."""
 
-    family: str = ""
+    stats: SamplerStats | None = None
+
+
+class _AutoregressivePipeline(DiffusionPipeline):
+    """What both pipelines share: argument checks, label expansion, the sampler and KV-cache policy they hold,
+    output conversion."""
+
+    family: str = ""  # the model family, "var" or "llamagen" (its official protocols)
+    sampling_family: str = ""  # the samplers' family, NEXT_SCALE or NEXT_TOKEN
     official_sampling: dict = {}  # the family's published sampling settings, used when nothing else is given
     component_classes: dict[str, tuple[type, ...]] = {}  # component name -> the classes it may be
+    default_sampler_class: type = type(None)
 
     def __init__(self, tokenizer, transformer, class_names: list[str] | None = None,
-                 sampling_defaults: dict | None = None):
+                 sampling_defaults: dict | None = None, sampler=None, kv_cache=None, kv_calibration: dict | None = None):
+        """sampler / kv_cache: the ones calls use when they pass none (objects, registry specs such as
+        "sjd:window=16", or the config dicts a saved folder holds; None: the family's plain sampler and the full
+        cache). kv_calibration: a `vartk calibrate-kv` calibration a policy with calibration="model" uses."""
         super().__init__()
         for name, component in (("tokenizer", tokenizer), ("transformer", transformer)):
             classes = self.component_classes[name]
@@ -80,9 +99,59 @@ class _AutoregressivePipeline(DiffusionPipeline):
         unknown = sorted(set(sampling_defaults or {}) - set(self.official_sampling))
         if unknown:
             raise ValueError(f"sampling_defaults {unknown} unknown; allowed: {sorted(self.official_sampling)}")
+        if kv_calibration is not None and not isinstance(kv_calibration, dict):
+            raise TypeError(f"kv_calibration must be a calibration dict (vartk calibrate-kv), got {kv_calibration!r}")
         self.register_to_config(class_names=list(class_names) if class_names is not None else None,
-                                sampling_defaults=dict(sampling_defaults) if sampling_defaults else None)
+                                sampling_defaults=dict(sampling_defaults) if sampling_defaults else None,
+                                kv_calibration=kv_calibration)
         self.sampling_options()  # the saved settings are valid ones
+        self._plain_sampler = self.default_sampler_class()
+        self.sampler, self.kv_cache = sampler, kv_cache
+
+    @property
+    def sampler(self):
+        """The sampler of calls that pass none: the one set (and saved) with the pipeline, else the family's plain
+        sampler; kept, so that a CUDA graph it captures is replayed on later calls."""
+        return self._sampler or self._plain_sampler
+
+    @sampler.setter
+    def sampler(self, value) -> None:
+        self._sampler = self.resolve(value, SAMPLER)
+        self.register_to_config(sampler=registry.to_config(self._sampler) if self._sampler is not None else None)
+
+    @property
+    def kv_cache(self):
+        """The KV-cache policy of calls that pass none (None: the full cache)."""
+        return self._kv_cache
+
+    @kv_cache.setter
+    def kv_cache(self, value) -> None:
+        self._kv_cache = self.resolve(value, KV_CACHE)
+        self.register_to_config(kv_cache=registry.to_config(self._kv_cache) if self._kv_cache is not None else None)
+
+    def resolve(self, value, kind: str):
+        """A sampler / KV-cache policy given as an object, a registry spec string or a saved config dict -> the
+        object, checked to be of this pipeline's family (None stays None)."""
+        if isinstance(value, str):
+            value = registry.from_spec(value, kind, self.sampling_family)
+        elif isinstance(value, dict):
+            value = registry.from_config(value, kind, self.sampling_family, source=f"saved {kind}")
+        registry.check_family(value, kind, self.sampling_family)
+        return value
+
+    def check_sampler(self, sampler=None, kv_cache=None) -> None:
+        """Raise ValueError unless `sampler` / `kv_cache` (objects or registry specs; None = the pipeline's) suit
+        this pipeline, as a call would."""
+        self.resolve(sampler, SAMPLER)
+        self.policy_for_call(kv_cache)
+
+    def policy_for_call(self, kv_cache):
+        """The call's KV-cache policy: the given one or the pipeline's; a policy whose `calibration` is "model"
+        gets the calibration saved with the pipeline (uniform budgets without one)."""
+        policy = self.resolve(kv_cache, KV_CACHE) if kv_cache is not None else self.kv_cache
+        if getattr(policy, "calibration", None) == "model":
+            policy = dataclasses.replace(policy, calibration=self.config.kv_calibration or "uniform")
+        return policy
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -149,27 +218,25 @@ class _AutoregressivePipeline(DiffusionPipeline):
         return labels.repeat_interleave(count).to(self.device)
 
     @staticmethod
-    def _check_type(name: str, value, cls: type, family: str) -> None:
-        if value is not None and not isinstance(value, cls):
-            raise ValueError(f"{name} {type(value).__name__} is not a {cls.__name__}, which {family} models need")
-
-    @staticmethod
     def _check_output(output_type: str, output_size: int | None = None) -> None:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r} is unknown; use one of {OUTPUT_TYPES}")
         if output_size is not None and not (isinstance(output_size, numbers.Integral) and output_size > 0):
             raise ValueError(f"output_size must be a positive integer (pixels) or None, got {output_size!r}")
 
-    def _finish(self, decoded: torch.Tensor, output_type: str, return_dict: bool, output_size: int | None = None):
-        """The tokenizer's output (`resize_and_clamp`) as `output_type`."""
+    def _finish(self, decoded: torch.Tensor, output_type: str, return_dict: bool, output_size: int | None = None,
+                stats: SamplerStats | None = None):
+        """The tokenizer's output (`resize_and_clamp`) as `output_type`, with the sampler's statistics."""
         images = images_to_output(resize_and_clamp(decoded, output_size), output_type)
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return SamplingOutput(images=images, stats=stats) if return_dict else (images,)
 
 
 class VARPipeline(_AutoregressivePipeline):
     """Next-scale (VAR) generation: a MultiScaleVQVAE tokenizer and a VARTransformer."""
 
     family = "var"
+    sampling_family = NEXT_SCALE
+    default_sampler_class = NextScaleSampler
     official_sampling = dict(guidance_scale=1.5, top_k=900, top_p=0.96)
     component_classes = {"tokenizer": (MultiScaleVQVAE,), "transformer": (VARTransformer,)}
 
@@ -186,11 +253,6 @@ class VARPipeline(_AutoregressivePipeline):
         tokenizer = MultiScaleVQVAE.from_official(vae, patch_nums=tuple(transformer.config.patch_nums))
         return cls(tokenizer=tokenizer.eval(), transformer=transformer.eval())
 
-    def check_sampler(self, sampler, kv_cache) -> None:
-        """sampler: a NextScaleSampler or None; kv_cache: a KVCachePolicy or None (the full cache)."""
-        self._check_type("sampler", sampler, NextScaleSampler, "next-scale")
-        self._check_type("kv_cache", kv_cache, KVCachePolicy, "next-scale")
-
     @torch.no_grad()
     def __call__(
         self,
@@ -201,8 +263,8 @@ class VARPipeline(_AutoregressivePipeline):
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         num_images_per_label: int = 1,
-        sampler: NextScaleSampler | None = None,
-        kv_cache: KVCachePolicy | None = None,
+        sampler=None,
+        kv_cache: KVCachePolicy | str | None = None,
         progress: bool = True,
         return_dict: bool = True,
         output_size: int | None = None,
@@ -211,19 +273,20 @@ class VARPipeline(_AutoregressivePipeline):
 
         guidance_scale is the official VAR `cfg`: the guidance ramps linearly over the scales
         from 1 (pure conditional) to 1 + guidance_scale at the last one. Settings left as None come from
-        the model's `sampling_defaults`, else the official ones (cfg 1.5, top-k 900, top-p 0.96)."""
+        the model's `sampling_defaults`, else the official ones (cfg 1.5, top-k 900, top-p 0.96). `sampler` /
+        `kv_cache`: a next-scale sampler / KV-cache policy or its registry spec (default: the pipeline's).
+        Returns a SamplingOutput (images, stats)."""
         self._check_output(output_type, output_size)
         options = self.sampling_options(guidance_scale, top_k, top_p)
-        self.check_sampler(sampler, kv_cache)
+        sampler = self.resolve(sampler, SAMPLER) or self.sampler
+        kv_cache = self.policy_for_call(kv_cache)
         labels = self._class_tensor(class_labels, num_images_per_label)
-        sampler = sampler or NextScaleSampler()
         with eval_mode(self.tokenizer, self.transformer):
-            _, latent = sampler(
-                self.transformer, self.tokenizer, labels, **options, generator=generator, kv_cache=kv_cache,
-                progress=progress, return_latent=True,
-            )  # the running latent, not the tokens: `more_smooth` mixes soft embeddings into it
-            decoded = self.tokenizer.decode_latent(latent, clamp=False)
-        return self._finish(decoded, output_type, return_dict, output_size)
+            out = sampler(self.transformer, self.tokenizer, labels, **options, generator=generator, kv_cache=kv_cache,
+                          progress=progress)
+            # the running latent, not the tokens: `more_smooth` mixes soft embeddings into it
+            decoded = self.tokenizer.decode_latent(out.latent, clamp=False)
+        return self._finish(decoded, output_type, return_dict, output_size, out.stats)
 
     @torch.no_grad()
     def inpaint(
@@ -235,10 +298,11 @@ class VARPipeline(_AutoregressivePipeline):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
-        sampler: NextScaleSampler | None = None,
+        sampler=None,
         output_type: str = "pil",
         progress: bool = True,
         return_dict: bool = True,
+        kv_cache: KVCachePolicy | str | None = None,
     ):
         """Zero-shot in/out-painting (class_label None) or class-conditional editing.
 
@@ -248,19 +312,18 @@ class VARPipeline(_AutoregressivePipeline):
         the official editing demo's (cfg 3, top-k 900, top-p 0.95); `sampler` defaults to that demo's
         `NextScaleSampler(more_smooth=True)` (pass `NextScaleSampler()` for plain token sampling)."""
         self._check_output(output_type)
-        self.check_sampler(sampler, None)
+        sampler = self.resolve(sampler, SAMPLER)
+        kv_cache = self.policy_for_call(kv_cache)
         options = self.sampling_options(guidance_scale, top_k, top_p, official=OFFICIAL_INPAINT_SAMPLING)
         if class_label is not None and not isinstance(class_label, (numbers.Integral, str)):
             raise TypeError(f"class_label must be one class id or name (None = in/out-painting), got {class_label!r}")
         images = self._image_tensor(image)
         labels = None if class_label is None else self._class_tensor([class_label], images.shape[0])
         with eval_mode(self.tokenizer, self.transformer):
-            _, latent = edit_next_scale(
-                self.transformer, self.tokenizer, images, mask, class_labels=labels, sampler=sampler, **options,
-                generator=generator, progress=progress, return_latent=True,
-            )  # the running latent, as in __call__
-            images = self.tokenizer.decode_latent(latent)
-        return self._finish(images, output_type, return_dict)
+            out = edit_next_scale(self.transformer, self.tokenizer, images, mask, class_labels=labels, sampler=sampler,
+                                  **options, generator=generator, progress=progress, kv_cache=kv_cache)
+            images = self.tokenizer.decode_latent(out.latent)  # the running latent, as in __call__
+        return self._finish(images, output_type, return_dict, stats=out.stats)
 
     def _image_tensor(self, image) -> torch.Tensor:
         """PIL image(s), uint8 array [(B,) H, W, 3] or float tensor [(B,) 3, H, W] -> float [B, 3, H, W] on the
@@ -287,6 +350,8 @@ class GPTPipeline(_AutoregressivePipeline):
     """Next-token (LlamaGen) generation: a single-scale tokenizer and a GPTTransformer."""
 
     family = "llamagen"
+    sampling_family = NEXT_TOKEN
+    default_sampler_class = NextTokenSampler
     official_sampling = dict(guidance_scale=2.0, top_k=0, top_p=1.0)
     component_classes = {"tokenizer": (VQModel, MultiScaleVQVAE), "transformer": (GPTTransformer,)}
 
@@ -317,17 +382,6 @@ class GPTPipeline(_AutoregressivePipeline):
         transformer = GPTTransformer.from_official(gpt, model=model, image_size=image_size)
         return cls(tokenizer=tokenizer.eval(), transformer=transformer.eval())
 
-    @functools.cached_property
-    def default_sampler(self) -> NextTokenSampler:
-        """The sampler of calls that pass none; kept, so that its CUDA graph is captured once."""
-        return NextTokenSampler()
-
-    def check_sampler(self, sampler, kv_cache) -> None:
-        """sampler: a NextTokenSampler or None; kv_cache: None (next-token sampling keeps a static cache)."""
-        if kv_cache is not None:
-            raise ValueError("kv_cache policies apply to next-scale models; GPTPipeline uses a static cache")
-        self._check_type("sampler", sampler, NextTokenSampler, "next-token")
-
     @torch.no_grad()
     def __call__(
         self,
@@ -338,8 +392,8 @@ class GPTPipeline(_AutoregressivePipeline):
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         num_images_per_label: int = 1,
-        sampler: NextTokenSampler | None = None,
-        kv_cache: KVCachePolicy | None = None,
+        sampler=None,
+        kv_cache=None,
         progress: bool = True,
         return_dict: bool = True,
         output_size: int | None = None,
@@ -347,21 +401,30 @@ class GPTPipeline(_AutoregressivePipeline):
         """Sample one image per label (times `num_images_per_label`); `output_size` resizes them (`resize_and_clamp`).
 
         guidance_scale is LlamaGen's `cfg_scale`: logits = u + s (c - u); s <= 1 turns CFG off. Settings
-        left as None come from the model's `sampling_defaults`, else cfg 2.0, no top-k, no top-p."""
+        left as None come from the model's `sampling_defaults`, else cfg 2.0, no top-k, no top-p. `sampler`: a
+        next-token sampler or its registry spec, e.g. "sjd:window=16" (default: the pipeline's); next-token models
+        keep a static cache, so `kv_cache` must stay None. Returns a SamplingOutput (images, stats)."""
         self._check_output(output_type, output_size)
         options = self.sampling_options(guidance_scale, top_k, top_p)
-        self.check_sampler(sampler, kv_cache)
+        self.policy_for_call(kv_cache)
+        sampler = self.resolve(sampler, SAMPLER) or self.sampler
         labels = self._class_tensor(class_labels, num_images_per_label)
-        sampler = sampler or self.default_sampler
         grid = self.transformer.config.grid_size
         with eval_mode(self.tokenizer, self.transformer):
-            tokens = sampler(self.transformer, labels, **options, generator=generator, progress=progress)  # [B, N]
-            decoded = self.tokenizer.decode(tokens.view(-1, grid, grid), clamp=False)
-        return self._finish(decoded, output_type, return_dict, output_size)
+            out = sampler(self.transformer, labels, **options, generator=generator, progress=progress,
+                          tokenizer=self.tokenizer)
+            decoded = self.tokenizer.decode(out.tokens.view(-1, grid, grid), clamp=False)
+        return self._finish(decoded, output_type, return_dict, output_size, out.stats)
+
+    def policy_for_call(self, kv_cache):
+        """None: next-token models keep a static cache; a KV-cache policy is refused."""
+        if kv_cache is not None:
+            raise ValueError("kv_cache policies apply to next-scale models; GPTPipeline uses a static cache")
 
 
 PIPELINES = {"VARPipeline": VARPipeline, "GPTPipeline": GPTPipeline}
 PIPELINE_INDEX = DiffusionPipeline.config_name  # model_index.json, the file every pipeline folder has
+SAVED_SETTINGS = ("class_names", "sampling_defaults", "sampler", "kv_cache", "kv_calibration")  # model_index.json
 
 
 def load_folder(folder: Path) -> _AutoregressivePipeline:
@@ -376,8 +439,7 @@ def load_folder(folder: Path) -> _AutoregressivePipeline:
                               f"{sorted(PIPELINES)}")
     components = {name: load_saved_model(folder / name, classes) for name, classes in cls.component_classes.items()}
     try:
-        return cls(**components, class_names=index.get("class_names"),
-                   sampling_defaults=index.get("sampling_defaults"))
+        return cls(**components, **{name: index.get(name) for name in SAVED_SETTINGS})
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{folder} does not make a {class_name}: {err}") from None
 

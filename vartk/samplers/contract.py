@@ -133,7 +133,8 @@ class NextTokenSampling(Protocol):
     family: ClassVar[str]
 
     def __call__(self, transformer, class_labels, guidance_scale: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, progress: bool = True) -> NextTokenOutput: ...
+                 generator: torch.Generator | None = None, progress: bool = True, tokenizer=None
+                 ) -> NextTokenOutput: ...
 
 
 @runtime_checkable

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..models.attention import CacheSpec, ContiguousKVCache, KVCache
 from .registry import NEXT_SCALE, register_kv_cache
@@ -17,6 +18,7 @@ class KVCachePolicy(ABC):
     settings) and register it with `register_kv_cache` to compress the cache."""
 
     family = NEXT_SCALE
+    lossy: ClassVar[bool] = False  # True: the samples may differ from the full cache's
 
     @abstractmethod
     def new_caches(self, spec: CacheSpec) -> list[KVCache]:

@@ -232,11 +232,13 @@ class NextTokenSampler:
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         progress: bool = True,
+        tokenizer=None,
     ) -> NextTokenOutput:
         """Sample image tokens for `class_labels` [B] -> NextTokenOutput(tokens int64 [B, grid_size^2], stats).
 
         guidance_scale is LlamaGen's cfg_scale: > 1 enables CFG with the null class; <= 1 runs the
-        conditional rows only (no unconditional branch, as in the official code).
+        conditional rows only (no unconditional branch, as in the official code). `tokenizer` is not used (the
+        protocol passes it for samplers that read the codebook).
         """
         labels = check_token_call(transformer, class_labels, guidance_scale, top_k, top_p, self.temperature, generator)
         start = time.perf_counter()

@@ -19,6 +19,7 @@ import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,7 @@ class _BudgetedPolicy(KVCachePolicy):
     """What the pruned policies share: a budget, caps per (layer, scale) and one byte counter per call."""
 
     budget: float = 0.1
+    lossy: ClassVar[bool] = True
 
     def __post_init__(self):
         check_budget(self.budget)

@@ -81,7 +81,7 @@ class GPTJob(ConditionalJob):
         tokens = NextTokenSampler(temperature=self.cfg.temperature)(
             self.model, class_labels, guidance_scale=self.cfg.guidance_scale, top_k=self.cfg.top_k,
             top_p=self.cfg.top_p, generator=generator, progress=False,
-        )  # [B, N]
+        ).tokens  # [B, N]
         return self.tokenizer.decode(tokens.view(-1, self.grid_side, self.grid_side))
 
 

@@ -91,7 +91,8 @@ class VARJob(ConditionalJob):
 
     def generate(self, class_labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         maps = NextScaleSampler()(self.model, self.tokenizer, class_labels, guidance_scale=self.cfg.guidance_scale,
-                                  top_k=self.cfg.top_k, top_p=self.cfg.top_p, generator=generator, progress=False)
+                                  top_k=self.cfg.top_k, top_p=self.cfg.top_p, generator=generator,
+                                  progress=False).token_maps
         return self.tokenizer.decode(maps)
 
 
