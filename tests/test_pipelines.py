@@ -427,3 +427,58 @@ def test_saved_sampling_defaults_apply_when_no_setting_is_given(tmp_path):
     assert plain.sampling_options() == dict(guidance_scale=2.0, top_k=0, top_p=1.0)
     with pytest.raises(ValueError, match=r"sampling_defaults \['temperature'\] unknown"):
         GPTPipeline(tokenizer=tokenizer, transformer=transformer, sampling_defaults={"temperature": 0.9})
+
+
+def test_a_pipeline_saves_its_sampler_and_kv_cache_with_every_setting(converted, tmp_path):
+    from vartk.samplers import ScaleKVCache
+
+    pipe = load(str(converted))
+    pipe.sampler = "nextscale:more_smooth=true"
+    pipe.kv_cache = ScaleKVCache(budget=0.3, scoring="released")
+    expected = sample(pipe)
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["sampler"] == {"name": "nextscale", "settings": {"more_smooth": True}}
+    assert index["kv_cache"]["name"] == "scalekv" and index["kv_cache"]["settings"]["scoring"] == "released"
+    again = load(str(tmp_path / "saved"))
+    assert again.sampler == NextScaleSampler(more_smooth=True)
+    assert again.kv_cache == ScaleKVCache(budget=0.3, scoring="released")
+    assert torch.equal(sample(again), expected)
+    assert not torch.equal(sample(again, sampler="nextscale", kv_cache="full"), expected)
+
+
+@pytest.mark.parametrize("key, saved, message", [
+    ("sampler", {"name": "nextscale", "settings": {"smooth": True}}, "nextscale has no setting 'smooth'"),
+    ("sampler", {"name": "sjd", "settings": {}}, r"unknown next-scale sampler 'sjd'; available: \['nextscale'\]"),
+    ("kv_cache", {"name": "scalekv", "settings": {"budget": 3}}, r"budget must be in \(0, 1\]"),
+    ("kv_cache", {"name": "full", "settings": {}, "budget": 1}, "unexpected 'budget'"),
+])
+def test_saved_settings_load_strictly(converted, tmp_path, key, saved, message):
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(converted, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, key: saved}))
+    with pytest.raises(CheckpointError, match=message):
+        load(str(folder))
+
+
+def test_a_folder_without_saved_samplers_loads_with_the_plain_ones():
+    """The shipped models' folders (written before pipelines saved samplers) hold no sampler / kv_cache."""
+    from vartk.loading import BUILTIN_MODELS
+    from vartk.samplers import NextTokenSampler
+
+    for name, plain in (("default", NextScaleSampler()), ("default-gpt", NextTokenSampler())):
+        assert "sampler" not in json.loads((BUILTIN_MODELS[name] / "model_index.json").read_text())
+        pipe = load(name)
+        assert pipe.sampler == plain and pipe.kv_cache is None
+
+
+def test_sample_verbose_prints_what_sampling_cost(converted, tmp_path, capsys):
+    cli_main(["sample", "--model", str(converted), "--n", "2", "--out", str(tmp_path / "g.png"), "--device", "cpu",
+              "-v", "--kv-cache", "sliding:budget=0.5"])
+    printed = capsys.readouterr().out
+    tokens = sum(pn * pn for pn in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))  # the official 256 px schedule
+    assert re.search(rf"2 images, 10 transformer forwards \(10\.0 per image\), {tokens / 10:.2f} tokens per forward "
+                     r"\(rows .*\), [0-9.]+ s, KV cache peak [0-9.]+ [KM]iB", printed)

@@ -7,6 +7,7 @@ from fixture_utils import load_fixture, state_dict_from_fixture
 from tiny_models import NUM_CLASSES, PATCH_NUMS, random_token_maps, tiny_var_tokenizer, tiny_var_transformer
 
 from vartk.checkpoints import CheckpointError
+from vartk.models.attention import ContiguousKVCache
 from vartk.samplers.kv_cache import FullKVCache
 from vartk.models.var import PATCH_NUMS_512, VARTransformer, infer_official_config
 from vartk.tokenizers.msvq import MultiScaleVQVAE
@@ -312,3 +313,48 @@ def test_layer_norms_use_eps_1e_6_without_affine():
     for norm in (model.blocks[0].norm, model.blocks[1].norm, model.head_nm.norm):
         assert list(norm.parameters()) == []
         torch.testing.assert_close(norm(x), reference_layer_norm(x), rtol=1e-5, atol=1e-5)
+
+
+class Watching(ContiguousKVCache):
+    """A full cache that records what `observe` receives."""
+
+    observes = True
+
+    def __init__(self, spec, wants_attention):
+        super().__init__(spec)
+        self.wants_attention, self.views = wants_attention, []
+
+    def observe(self, view):
+        self.views.append(view)
+
+
+@torch.no_grad()
+def test_a_cache_that_asks_for_the_attention_weights_gets_them_and_the_same_outputs():
+    """Weights only for a cache that asks (attention then runs unfused: same logits to 1e-5); they equal
+    softmax(scale q k^T) recomputed from the view; q_proj is the raw projection x W_q^T without the bias."""
+    model = tiny_var_transformer()
+    tokens = random_token_maps(2)
+    tokenizer = tiny_var_tokenizer()
+    labels = torch.tensor([3, 6])
+    runs = {}
+    for wants in (False, True):
+        caches = [Watching(model.cache_spec(2), wants) for _ in range(model.num_layers)]
+        f_hat, x_next, logits = torch.zeros(2, 8, 3, 3), None, []
+        for scale_index, scale_tokens in enumerate(tokens):
+            logits.append(model.forward_scale(x_next, labels, scale_index, caches))
+            f_hat = tokenizer.fold_scale(f_hat, scale_index, tokenizer.embed_tokens(scale_tokens))
+            if scale_index < len(tokens) - 1:
+                x_next = tokenizer.next_scale_input(f_hat, scale_index)
+        runs[wants] = torch.cat(logits, dim=1), caches
+    (fused, plain_caches), (unfused, watched) = runs[False], runs[True]
+    assert (fused - unfused).abs().max() <= 1e-5
+    assert all(view.weights is None for view in plain_caches[0].views)
+    view = watched[0].views[-1]  # layer 0, last scale: 9 queries over 14 keys
+    assert view.weights.shape == (2, 2, 9, 14)
+    expected = (view.q @ view.k.transpose(-1, -2) * view.scale).softmax(-1)
+    torch.testing.assert_close(view.weights, expected)
+    attn = model.blocks[0].attn  # L2-normalised attention: q = unit(x W_q^T + q_bias) * exp(min(scale_mul, log 100))
+    temperature = attn.scale_mul_1H11.clamp(max=math.log(100)).exp()  # [1, H, 1, 1]
+    unit = torch.nn.functional.normalize(view.q_proj + attn.q_bias.view(2, 1, 32), dim=-1)
+    torch.testing.assert_close(unit * temperature, view.q)
+    assert not torch.allclose(torch.nn.functional.normalize(view.q_proj, dim=-1) * temperature, view.q)  # no bias
