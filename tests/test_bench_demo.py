@@ -19,7 +19,7 @@ def test_bench_tiny_runs_every_model_and_batch(capsys):
     rows = bench_main(["--tiny", "--device", "cpu", "--dtype", "float32", "--batches", "1", "2", "--repeats", "1"])
     assert [(r.model, r.batch) for r in rows] == [("VAR-tiny", 1), ("VAR-tiny", 2), ("GPT-tiny", 1), ("GPT-tiny", 2)]
     assert all(r.seconds > 0 and math.isclose(r.images_per_second, r.batch / r.seconds) for r in rows)
-    assert [r.forwards_per_image for r in rows] == [3, 3, 16, 16]  # 3 scales; prefill + 15 decode steps
+    assert [r.forwards_per_image for r in rows] == [10, 10, 16, 16]  # 10 scales; prefill + 15 decode steps
     assert all(r.kv_mib > 0 for r in rows)
     printed = capsys.readouterr().out
     assert "| model | sampler | KV cache | batch |" in printed and printed.count("| VAR-tiny | nextscale | full |") == 2
@@ -152,3 +152,46 @@ def test_demo_port_is_checked_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         demo_main(["--port", "99999"])
     assert "expected an integer in 1-65535, got '99999'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit, start, cap", [(37, 1, 4096), (37, 64, 4096), (1, 8, 100), (0, 4, 100), (500, 16, 300),
+                                               (4096, 1, 4096), (100, 100, 1000)])
+def test_the_largest_batch_search_brackets_the_limit(limit, start, cap):
+    """Doubling then bisection, against a stand-in device on which batches up to `limit` fit: the answer fits,
+    is within the resolution (1/8) of the largest that does, and the search stays within the cap."""
+    from vartk.bench import largest_batch
+
+    tried = []
+
+    def fits(batch):
+        tried.append(batch)
+        return batch <= limit
+
+    found = largest_batch(fits, start, cap)
+    best = min(limit, cap)
+    assert found <= best and (best == 0 or found >= best / 1.125 - 1)
+    assert all(1 <= b <= cap for b in tried) and len(tried) <= 2 * cap.bit_length() + 2
+    if best and best < cap:
+        assert found + 1 > limit / 1.125 and any(b > limit for b in tried)  # a failure bounded the answer
+
+
+def test_bench_max_batch_reports_the_largest_batch_that_fits(capsys, monkeypatch):
+    """On a CPU nothing runs out of memory, so the search reaches the cap; a stand-in allocator that refuses
+    batches above 5 shows the search stops there."""
+    import vartk.bench as bench
+
+    rows = bench_main(["--tiny", "--device", "cpu", "--only", "VAR-tiny", "--max-batch", "--max-batch-cap", "4",
+                       "--batches", "1", "--kv-cache", "full", "--kv-cache", "sliding:budget=0.5"])
+    assert [(r.kv_cache, r.batch) for r in rows] == [("full", 4), ("sliding:budget=0.5", 4)]
+    assert all(r.seconds > 0 and r.kv_gib > 0 for r in rows) and rows[1].kv_gib < rows[0].kv_gib
+    real = bench.sample_once
+
+    def refusing(model, sampler, policy, batch, device):
+        if batch > 5:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 bytes")
+        return real(model, sampler, policy, batch, device)
+
+    monkeypatch.setattr(bench, "sample_once", refusing)
+    rows = bench_main(["--tiny", "--device", "cpu", "--only", "VAR-tiny", "--max-batch", "--batches", "2"])
+    assert rows[0].batch == 5
+    assert "| VAR-tiny | nextscale | full | 5 |" in capsys.readouterr().out

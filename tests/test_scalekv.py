@@ -181,3 +181,34 @@ def test_bad_settings_for_the_model_fail_before_sampling(models):
     other.update(num_layers=2, scale_lengths=[1, 4, 9, 16])
     with pytest.raises(ValueError, match=r"scale_lengths \[1, 4, 9, 16\], this model has \[1, 4, 9, 16, 25, 36\]"):
         ScaleKVCache(budget=0.5, calibration=other).new_caches(spec)
+
+
+def test_calibrate_kv_writes_the_json_the_policy_reads_and_a_heat_map(tiny_pipelines, tmp_path, capsys):
+    from vartk.cli import main as cli_main
+    from vartk.loading import load
+
+    _, var_pipe = tiny_pipelines
+    var_pipe.save_pretrained(tmp_path / "model")
+    out = tmp_path / "calibration.json"
+    cli_main(["calibrate-kv", "--model", str(tmp_path / "model"), "--budget", "0.1", "--samples", "4",
+              "--drafter-share", "0.5", "--batch-size", "2", "--device", "cpu", "--out", str(out)])
+    assert "use it with --kv-cache scalekv:budget=0.1,calibration=" in capsys.readouterr().out
+    calibration = json.loads(out.read_text())
+    assert calibration["scale_lengths"] == [pn * pn for pn in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
+    assert out.with_suffix(".png").stat().st_size > 1000
+    pipe = load(str(tmp_path / "model"))
+    uniform = pipe([1, 2], kv_cache="scalekv:calibration=uniform", output_type="pt", progress=False,
+                   generator=torch.Generator().manual_seed(0)).images
+    pipe.kv_calibration = calibration  # saved with the model: calibration="model" (the default) uses it
+    pipe.save_pretrained(tmp_path / "calibrated")
+    again = load(str(tmp_path / "calibrated"))
+    assert again.kv_calibration == calibration
+    by_model = again([1, 2], kv_cache="scalekv", output_type="pt", progress=False,
+                     generator=torch.Generator().manual_seed(0)).images
+    by_file = again([1, 2], kv_cache=f"scalekv:calibration={out}", output_type="pt", progress=False,
+                    generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(by_model, by_file) and not torch.equal(by_model, uniform)
+    with pytest.raises(SystemExit, match="the calibration is a .json file"):
+        cli_main(["calibrate-kv", "--out", str(tmp_path / "c.png")])
+    with pytest.raises(ValueError, match="calibration is for a model with num_layers 3"):
+        again.kv_calibration = {**calibration, "num_layers": 3}

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .models.gpt import GPT_CONFIGS, GPTTransformer
-from .models.var import VARTransformer
+from .models.var import PATCH_NUMS_512, VARTransformer
 from .samplers import KV_CACHE, NEXT_SCALE, NEXT_TOKEN, SAMPLER, registry, spec_help
 from .tokenizers.msvq import MultiScaleVQVAE
 
@@ -110,14 +110,23 @@ def sample_once(model: BenchModel, sampler, kv_cache, batch: int, device: torch.
     return out.stats
 
 
+def of_family(sampler_specs: list[str], family: str) -> list[str]:
+    """The sampler specs whose sampler is for `family` models."""
+    return [spec for spec in sampler_specs if registry.find(spec.partition(":")[0], SAMPLER).family == family]
+
+
+def policies_of(model: BenchModel, kv_cache_specs: list[str]) -> list[str]:
+    """The KV-cache policies a model runs: the given ones for a next-scale model, "-" (its static cache) otherwise."""
+    return kv_cache_specs if model.family == NEXT_SCALE else ["-"]
+
+
 def bench_model(model: BenchModel, samplers: list[str], kv_caches: list[str], batches: list[int], repeats: int,
                 device: torch.device) -> list[Row]:
     """Rows of every sampler (of the model's family) x KV-cache policy (next-scale) x batch size."""
     rows = []
-    policies = kv_caches if model.family == NEXT_SCALE else ["-"]
-    for sampler_spec in [s for s in samplers if registry.find(s.partition(":")[0], SAMPLER).family == model.family]:
+    for sampler_spec in of_family(samplers, model.family):
         sampler = registry.from_spec(sampler_spec, SAMPLER, model.family)
-        for policy_spec in policies:
+        for policy_spec in policies_of(model, kv_caches):
             policy = None if policy_spec == "-" else registry.from_spec(policy_spec, KV_CACHE, model.family)
             for batch in batches:
                 seconds, first, peak, stats = time_call(
@@ -128,6 +137,88 @@ def bench_model(model: BenchModel, samplers: list[str], kv_caches: list[str], ba
                                 kv_mib=stats.kv_bytes / 2**20))
                 print(format_row(rows[-1]), flush=True)
     return rows
+
+
+def largest_batch(fits, start: int, cap: int, resolution: float = 0.125) -> int:
+    """The largest batch in [1, cap] that `fits(batch)` (a batch that does not fit runs out of memory), found by
+    doubling from `start`, then bisecting until the bracket is narrower than `resolution` of its lower end; 0 when
+    not even a batch of 1 fits. `fits` is monotone: a batch that fits means every smaller one fits."""
+    low, high = 0, None  # the largest batch known to fit, the smallest known not to
+    batch = max(1, min(start, cap))
+    while high is None:
+        if fits(batch):
+            low = batch
+            if batch == cap:
+                return cap
+            batch = min(batch * 2, cap)
+        else:
+            high = batch
+            batch = batch // 2 if low == 0 else (low + high) // 2
+            if batch == 0 or batch <= low:
+                return low
+    while high - low > max(1, resolution * low):
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether a sampling call failed for lack of device memory (CUDA or CPU allocator)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+@dataclass
+class MaxBatchRow:
+    model: str
+    sampler: str
+    kv_cache: str
+    batch: int
+    seconds: float
+    kv_gib: float
+    peak_gib: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch / self.seconds if self.batch else 0.0
+
+
+def max_batch(model: BenchModel, sampler_spec: str, policy_spec: str, start: int, cap: int, device: torch.device
+              ) -> MaxBatchRow:
+    """The largest batch that samples without running out of memory on `device` (each try after emptying the
+    allocator), its KV cache and peak memory, and the time of a call at that batch."""
+    sampler = registry.from_spec(sampler_spec, SAMPLER, model.family)
+    policy = None if policy_spec == "-" else registry.from_spec(policy_spec, KV_CACHE, model.family)
+    measured = {}
+
+    def fits(batch: int) -> bool:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            start_time = time.perf_counter()
+            stats = sample_once(model, sampler, policy, batch, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+            if not out_of_memory(err):
+                raise
+            return False
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        measured[batch] = (time.perf_counter() - start_time, stats.kv_bytes / 2**30, peak)
+        return True
+
+    batch = largest_batch(fits, start, cap)
+    seconds, kv_gib, peak_gib = measured.get(batch, (float("nan"),) * 3)
+    return MaxBatchRow(model.name, sampler_spec, policy_spec, batch, seconds, kv_gib, peak_gib)
+
+
+def format_max_batch(row: MaxBatchRow) -> str:
+    return (f"| {row.model} | {row.sampler} | {row.kv_cache} | {row.batch} | {row.kv_gib:.2f} | {row.peak_gib:.2f} | "
+            f"{row.images_per_second:.1f} |")
+
+
+MAX_BATCH_HEADER = ("| model | sampler | KV cache | largest batch | KV GiB | peak GiB | img/s at that batch |\n"
+                    "|---|---|---|---|---|---|---|")
 
 
 def format_row(row: Row) -> str:
@@ -150,11 +241,10 @@ HEADER = ("| model | sampler | KV cache | batch | s / call | img/s | s / image |
 
 def tiny_models() -> dict:
     """{name: (family, build)} of tiny random models, for a smoke run of the code path."""
-    def var():
+    def var():  # the official 256 px schedule on 32 px images: KV-cache policies work at their default budgets
         tokenizer = MultiScaleVQVAE(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64,
-                                    patch_nums=(1, 2, 4), norm_groups=8)
-        return VARTransformer(depth=2, width=64, num_heads=2, vocab_size=64, latent_channels=8,
-                              patch_nums=(1, 2, 4)), tokenizer
+                                    norm_groups=8)
+        return VARTransformer(depth=2, width=64, num_heads=2, vocab_size=64, latent_channels=8), tokenizer
 
     def gpt():
         tokenizer = MultiScaleVQVAE(ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64,
@@ -168,6 +258,8 @@ def full_models() -> dict:
     """{name: (family, build)} of the models the official numbers describe, with random weights (GPTs without a
     tokenizer: their rows time token generation only)."""
     models = {f"VAR-d{d}": (NEXT_SCALE, lambda d=d: (VARTransformer(depth=d), MultiScaleVQVAE())) for d in (16, 30)}
+    models["VAR-d36"] = (NEXT_SCALE, lambda: (VARTransformer(depth=36, shared_aln=True, patch_nums=PATCH_NUMS_512),
+                                              MultiScaleVQVAE(patch_nums=PATCH_NUMS_512)))  # 512 px
     models.update({name: (NEXT_TOKEN, lambda name=name: (GPTTransformer(**GPT_CONFIGS[name]), None))
                    for name in ("GPT-B", "GPT-L")})
     return models
@@ -214,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help="tiny random models: a smoke run of the code path")
     parser.add_argument("--force", action="store_true", help="run the full-size models on a CPU anyway (hours)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--max-batch", action="store_true",
+                        help="instead of timing --batches, find the largest batch that runs on the device for each "
+                             "model, sampler and KV-cache policy (doubling from the first --batches value, then "
+                             "bisection; the allocator is emptied before each try), with its KV GiB, peak GiB, img/s")
+    parser.add_argument("--max-batch-cap", type=int_in_range(1), default=4096,
+                        help="the largest batch --max-batch tries (default: 4096)")
     return parser
 
 
@@ -247,14 +345,20 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, dtype {str(dtype).removeprefix('torch.')}; peak MiB: weights "
           "included, one model on the device at a time")
-    print(HEADER)
+    print(MAX_BATCH_HEADER if args.max_batch else HEADER)
     builders = [lambda name=name: load_model(name, dtype, device) for name in args.model or []]
     builders += [lambda name=name, spec=spec: build_random(name, *spec, dtype, device)
                  for name, spec in random.items() if not args.only or name in args.only]
     rows = []
     for build in builders:
         model = build()
-        rows += bench_model(model, samplers, kv_caches, args.batches, args.repeats, device)
+        if args.max_batch:
+            for sampler in of_family(samplers, model.family):
+                for policy in policies_of(model, kv_caches):
+                    rows.append(max_batch(model, sampler, policy, args.batches[0], args.max_batch_cap, device))
+                    print(format_max_batch(rows[-1]), flush=True)
+        else:
+            rows += bench_model(model, samplers, kv_caches, args.batches, args.repeats, device)
         del model  # the next model's peak memory counts its own weights only
         if device.type == "cuda":
             torch.cuda.empty_cache()

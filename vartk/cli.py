@@ -1,7 +1,8 @@
-"""The `vartk` command: sample | convert | inpaint | train | fid | bench | demo."""
+"""The `vartk` command: sample | convert | inpaint | calibrate-kv | train | fid | bench | demo."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import torch
 
 from .arguments import (
-    DEFAULT_DEVICE, box_mask, check_output, class_arguments, parse_box, parse_device, parse_seed, parse_spec_flag,
+    DEFAULT_DEVICE, box_mask, check_output, class_arguments, int_in_range, parse_box, parse_device, parse_seed,
+    parse_spec_flag,
 )
 from .samplers import KV_CACHE, SAMPLER, spec_help
 
@@ -75,6 +77,29 @@ def cmd_inpaint(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_calibrate_kv(args) -> None:
+    from .files import check_writable, write_text_atomic
+    from .loading import load
+    from .pipelines import VARPipeline
+    from .samplers.scalekv import calibrate, plot_calibration
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        raise SystemExit(f"--out {out}: the calibration is a .json file; the heat map goes beside it as .png")
+    check_writable(out.absolute().parent, f"--out {out}")
+    pipe = load(args.model, device=args.device)
+    if not isinstance(pipe, VARPipeline):
+        raise SystemExit(f"{args.model} is a {type(pipe).__name__}; KV-cache calibration is for next-scale (VAR) "
+                         "models, e.g. --model default")
+    calibration = calibrate(pipe, budget=args.budget, samples=args.samples, drafter_share=args.drafter_share,
+                            seed=args.seed, batch_size=args.batch_size)
+    write_text_atomic(out, json.dumps(calibration, indent=1))
+    plot_calibration(calibration, out.with_suffix(".png"))
+    drafters = sum(map(sum, calibration["drafters"]))
+    print(f"wrote {out} ({drafters} drafter (layer, scale) pairs of {len(calibration['asi'])} layers) and its heat "
+          f"map {out.with_suffix('.png')}; use it with --kv-cache scalekv:budget={args.budget},calibration={out}")
+
+
 def add_sampling_flags(parser: argparse.ArgumentParser, fallback: str) -> None:
     recipe = f"(default: the model's saved setting, else {fallback})"
     parser.add_argument("--cfg", type=float, default=None, help=f"guidance scale {recipe}")
@@ -125,6 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--device", type=parse_device, default=DEFAULT_DEVICE)
     inpaint.add_argument("--out", default="inpaint.png")
     inpaint.set_defaults(func=cmd_inpaint)
+
+    calibrate_kv = sub.add_parser(
+        "calibrate-kv", help="measure which layers of a next-scale model need a large KV cache (ScaleKV calibration)",
+        description="Sample a few images with the full cache, measure each (layer, scale)'s attention selectivity, "
+                    "mark the least selective layers drafters (they keep their cache) and write the calibration "
+                    "JSON that --kv-cache scalekv:calibration=FILE reads, with a PNG heat map beside it.")
+    calibrate_kv.add_argument("--model", default="default", help="a next-scale model (default: default)")
+    calibrate_kv.add_argument("--budget", type=float, default=0.1,
+                              help="the share of the KV cache the history term assumes kept (default: 0.1)")
+    calibrate_kv.add_argument("--samples", type=int_in_range(1), default=16, help="images sampled (default: 16)")
+    calibrate_kv.add_argument("--drafter-share", type=float, default=0.1,
+                              help="the share of (layer, scale) pairs marked drafters (default: 0.1)")
+    calibrate_kv.add_argument("--batch-size", type=int_in_range(1), default=8, help="(default: 8)")
+    calibrate_kv.add_argument("--seed", type=parse_seed, default=0, help="(default: 0)")
+    calibrate_kv.add_argument("--device", type=parse_device, default=DEFAULT_DEVICE,
+                              help=f"(default: {DEFAULT_DEVICE})")
+    calibrate_kv.add_argument("--out", required=True, help="the calibration .json (the heat map: same name, .png)")
+    calibrate_kv.set_defaults(func=cmd_calibrate_kv)
 
     for name, help_text in (
         ("train", "train a tokenizer | var | gpt on an image folder, or export a checkpoint (`vartk train JOB -h`)"),

@@ -36,6 +36,7 @@ from .samplers.kv_cache import KVCachePolicy
 from .samplers.next_scale import NextScaleSampler, check_same_schedule, edit_next_scale
 from .samplers.next_token import NextTokenSampler
 from .samplers.registry import KV_CACHE, NEXT_SCALE, NEXT_TOKEN, SAMPLER
+from .samplers.scalekv import check_calibration
 from .samplers.sampling import check_class_labels, check_non_negative, check_sampling_args
 from .tokenizers.msvq import MultiScaleVQVAE
 from .tokenizers.vq import VQModel
@@ -99,11 +100,9 @@ class _AutoregressivePipeline(DiffusionPipeline):
         unknown = sorted(set(sampling_defaults or {}) - set(self.official_sampling))
         if unknown:
             raise ValueError(f"sampling_defaults {unknown} unknown; allowed: {sorted(self.official_sampling)}")
-        if kv_calibration is not None and not isinstance(kv_calibration, dict):
-            raise TypeError(f"kv_calibration must be a calibration dict (vartk calibrate-kv), got {kv_calibration!r}")
         self.register_to_config(class_names=list(class_names) if class_names is not None else None,
-                                sampling_defaults=dict(sampling_defaults) if sampling_defaults else None,
-                                kv_calibration=kv_calibration)
+                                sampling_defaults=dict(sampling_defaults) if sampling_defaults else None)
+        self.kv_calibration = kv_calibration
         self.sampling_options()  # the saved settings are valid ones
         self._plain_sampler = self.default_sampler_class()
         self.sampler, self.kv_cache = sampler, kv_cache
@@ -129,6 +128,20 @@ class _AutoregressivePipeline(DiffusionPipeline):
         self._kv_cache = self.resolve(value, KV_CACHE)
         self.register_to_config(kv_cache=registry.to_config(self._kv_cache) if self._kv_cache is not None else None)
 
+    @property
+    def kv_calibration(self) -> dict | None:
+        """The KV-cache calibration saved with the pipeline (`vartk calibrate-kv`), which a policy with
+        calibration="model" uses; None: none."""
+        return self.config.kv_calibration
+
+    @kv_calibration.setter
+    def kv_calibration(self, calibration: dict | None) -> None:
+        if calibration is not None:
+            if not isinstance(calibration, dict):
+                raise TypeError(f"kv_calibration must be a calibration dict (vartk calibrate-kv), got {calibration!r}")
+            check_calibration(calibration, self.transformer.cache_spec(1))
+        self.register_to_config(kv_calibration=calibration)
+
     def resolve(self, value, kind: str):
         """A sampler / KV-cache policy given as an object, a registry spec string or a saved config dict -> the
         object, checked to be of this pipeline's family (None stays None)."""
@@ -150,7 +163,7 @@ class _AutoregressivePipeline(DiffusionPipeline):
         gets the calibration saved with the pipeline (uniform budgets without one)."""
         policy = self.resolve(kv_cache, KV_CACHE) if kv_cache is not None else self.kv_cache
         if getattr(policy, "calibration", None) == "model":
-            policy = dataclasses.replace(policy, calibration=self.config.kv_calibration or "uniform")
+            policy = dataclasses.replace(policy, calibration=self.kv_calibration or "uniform")
         return policy
 
     @classmethod

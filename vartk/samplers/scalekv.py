@@ -372,7 +372,7 @@ def plot_calibration(calibration: dict, path: str | Path) -> None:
     ax.set_title(f"attention selectivity index (budget {calibration['budget']})")
     fig.colorbar(image, ax=ax)
     if len(rows):
-        ax.legend(loc="upper right", fontsize="small")
+        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.25), fontsize="small", frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
