@@ -53,12 +53,14 @@ def test_peak_bytes_stay_within_the_budget_plus_one_layers_scale(models, policy,
     assert out.stats.kv_bytes < full
 
 
-def reference_selection(q, k, scale, cap, side, pool_kernel=5):
-    """Plain-Python ScaleKV choice for one (row, head): q [T, D] of the current map, k [S, D]."""
+def reference_selection(q, k, scale, cap, side, pool_kernel=5, coarse=0):
+    """Plain-Python ScaleKV choice for one (row, head): q [T, D] of the current map, k [S, D]; the first `coarse`
+    keys are kept too (as far as the budget beside the 16 centroids allows)."""
     keys = len(k)
     cell = side // 4
     centre = [i * cell + (cell - 1) // 2 for i in range(4)]
     window = [keys - side * side + r * side + c for r in centre for c in centre]
+    window = list(range(min(coarse, cap - 16))) + window
     scores = np.zeros(keys)
     for position in [r * side + c for r in centre for c in centre]:
         logits = (q[position] @ k.T) * scale
@@ -212,3 +214,35 @@ def test_calibrate_kv_writes_the_json_the_policy_reads_and_a_heat_map(tiny_pipel
         cli_main(["calibrate-kv", "--out", str(tmp_path / "c.png")])
     with pytest.raises(ValueError, match="calibration is for a model with num_layers 3"):
         again.kv_calibration = {**calibration, "num_layers": 3}
+
+
+def test_the_coarsest_scales_can_be_kept_beside_the_centroid_choice():
+    """coarse=5 (scales 1x1 and 2x2) protects the first 5 keys; the rest is the same rule on the remaining budget."""
+    generator = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 2, 30 + 25, 8, generator=generator)
+    q = torch.randn(1, 2, 25, 8, generator=generator)
+    view = AttentionView(q=q, k=k, scale=0.5, q_proj=q)
+    kept = select_by_centroid_attention(view, 26, 25, pool_kernel=3, scoring="paper", coarse=5)
+    plain = select_by_centroid_attention(view, 26, 25, pool_kernel=3, scoring="paper")
+    for head in range(2):
+        row = kept[0, head].tolist()
+        assert row[:5] == [0, 1, 2, 3, 4] and len(set(row)) == 26
+        assert row == reference_selection(q[0, head].double().numpy(), k[0, head].double().numpy(), 0.5, 26, 5,
+                                          pool_kernel=3, coarse=5)
+    assert not torch.equal(kept, plain)
+    # at a budget no larger than the window there is no room: the centroids only
+    assert torch.equal(select_by_centroid_attention(view, 16, 25, 3, "paper", coarse=5),
+                       select_by_centroid_attention(view, 16, 25, 3, "paper"))
+
+
+def test_a_refiner_share_leaves_refiners_part_of_the_budget():
+    spec = CacheSpec(num_layers=4, rows=2, num_heads=1, head_dim=4, dtype=torch.float32, device=torch.device("cpu"),
+                     scale_lengths=(1, 4, 9, 16, 25, 36))
+    drafters = [[False] * 5 for _ in range(4)]
+    drafters[1][4] = True
+    calibration = {"num_layers": 4, "scale_lengths": list(spec.scale_lengths), "drafters": drafters}
+    # 40 kept on average, 160 together after scale 4 (55 held): refiners keep at least 0.9 x 40 = 36 each, so the
+    # drafter keeps 160 - 3 x 36 = 52 of its 55; the refiners share the rest, 108 / 3 = 36
+    assert [c[4] for c in calibrated_caps(calibration, spec, 40, 16, refiner_share=0.9)] == [36, 52, 36, 36]
+    assert [c[4] for c in calibrated_caps(calibration, spec, 40, 16)] == [35, 55, 35, 35]  # 160 - 55 over three
+    assert [c[4] for c in calibrated_caps(calibration, spec, 40, 16, refiner_share=1.0)] == [40] * 4  # uniform

@@ -12,6 +12,7 @@ from tiny_models import NUM_CLASSES, tiny_gpt
 from vartk.models.gpt import GPTTransformer
 from vartk.samplers import NextTokenSampler, SJDSampler
 from vartk.samplers.speculative import GSDSampler
+from vartk.tokenizers.msvq import MultiScaleVQVAE
 
 VOCAB, GRID, SAMPLES = 4, 2, 10000  # samples per class; two classes
 SETTINGS = dict(guidance_scale=2.0, top_k=3)  # CFG and a top-k that removes a token at most positions
@@ -103,8 +104,8 @@ def test_lossless_samplers_follow_the_exact_distribution(toy, sampler):
 
 @pytest.mark.parametrize("sampler", [
     AcceptsEverything(window=3), ProposalIsTheTarget(window=4),
-    GSDSampler(window=4, group=4, prob_delta=1.0, max_distance=float("inf"), embedding="transformer"),
-], ids=["accepts-everything", "proposal-is-the-target", "gsd-group-4"])
+    GSDSampler(window=4, embedding="transformer"),
+], ids=["accepts-everything", "proposal-is-the-target", "gsd-default-group"])
 def test_the_exactness_test_has_power(toy, sampler):
     """Samplers that do not follow the model (two broken SJDs, and GSD, lossy by design) fail the same test."""
     model, joints = toy
@@ -119,6 +120,8 @@ def test_greedy_speculative_tokens_equal_plain_greedy(gpt_model, init, coupled):
     out = SJDSampler(window=5, init=init, coupled=coupled, temperature=0)(gpt_model, labels, guidance_scale=2.0,
                                                                          progress=False)
     assert torch.equal(out.tokens, expected)
+    plain = NextTokenSampler(temperature=0)(gpt_model, labels, guidance_scale=2.0, progress=False)
+    assert torch.equal(out.tokens, plain.tokens)
 
 
 def test_a_rows_tokens_do_not_depend_on_the_other_rows(gpt_model):
@@ -162,3 +165,39 @@ def test_the_window_is_clamped_to_the_image(gpt_model):
 def test_bad_settings_fail_when_made(settings, message):
     with pytest.raises(ValueError, match=message):
         SJDSampler(**settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(group=0), "group must be an integer >= 1"),
+    (dict(prob_delta=-0.1), "prob_delta must be a finite number >= 0"),
+    (dict(max_distance=-1.0), "max_distance must be a number >= 0 .*got -1.0"),
+    (dict(embedding="pixels"), r"embedding must be one of \('codebook', 'transformer'\), got 'pixels'"),
+    (dict(group_split="left"), "group_split must be one of"),
+])
+def test_bad_gsd_settings_fail_when_made(settings, message):
+    with pytest.raises(ValueError, match=message):
+        GSDSampler(**settings)
+
+
+def test_a_gsd_embedding_the_model_does_not_have_is_refused(gpt_model):
+    with pytest.raises(ValueError, match="GSD's embedding 'codebook' needs the tokenizer's codebook: pass tokenizer="):
+        GSDSampler()(gpt_model, [1], progress=False)
+    small = MultiScaleVQVAE(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=32, patch_nums=(4,),
+                            norm_groups=8)
+    with pytest.raises(ValueError, match="the codebook embedding has 32 rows, the model 64 tokens"):
+        GSDSampler()(gpt_model, [1], progress=False, tokenizer=small)
+
+
+def test_gsd_groups_follow_the_rank_window_and_the_filters():
+    """The grouped ratio against a hand computation: ranks by the filtered p, the group's split, the filters."""
+    gsd = GSDSampler(group=3, prob_delta=0.25, max_distance=1.5, embedding="transformer")
+    gsd._table = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0]])  # token t sits at position t (one dimension)
+    gsd._threshold = 1.5  # squared distance < 1.5: neighbours at distance 1 only
+    p = torch.tensor([[[0.05, 0.30, 0.40, 0.25, 0.0]]])  # ranks: 2, 1, 3, 0, 4
+    q = torch.tensor([[[0.0, 0.0, 0.0, 1.0, 0.0]]])  # the draft 3 was a point mass
+    # group of 3 around token 3 (rank 2), symmetric split: one more probable (token 1, rank 1) and one less probable
+    # (token 0, rank 3); token 1 is too far (distance 4), token 0 farther still: only the draft counts
+    assert torch.allclose(gsd.acceptance_ratio(p, q, torch.tensor([[3]])), torch.tensor([[0.25]]))
+    gsd._threshold = 10.0  # now token 1 (|0.30 - 0.25| < 0.25) joins; token 0 has |0.05 - 0.25| < 0.25 too
+    assert torch.allclose(gsd.acceptance_ratio(p, q, torch.tensor([[3]])), torch.tensor([[0.25 + 0.30 + 0.05]]))
+    assert gsd.acceptance_ratio(p, q, torch.tensor([[4]])).item() == 0  # p(x) = 0: never accepted

@@ -221,10 +221,7 @@ class NextTokenSampler:
     _steps: DecodeSteps = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        check_non_negative("temperature", self.temperature, "0 = greedy")
-        check_cfg_interval(self.cfg_interval)
-        check_cuda_graph_setting(self.cuda_graph)
-        self._steps = DecodeSteps(self.cuda_graph)
+        self._steps = checked_decode_steps(self.temperature, self.cfg_interval, self.cuda_graph)
 
     @torch.no_grad()
     def __call__(
@@ -263,6 +260,14 @@ class NextTokenSampler:
         stats = uniform_stats(len(labels), forwards=num_tokens, tokens=num_tokens, seconds=time.perf_counter() - start,
                               kv_bytes=caches_nbytes(step.caches, peak=True), peak_memory=cuda_peak_memory(labels.device))
         return NextTokenOutput(tokens=out, stats=stats)
+
+
+def checked_decode_steps(temperature, cfg_interval, cuda_graph) -> DecodeSteps:
+    """Check the settings every next-token sampler shares (one ValueError naming a bad one) and make its steps."""
+    check_non_negative("temperature", temperature, "0 = greedy")
+    check_cfg_interval(cfg_interval)
+    check_cuda_graph_setting(cuda_graph)
+    return DecodeSteps(cuda_graph)
 
 
 def check_cfg_interval(interval) -> None:

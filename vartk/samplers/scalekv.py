@@ -83,9 +83,10 @@ def centroid_positions(side: int, device=None) -> torch.Tensor:
 
 
 def select_by_centroid_attention(view: AttentionView, cap: int, current_len: int, pool_kernel: int,
-                                 scoring: str) -> torch.Tensor:
-    """ScaleKV's choice: the `cap` - 16 keys that the current map's centroid queries attend to most (scores
-    max-pooled along the keys), plus the 16 centroid tokens, per (row, head), in position order -> [R, H, cap].
+                                 scoring: str, coarse: int = 0) -> torch.Tensor:
+    """ScaleKV's choice: the keys that the current map's centroid queries attend to most (scores max-pooled along
+    the keys), plus the 16 centroid tokens and the first `coarse` keys (the coarsest scales; at most what the
+    budget leaves beside the centroids), `cap` per (row, head), in position order -> [R, H, cap].
 
     scoring "paper": summed softmax attention of the model's own queries (scale as the model's); "released":
     summed raw logits q_proj k^T / sqrt(head_dim) of the un-normalised query projections, as the released code."""
@@ -93,6 +94,7 @@ def select_by_centroid_attention(view: AttentionView, cap: int, current_len: int
     side = math.isqrt(current_len)
     centroids = centroid_positions(side, view.k.device)  # [16] in the current map
     window = keys - current_len + centroids  # [16] their key positions
+    window = torch.cat([torch.arange(min(coarse, cap - len(window)), device=view.k.device), window])  # always kept
     if scoring == "paper":
         logits = view.q[:, :, centroids].float() @ view.k.float().transpose(-1, -2) * view.scale  # [R, H, 16, S]
         scores = logits.softmax(dim=-1).sum(dim=2)  # [R, H, S]
@@ -103,7 +105,7 @@ def select_by_centroid_attention(view: AttentionView, cap: int, current_len: int
     pooled = F.max_pool1d(scores.view(rows * heads, 1, keys), pool_kernel, stride=1, padding=pool_kernel // 2)
     pooled = pooled.view(rows, heads, keys).index_fill(-1, window, float("-inf"))
     ranked = pooled.argsort(dim=-1, descending=True, stable=True)  # [R, H, S]: of equal scores, the earlier first
-    top = ranked[..., : cap - len(window)]  # [R, H, cap - 16]
+    top = ranked[..., : cap - len(window)]  # [R, H, cap - kept]
     return torch.cat([top, window.expand(rows, heads, -1)], dim=-1).sort(dim=-1).values
 
 
@@ -112,6 +114,18 @@ def select_recent(view: AttentionView, cap: int, current_len: int, coarse: int =
     rows, heads, keys, _ = view.k.shape
     positions = torch.cat([torch.arange(coarse), torch.arange(keys - (cap - coarse), keys)]).to(view.k.device)
     return positions.expand(rows, heads, -1)
+
+
+def coarse_tokens(spec: CacheSpec, budget: float, share: float) -> int:
+    """Tokens of the coarsest scales that fit, whole, in `share` of the uniform budget."""
+    held = torch.tensor(spec.scale_lengths).cumsum(0).tolist()
+    return max([n for n in held if n <= share * uniform_tokens(spec, budget)], default=0)
+
+
+def check_coarse_share(share) -> None:
+    if not isinstance(share, numbers.Real) or isinstance(share, bool) or not 0 <= share < 1:
+        raise ValueError(f"coarse_share must be in [0, 1) (the share of the budget kept for the coarsest scales), "
+                         f"got {share!r}")
 
 
 def uniform_tokens(spec: CacheSpec, budget: float) -> int:
@@ -174,14 +188,10 @@ class CoarseRecentKVCache(_BudgetedPolicy):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.coarse_share, numbers.Real) or not 0 <= self.coarse_share < 1:
-            raise ValueError(f"coarse_share must be in [0, 1), got {self.coarse_share!r}")
+        check_coarse_share(self.coarse_share)
 
     def selector(self, spec: CacheSpec):
-        cap = uniform_tokens(spec, self.budget)
-        held = torch.tensor(spec.scale_lengths).cumsum(0).tolist()
-        coarse = max([n for n in held if n <= self.coarse_share * cap], default=0)
-        return functools.partial(select_recent, coarse=coarse)
+        return functools.partial(select_recent, coarse=coarse_tokens(spec, self.budget, self.coarse_share))
 
 
 @register_kv_cache("scalekv")
@@ -194,15 +204,23 @@ class ScaleKVCache(_BudgetedPolicy):
     pipeline, uniform budgets if it has none), "uniform", the path of a `vartk calibrate-kv` JSON, or its dict.
     window: centroid tokens always kept (16, a 4 x 4 grid). pool_kernel: max-pool width along the keys (odd).
     scoring: "paper" (softmax attention of the model's queries) or "released" (raw logits of the un-normalised
-    query projections, as the released code)."""
+    query projections, as the released code). coarse_share: keep the coarsest scales that fit whole in this share
+    of the budget as well (0 = the paper's choice). refiner_share: with a calibration, the least share of the
+    budget a refiner keeps (0: the window; drafters take the rest, as the released budgets)."""
 
     calibration: str | dict | None = "model"
     window: int = GRID * GRID
     pool_kernel: int = 5
     scoring: str = "paper"
+    coarse_share: float = 0.0
+    refiner_share: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
+        check_coarse_share(self.coarse_share)
+        if not isinstance(self.refiner_share, numbers.Real) or not 0 <= self.refiner_share <= 1:
+            raise ValueError(f"refiner_share must be in [0, 1] (the least share of the budget a refiner keeps), got "
+                             f"{self.refiner_share!r}")
         if self.window != GRID * GRID:
             raise ValueError(f"window must be {GRID * GRID} (the centroids of a {GRID} x {GRID} grid), got "
                              f"{self.window!r}")
@@ -225,17 +243,19 @@ class ScaleKVCache(_BudgetedPolicy):
             raise ValueError(f"the window of {self.window} tokens is larger than the smallest pruned scale "
                              f"({smallest} tokens) at budget {self.budget}; give a larger budget")
         if isinstance(self.calibration, dict):
-            return calibrated_caps(self.calibration, spec, cap, self.window)
+            return calibrated_caps(self.calibration, spec, cap, self.window, self.refiner_share)
         return super().layer_caps(spec)
 
     def selector(self, spec: CacheSpec):
-        return functools.partial(select_by_centroid_attention, pool_kernel=self.pool_kernel, scoring=self.scoring)
+        return functools.partial(select_by_centroid_attention, pool_kernel=self.pool_kernel, scoring=self.scoring,
+                                 coarse=coarse_tokens(spec, self.budget, self.coarse_share))
 
 
-def calibrated_caps(calibration: dict, spec: CacheSpec, cap: int, window: int) -> list[list[int]]:
+def calibrated_caps(calibration: dict, spec: CacheSpec, cap: int, window: int, refiner_share: float = 0.0
+                    ) -> list[list[int]]:
     """Tokens kept after each scale per layer from a calibration's drafter / refiner split: at every pruned scale
-    the layers keep `cap` x layers tokens together; drafters keep as much as they hold (down to what leaves each
-    refiner the window), refiners share the rest evenly. [layers][scales - 1]."""
+    the layers keep `cap` x layers tokens together; drafters keep as much as they hold, down to what leaves each
+    refiner max(window, refiner_share x cap); refiners share the rest evenly. [layers][scales - 1]."""
     check_calibration(calibration, spec)
     drafters = calibration["drafters"]  # [layers][scales - 1]
     held = torch.tensor(spec.scale_lengths).cumsum(0).tolist()
@@ -246,7 +266,8 @@ def calibrated_caps(calibration: dict, spec: CacheSpec, cap: int, window: int) -
             drafter_cap = refiner_cap = cap
         else:
             refiners = spec.num_layers - count
-            drafter_cap = min(held[k], (total - refiners * window) // count)
+            floor = max(window, math.floor(refiner_share * cap))
+            drafter_cap = min(held[k], (total - refiners * floor) // count)
             refiner_cap = min(held[k], (total - count * drafter_cap) // refiners)
         for layer in range(spec.num_layers):
             caps[layer][k] = drafter_cap if drafters[layer][k] else refiner_cap

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from ..models.attention import caches_nbytes
 from .contract import NextTokenOutput, SamplerStats
 from .next_token import (
-    DecodeSteps, TokenDistribution, TokenGuidance, check_cfg_interval, check_cuda_graph_setting, check_token_call,
-    cuda_peak_memory, prefill, reset_cuda_peak_memory,
+    DecodeSteps, TokenDistribution, TokenGuidance, check_token_call, checked_decode_steps, cuda_peak_memory, prefill,
+    reset_cuda_peak_memory,
 )
 from .registry import NEXT_TOKEN, register_sampler
 from .sampling import check_non_negative, on_generator_device
@@ -72,10 +72,7 @@ class SJDSampler:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.coupled, bool):
             raise ValueError(f"coupled must be True or False, got {self.coupled!r}")
-        check_non_negative("temperature", self.temperature, "0 = greedy")
-        check_cfg_interval(self.cfg_interval)
-        check_cuda_graph_setting(self.cuda_graph)
-        self._steps = DecodeSteps(self.cuda_graph)
+        self._steps = checked_decode_steps(self.temperature, self.cfg_interval, self.cuda_graph)
 
     @torch.no_grad()
     def __call__(
@@ -160,7 +157,9 @@ class JacobiRun:
                 drafts, proposals = self.iterate(drafts, proposals, active)
                 row_forwards += active
                 self.stats.forwards += 1
-                bar.update(-done + (done := int(self.length.min().clamp(max=self.num_tokens))))
+                finished = int(self.length.min().clamp(max=self.num_tokens))  # the iteration's one host sync
+                bar.update(finished - done)
+                done = finished
         self.stats.row_forwards = row_forwards.cpu()
         self.stats.kv_bytes = caches_nbytes(self.step.caches, peak=True)
         return self.out[:, : self.num_tokens]
