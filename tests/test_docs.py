@@ -112,6 +112,7 @@ def environment(folder: Path) -> dict[str, str]:
         HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", GRADIO_ANALYTICS_ENABLED="False",
         OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",  # the blocks run side by side, one core each
         VARTK_HOME=str(folder / ".vartk-home"),  # official names resolve against an empty cache
+        HF_MODULES_CACHE=str(folder / ".hf-modules"),  # diffusers copies a folder's pipeline module here
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     )
     env.pop("VARTK_DEBUG", None)

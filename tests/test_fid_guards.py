@@ -73,9 +73,9 @@ def _statistics(path, mu=np.zeros(3), sigma=np.eye(3), meta=json.dumps(STUB_META
 
 
 REFERENCES = {  # file name: (writes a reference the stub cannot score against, the error)
-    "empty": (lambda p: p.mkdir(), r"reference \S*empty holds 0 image\(s\); its statistics need at least 2"),
-    "one": (lambda p: write_folder(p, random_images(1, seed=0, size=8)), "holds 1 image"),
-    "one.npz": (lambda p: np.savez(p, arr_0=random_images(1, seed=0, size=8)), "one.npz holds 1 image"),
+    "empty": (lambda p: p.mkdir(), r"reference \S*empty has 0 image\(s\), too few for fid: FID needs at least 2"),
+    "one": (lambda p: write_folder(p, random_images(1, seed=0, size=8)), r"has 1 image\(s\), too few for fid"),
+    "one.npz": (lambda p: np.savez(p, arr_0=random_images(1, seed=0, size=8)), r"one.npz has 1 image\(s\)"),
     "keys.npz": (lambda p: np.savez(p, images=random_images(4, seed=0, size=8)),
                  r"holds neither images \('arr_0'\) nor statistics \('mu' and 'sigma'\); its keys are \['images'\]"),
     "float.npz": (lambda p: np.savez(p, arr_0=random_images(4, seed=0, size=8) / 255),
@@ -103,6 +103,66 @@ def test_a_reference_that_cannot_be_scored_against_is_refused_before_the_first_s
     with pytest.raises(ValueError, match=message):
         fid.evaluate(str(tiny_pipeline), tmp_path / "run", str(tmp_path / name), **SCORED)
     assert not (tmp_path / "run").exists()
+
+
+def _stub_statistics_with_features(path, count):
+    features = torch.from_numpy(random_images(count, seed=0, size=1).reshape(count, 3).astype(np.float32))  # [N, 3]
+    metrics.save_statistics(path, metrics.LayerStatistics(np.zeros(3), np.eye(3), features), STUB_META)
+
+
+SMALL_REFERENCES = {  # (metrics asked, writes a reference too small for them, the refusal)
+    "fid-1": (("fid",), lambda p: write_folder(p, random_images(1, seed=0, size=8)),
+              r"reference \S*fid-1 has 1 image\(s\), too few for fid: FID needs at least 2 images per set "
+              r"\(a covariance\)\. Use more images, or leave fid out of the metrics"),
+    "fid-kid-1": (("fid", "kid"), lambda p: write_folder(p, random_images(1, seed=0, size=8)),
+                  r"has 1 image\(s\), too few for fid, kid: FID needs at least 2 images per set \(a covariance\); "
+                  r"KID needs at least 2 images per set \(subsets of two\)"),
+    "default-2": (None, lambda p: write_folder(p, random_images(2, seed=0, size=8)),  # fid, is, prc
+                  r"reference \S*default-2 has 2 image\(s\), too few for prc: precision/recall needs more than "
+                  r"k = 3 images per set \(each image's k nearest neighbours in its own set\)\. Use more images, "
+                  r"or leave prc out"),
+    "prc-3.npz": (("prc", "is"), lambda p: np.savez(p, arr_0=random_images(3, seed=0, size=8)),
+                  r"prc-3.npz has 3 image\(s\), too few for prc: precision/recall needs more than k = 3"),
+    "kid-features-1.npz": (("kid",), lambda p: _stub_statistics_with_features(p, 1),
+                           r"kid-features-1.npz has 1 image\(s\), too few for kid: KID needs at least 2"),
+}
+
+
+@pytest.mark.parametrize("name", SMALL_REFERENCES)
+def test_a_reference_too_small_for_a_metric_is_refused_before_anything_is_written(tiny_pipeline, tmp_path, name):
+    register_stubs()
+    asked, write, message = SMALL_REFERENCES[name]
+    write(tmp_path / name)
+    with pytest.raises(ValueError, match=message):
+        fid.evaluate(str(tiny_pipeline), tmp_path / "run", str(tmp_path / name), **dict(SCORED, metrics=asked))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("asked, num_images, message", [
+    (("fid",), 1, r"the generated set has 1 image\(s\), too few for fid: FID needs at least 2 images per set"),
+    (None, 3, r"the generated set has 3 image\(s\), too few for prc: precision/recall needs more than k = 3"),
+    (("is", "kid"), 1, r"the generated set has 1 image\(s\), too few for kid: KID needs at least 2"),
+])
+def test_too_few_planned_images_for_a_metric_are_refused_before_anything_is_written(tiny_pipeline, tmp_path, asked,
+                                                                                   num_images, message):
+    register_stubs()
+    reference = write_folder(tmp_path / "ref", random_images(6, seed=0, size=8))
+    with pytest.raises(ValueError, match=message):
+        fid.evaluate(str(tiny_pipeline), tmp_path / "run", str(reference),
+                     **dict(SCORED, metrics=asked, num_images=num_images))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_that_is_a_file_or_was_sampled_otherwise_is_refused_before_anything_is_written(tiny_pipeline, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"--out \S*file: \S*file is a file, not a folder"):
+        fid.evaluate(str(tiny_pipeline), tmp_path / "file", **RUN)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "settings.json").write_text(json.dumps({"seed": 1}))
+    with pytest.raises(ValueError, match=r"was sampled with other settings \(.*seed: 1 -> 0"):
+        fid.evaluate(str(tiny_pipeline), run, **RUN)
+    assert [p.name for p in run.iterdir()] == ["settings.json"]
 
 
 @pytest.mark.parametrize("json_path, message", [
@@ -200,7 +260,7 @@ def test_a_torn_cache_file_is_recomputed(inception, image_sets, tmp_path):  # no
 
 def test_small_sets_get_errors_not_meaningless_numbers(inception, image_sets, tmp_path):  # noqa: F811
     few = write_folder(tmp_path / "few", image_sets["b_array"][:3])
-    with pytest.raises(ValueError, match="more than 3 images in each set; they have 12 and 3"):
+    with pytest.raises(ValueError, match=r"few has 3 image\(s\), too few for prc: precision/recall needs more than"):
         compute_metrics(image_sets["a"], few, ["prc"], feature_extractor_weights=inception, **FAST)
     with pytest.raises(ValueError, match="KID needs subsets of >= 2 images"):
         compute_metrics(image_sets["a"], few, ["kid"], feature_extractor_weights=inception, kid_subset_size=1, **FAST)

@@ -1,6 +1,7 @@
 """eval/fid.py: resumable sharded sampling, torchrun shards, scoring output, compare mode."""
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -11,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import FrozenDict
 
-from _fid_helpers import (  # noqa: F401  (tiny_pipeline, uninterrupted: fixtures)
-    REPO, RUN, fid, independent_fid, independent_kid, random_images, register_stubs, tiny_pipeline, uninterrupted,
-    write_folder,
+from _fid_helpers import (  # noqa: F401  (inception, tiny_pipeline, uninterrupted: fixtures)
+    REPO, RUN, fid, inception, independent_fid, independent_kid, random_images, register_stubs, tiny_pipeline,
+    uninterrupted, write_folder,
 )
 from vartk.images import images_to_uint8, resize_and_clamp
 from vartk.metrics import LayerStatistics, read_image, save_statistics
@@ -30,7 +31,8 @@ def batch_metas(run) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run / "samples").glob("batch_*/meta.json"))]
 
 
-def test_killed_run_resumes_to_exactly_the_planned_images(tiny_pipeline, uninterrupted, tmp_path, monkeypatch):
+def test_killed_run_resumes_to_exactly_the_planned_images(tiny_pipeline, uninterrupted, tmp_path, monkeypatch,
+                                                           capsys):
     out = tmp_path / "run"
     monkeypatch.setenv(fid.STOP_AFTER_ENV, "2")
     with pytest.raises(RuntimeError, match="test hook"):
@@ -40,8 +42,10 @@ def test_killed_run_resumes_to_exactly_the_planned_images(tiny_pipeline, uninter
     assert len(list(died_in.glob("*.png"))) == 2 and not (died_in / "meta.json").exists()
 
     monkeypatch.delenv(fid.STOP_AFTER_ENV)
+    capsys.readouterr()
     result = fid.evaluate(str(tiny_pipeline), out, **RUN)
     assert result["resumed_batches"] == 2
+    assert capsys.readouterr().out.splitlines()[0] == "resuming: 2 of 5 batches done"
     everything = [p.relative_to(out / "samples") for p in (out / "samples").rglob("*")]
     assert not [p for p in everything if p.name.startswith(".") or p.parent.name.startswith(".")]
     metas = batch_metas(out)
@@ -125,6 +129,47 @@ def test_scored_run_writes_results_json(tiny_pipeline, uninterrupted, tmp_path, 
     assert saved["settings"]["top_p"] == 0.96 and saved["resumed_batches"] == 5
     assert {"torch", "torch_fidelity", "vartk"} <= saved["versions"].keys() and "scoring" in saved["time_s"]
     assert "FID" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_without_progress_bars_a_run_prints_only_its_summary_line(tiny_pipeline, tmp_path, capsys):
+    register_stubs()
+    reference = write_folder(tmp_path / "ref", random_images(6, seed=0, size=8))
+    run = tmp_path / "run"
+    capsys.readouterr()
+    result = fid.main([
+        "--model", str(tiny_pipeline), "--out", str(run), "--num-images", "4", "--batch-size", "2", "--reference",
+        str(reference), "--metrics", "fid", "--feature-extractor", "stub-classifier", "--no-progress",
+    ])
+    out, err = capsys.readouterr()
+    assert err == ""  # no sampling bar, no feature extraction bar
+    summary = rf"{tiny_pipeline}: FID {result['metrics']['fid']:.4g} \| 4 images \| sampling \d+s scoring \d+s \| "
+    assert re.fullmatch(summary + str(run / "results.json") + "\n", out)
+
+
+def test_sets_with_no_more_images_than_features_are_warned_about(tiny_pipeline, uninterrupted, tmp_path, capsys):
+    """The stub's FID features are the 3 mean colours: a covariance of 3 images has rank 2 < 3."""
+    register_stubs()
+    run = ["--model", str(tiny_pipeline), "--out", str(uninterrupted), "--num-images", "10", "--batch-size", "2",
+           "--metrics", "fid,kid", "--feature-extractor", "stub-classifier", "--json", str(tmp_path / "results.json")]
+    small = write_folder(tmp_path / "small", random_images(3, seed=0, size=8))
+    capsys.readouterr()
+    result = fid.main([*run, "--reference", str(small)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["warnings"] == result["warnings"] and len(saved["warnings"]) == 1
+    assert saved["warnings"][0].startswith("FID: the reference has 3 images, no more than the 3 features of "
+                                           "stub-classifier layer colour")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2] == f"warning: {saved['warnings'][0]}" and lines[-1].startswith(f"{tiny_pipeline}: FID ")
+    large = write_folder(tmp_path / "large", random_images(4, seed=0, size=8))
+    assert fid.main([*run, "--reference", str(large)])["warnings"] == []
+    assert json.loads((tmp_path / "results.json").read_text())["warnings"] == []
+
+
+def test_identical_sets_score_and_print_fid_0(uninterrupted, inception, capsys):  # noqa: F811
+    result = fid.compare(uninterrupted, uninterrupted, metrics=("fid",), feature_extractor_weights=inception,
+                         feature_layer="64", device="cpu")
+    assert result["metrics"]["fid"] == 0.0
+    assert " FID 0 | " in capsys.readouterr().out
 
 
 def test_scoring_without_metrics_gives_the_documented_default_set(tiny_pipeline, uninterrupted, tmp_path):

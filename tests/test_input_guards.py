@@ -1,6 +1,9 @@
 """Bad input gets one clear error naming the bad value and what is allowed: broken model folders, inpainting
 inputs, class labels and generators, tokens and images, demo values, CLI flags."""
+import argparse
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from vartk.checkpoints import CheckpointError
+from vartk.cli import build_parser
 from vartk.cli import main as cli_main
 from vartk.models.gpt import GPTTransformer
 from vartk.models.var import VARTransformer
@@ -310,3 +314,48 @@ def test_every_command_prefixes_its_one_line_error(argv, message):
     with pytest.raises(SystemExit) as raised:
         cli_main(argv)
     assert str(raised.value).startswith(message)
+
+
+def own_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The subcommands whose flags vartk/cli.py declares (train, fid, bench and demo parse their own)."""
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: parser for name, parser in subcommands.choices.items() if parser.add_help}
+
+
+def test_the_walk_covers_every_command_of_cli_py():
+    assert sorted(own_parsers()) == ["calibrate-kv", "convert", "inpaint", "sample"]
+
+
+@pytest.mark.parametrize("command", sorted(own_parsers()))
+def test_every_option_says_what_it_is_and_its_default(command):
+    problems = []
+    for action in own_parsers()[command]._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag, text = "/".join(action.option_strings), action.help or ""
+        if not re.sub(r"\(default:[^)]*\)", "", text).strip():
+            problems.append(f"{flag}: no help saying what it is")
+        elif action.default is not None and action.nargs != 0 and not re.search(
+                rf"\(default: [^)]*\b{re.escape(str(action.default))}\b", text):
+            problems.append(f"{flag}: its default {action.default!r} is not stated")
+    assert not problems, f"vartk {command}: {problems}"
+
+
+def test_inpaint_refuses_an_output_that_is_its_input(folders, tmp_path):
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(image)
+    original = image.read_bytes()
+    (tmp_path / "link.png").symlink_to(image)
+    os.link(image, tmp_path / "hard.png")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "samples").mkdir()
+    shutil.copy(image, tmp_path / "samples" / "00000.png")
+    run = ["inpaint", "--model", str(folders / "var"), "--box", "0,0,0.5,0.5", "--device", "cpu"]
+    for given, out in ((image, image), (image, tmp_path / "sub" / ".." / "in.png"), (tmp_path / "link.png", image),
+                       (tmp_path / "hard.png", image), (tmp_path / "samples" / "00000.png", tmp_path / "samples")):
+        with pytest.raises(SystemExit, match=rf"vartk inpaint: --out {re.escape(str(out))} would overwrite the input "
+                                             rf"--image {re.escape(str(given))}; give another path"):
+            cli_main([*run, "--image", str(given), "--out", str(out)])
+    assert image.read_bytes() == original and (tmp_path / "samples" / "00000.png").read_bytes() == original
+    cli_main([*run, "--image", str(image), "--out", str(tmp_path / "edited.png")])
+    assert Image.open(tmp_path / "edited.png").size == (8, 8)

@@ -13,7 +13,7 @@ from _fid_helpers import (  # noqa: F401  (image_sets, inception: fixtures)
     write_folder,
 )
 from vartk import metrics
-from vartk.metrics import compute_metrics, frechet_distance
+from vartk.metrics import compute_metrics, frechet_distance, list_images
 
 
 def test_frechet_distance_of_1d_gaussians_is_closed_form():
@@ -27,6 +27,43 @@ def test_fid_of_a_set_with_itself_is_zero(inception, image_sets):
     )
     assert abs(result["fid"]) < 1e-3
     assert result["num_generated"] == 12
+
+
+@pytest.mark.parametrize("count", [2, 12])  # 2: a covariance of rank 1, whose square root rounding hits hardest
+def test_fid_of_a_set_with_itself_is_exactly_zero(inception, count):
+    """tr sqrtm(S S) equals tr S only up to rounding (about -6e-8 here for 64 features): within the rounding bound
+    the distance is 0."""
+    images = random_images(count, seed=count)
+    result = compute_metrics(images, images, ["fid"], feature_extractor_weights=inception, cache=False, **FAST)
+    assert result["fid"] == 0.0
+
+
+def test_fid_keeps_small_distances_above_the_rounding_bound():
+    """1-D unit Gaussians: the distance is the squared mean difference; rounding of tr sqrtm(1 * 1) is bounded by
+    2 sqrt(eps) = 3e-8, so 1e-6 is kept and 1e-10 is 0."""
+    assert frechet_distance([0.0], [[1.0]], [1e-3], [[1.0]]) == pytest.approx(1e-6, rel=1e-9)
+    assert frechet_distance([0.0], [[1.0]], [1e-5], [[1.0]]) == 0.0
+
+
+def test_fid_warns_about_sets_with_no_more_images_than_features(tmp_path):
+    """The stub's FID features are 3 mean colours: 3 images have a singular covariance (rank 2), 4 do not. A statistics
+    file counts the images its meta records; ADM's files record none."""
+    register_stubs()
+    run = dict(feature_extractor="stub-classifier", device="cpu", cache=False)
+    small, large = random_images(3, seed=0, size=8), random_images(4, seed=1, size=8)
+    assert compute_metrics(small, large, ["fid"], **run)["warnings"] == [
+        "FID: the generated set has 3 images, no more than the 3 features of stub-classifier layer colour, so its "
+        "covariance is singular and the FID mostly measures the set sizes; use many more images than features, and "
+        "compare FIDs of equal set sizes only"
+    ]
+    assert compute_metrics(large, large, ["fid", "kid"], **run)["warnings"] == []
+    statistics = tmp_path / "stats.npz"
+    metrics.save_statistics(statistics, metrics.LayerStatistics(np.zeros(3), np.eye(3), None),
+                            {**STUB_META, "num_images": 2})
+    warnings = compute_metrics(large, statistics, ["fid"], **run)["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("FID: the reference has 2 images, no more than the 3 ")
+    metrics.save_statistics(statistics, metrics.LayerStatistics(np.zeros(3), np.eye(3), None), STUB_META)
+    assert compute_metrics(large, statistics, ["fid"], **run)["warnings"] == []
 
 
 def test_fid_equals_independent_frechet_distance(inception, image_sets):
@@ -112,7 +149,7 @@ def test_reference_statistics_are_cached_and_reused(inception, image_sets, tmp_p
     counting = lambda self, images, layers: calls.append(images) or extract(self, images, layers)  # noqa: E731
     with mock.patch.object(metrics.FeatureExtractor, "extract", counting):
         second = compute_metrics(image_sets["a"], reference, ["fid"], feature_extractor_weights=inception, **FAST)
-    assert calls == [image_sets["a"]]  # only the generated set was extracted
+    assert [images.paths for images in calls] == [list_images(image_sets["a"])]  # only the generated set
     assert second["fid"] == first["fid"]
 
 

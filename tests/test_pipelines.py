@@ -368,7 +368,8 @@ def test_gpt_pipeline_round_trip_and_class_names(tmp_path):
     images = sample(pipe, class_labels=[0, 2], guidance_scale=2.0, top_k=0, top_p=1.0)
     assert images.shape == (2, 3, 8, 8)
     pipe.save_pretrained(tmp_path / "gpt")
-    assert json.loads((tmp_path / "gpt" / "model_index.json").read_text())["_class_name"] == "GPTPipeline"
+    assert json.loads((tmp_path / "gpt" / "model_index.json").read_text())["_class_name"] == ["vartk_pipeline",
+                                                                                           "GPTPipeline"]
     again = load(str(tmp_path / "gpt"))
     assert again.class_names == names
     assert torch.equal(images, sample(again, class_labels=[0, 2], guidance_scale=2.0, top_k=0, top_p=1.0))
@@ -482,3 +483,48 @@ def test_sample_verbose_prints_what_sampling_cost(converted, tmp_path, capsys):
     tokens = sum(pn * pn for pn in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))  # the official 256 px schedule
     assert re.search(rf"2 images, 10 transformer forwards \(10\.0 per image\), {tokens / 10:.2f} tokens per forward "
                      r"\(rows .*\), [0-9.]+ s, KV cache peak [0-9.]+ [KM]iB", printed)
+
+
+def test_diffusers_loads_a_saved_folder_as_vartk_load_does(converted, tmp_path, monkeypatch):
+    """diffusers' own entry point finds the class through the module file the folder holds and loads the components
+    as strictly as vartk.load, with every saved setting."""
+    import sys
+
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import dynamic_modules_utils
+    from safetensors.torch import load_file, save_file
+
+    from vartk.loading import BUILTIN_MODELS
+    from vartk.samplers import ScaleKVCache
+    from vartk.samplers.scalekv import calibrate
+
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # diffusers copies the
+    monkeypatch.setattr(sys, "path", list(sys.path))  # module file there and adds it to sys.path
+    base = load(str(converted))
+    pipe = VARPipeline(tokenizer=base.tokenizer, transformer=base.transformer, class_names=list("abcdefghij"),
+                       sampling_defaults={"top_k": 5}, sampler="nextscale:more_smooth=true",
+                       kv_cache=ScaleKVCache(budget=0.5))
+    pipe.kv_calibration = calibrate(pipe, samples=2, batch_size=2, progress=False)
+    pipe.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["_class_name"] == ["vartk_pipeline",
+                                                                                             "VARPipeline"]
+    ours = load(str(tmp_path / "saved"))
+    theirs = DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    assert type(theirs) is VARPipeline
+    settings = lambda p: {k: v for k, v in p.config.items() if k != "_name_or_path"}  # noqa: E731
+    assert settings(theirs) == settings(ours) and theirs.kv_calibration == pipe.kv_calibration
+    assert (theirs.sampler, theirs.kv_cache) == (NextScaleSampler(more_smooth=True), ScaleKVCache(budget=0.5))
+    for name in ("tokenizer", "transformer"):
+        mine, other = getattr(ours, name).state_dict(), getattr(theirs, name).state_dict()
+        assert mine.keys() == other.keys() and all(torch.equal(mine[k], other[k]) for k in mine), name
+    assert torch.equal(sample(theirs, class_labels=["b", "d"]), sample(ours, class_labels=["b", "d"]))
+
+    cast = DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True, dtype=torch.bfloat16)
+    assert cast.transformer.dtype == torch.bfloat16 and cast.tokenizer.dtype == torch.float32  # as vartk.load
+    weights = tmp_path / "saved" / "transformer" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if k != "head.bias"}, weights)
+    with pytest.raises(CheckpointError, match=r"saved/transformer does not match VARTransformer: missing keys "
+                                              r"\['head.bias'\]"):  # ModelMixin.from_pretrained would draw it at random
+        DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    shipped = json.loads((BUILTIN_MODELS["default"] / "model_index.json").read_text())
+    assert shipped["_class_name"] == "VARPipeline" and isinstance(load("default"), VARPipeline)  # the 0.x form

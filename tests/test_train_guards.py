@@ -1,6 +1,6 @@
 """Training: what protects a run (refused flags and --out folders, another run's folder, exports over foreign
-folders, a missing `latest`, damaged checkpoints, divergence), resume exactness on the DataLoader path, held-out
-folders matched to the training classes by name, image reading."""
+folders, a missing `latest`, damaged checkpoints, divergence), what a run prints, resume exactness on the DataLoader
+path, held-out folders matched to the training classes by name, image reading."""
 import shutil
 
 import numpy as np
@@ -88,6 +88,28 @@ def test_a_fresh_run_does_not_write_into_another_runs_folder(images, tmp_path):
     with pytest.raises(SystemExit, match=r"holds an earlier run \(step_0000002\); continue it with --resume"):
         train_main("tokenizer", argv)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_a_run_without_progress_bars_prints_one_summary_line(images, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_main("gpt", ["--data", str(images), "--out", str(run), "--batch-size", "4", "--max-steps", "2", *FAST,
+                       *job_args("gpt", images, tmp_path)])
+    assert capsys.readouterr().out == (f"2 steps, final loss {read_log(run)[-1]['loss']:.4g}; model written to "
+                                       f"{run / 'transformer'}, {run / 'pipeline'}\n")
+
+
+def test_a_resumed_run_says_from_which_step(saved_run, tmp_path, capsys):
+    run, argv = copy_of(saved_run, tmp_path)
+    train_main("tokenizer", ["--out", str(run), "--max-steps", "3", "--resume", *argv])
+    assert capsys.readouterr().out.splitlines() == [
+        f"resumed from step 2 ({run / 'checkpoints' / 'step_0000002'})",
+        f"3 steps, final loss {read_log(run)[-1]['loss']:.4g}; model written to {run / 'tokenizer'}",
+    ]
+    train_main("tokenizer", ["--out", str(run), "--max-steps", "3", "--resume", *argv])  # only the export is redone
+    assert capsys.readouterr().out.splitlines() == [
+        f"resumed from step 3 ({run / 'checkpoints' / 'step_0000003'})",
+        f"3 steps; model written to {run / 'tokenizer'}",
+    ]
 
 
 def test_exports_do_not_replace_folders_that_are_not_pipelines(images, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 from .files import check_writable
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SAMPLE_FILE = re.compile(r"\d{5}\.png")  # the names of the PNGs a folder --out receives
+SAMPLE_FILE = re.compile(r"\d{5,}\.png")  # the names of the PNGs a folder --out receives: 00000.png, ...
+MAX_GRID_IMAGES = 256  # the most images a .png --out (one grid, held in memory whole) takes; a folder takes any number
 
 
 def check_output(out: Path) -> Path:
@@ -38,6 +40,23 @@ def check_output(out: Path) -> Path:
             raise SystemExit(f"--out {out} holds other files ({others[:3]}); give a new or empty folder")
     check_writable(out.absolute().parent, f"--out {out}")
     return out
+
+
+def check_grid_size(out: Path, count: int) -> None:
+    """Refuse, before any sampling, a grid (a .png --out) of more than MAX_GRID_IMAGES images: a grid is held in
+    memory whole and too large to look at, where a folder is written one batch at a time."""
+    if out.suffix.lower() == ".png" and count > MAX_GRID_IMAGES:
+        raise SystemExit(f"--out {out}: a grid of {count} images is too many (at most {MAX_GRID_IMAGES}); give a "
+                         f"folder name, e.g. --out {out.with_suffix('')}, to write one PNG per image")
+
+
+def check_not_input(out: Path, image: Path) -> None:
+    """Refuse an --out that would replace the input --image: the same file by any path (./a.png, a symlink, a hard
+    link) or a folder holding it (a folder --out is replaced as a whole)."""
+    if not image.exists():
+        return  # reading it fails with its own message
+    if (out.exists() and os.path.samefile(out, image)) or out.resolve() in image.resolve().parents:
+        raise SystemExit(f"--out {out} would overwrite the input --image {image}; give another path")
 
 
 def class_arguments(classes: list[str], class_names: list[str] | None) -> list[int | str]:

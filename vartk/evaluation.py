@@ -242,10 +242,12 @@ def write_batch(samples: Path, batch: int, images: np.ndarray, meta: dict, batch
     os.rename(tmp, batch_folder(samples, batch))
 
 
-def sample_batches(pipe, plan: SamplingPlan, samples: Path, batches: list[int], options: dict, eval_size, rank=0):
-    """Sample and write `batches`; a tqdm bar on rank 0."""
+def sample_batches(pipe, plan: SamplingPlan, samples: Path, batches: list[int], options: dict, eval_size, rank=0,
+                   progress=True):
+    """Sample and write `batches`; a tqdm bar on rank 0 when `progress`."""
     device = pipe.device
-    with tqdm(total=sum(len(plan.indices(b)) for b in batches), unit="img", disable=rank != 0, desc="sampling") as bar:
+    total = sum(len(plan.indices(b)) for b in batches)
+    with tqdm(total=total, unit="img", disable=rank != 0 or not progress, desc="sampling") as bar:
         for done, batch in enumerate(batches):
             labels = plan.labels_of(batch)
             generator = torch.Generator(device).manual_seed(plan.seed_of(batch))
@@ -329,9 +331,10 @@ def check_sampling(pipe, options: dict) -> None:
     pipe.check_sampler(options["sampler"], options["kv_cache"])
 
 
-def check_out_and_reference(out: Path, reference) -> None:
-    """Refuse an --out that is, or lies inside or around, a reference folder: the samples would be read as
-    reference images."""
+def check_out(out: Path, reference) -> None:
+    """Refuse an --out that cannot hold the run (a file, a folder we may not write to), or that is, or lies inside or
+    around, a reference folder: the samples would be read as reference images."""
+    check_writable(out.absolute(), f"--out {out}")
     if reference is None or not Path(reference).is_dir():
         return
     run, folder = out.resolve(), Path(reference).resolve()
@@ -382,6 +385,13 @@ def summary_line(name: str, metrics: dict, times: dict, where: Path) -> str:
     return f"{name}: {scores} | {metrics.get('num_generated', metrics.get('num_pairs'))} images | {timing} | {where}"
 
 
+def print_summary(name: str, results: dict, where) -> None:
+    """The results' warnings, a line each, then their summary line."""
+    for warning in results["warnings"]:
+        print(f"warning: {warning}")
+    print(summary_line(name, results["metrics"], results["time_s"], where))
+
+
 def evaluate(
     model="default",
     out: str | os.PathLike = "fid_run",
@@ -406,12 +416,15 @@ def evaluate(
     cache_reference: bool = True,
     sample_only: bool = False,
     json_path=None,
+    progress: bool = True,
 ) -> dict | None:
     """Sample `model` (a name, folder or pipeline) into `out`/samples, resuming, and score it on rank 0.
 
     Returns the results dict on rank 0 (also written to `json_path`, default `out`/results.json) and
     None on other ranks. sampler / kv_cache: objects or 'name:key=value' specs from vartk.samplers.
-    guidance_scale, top_k, top_p, labels: None = the protocol's values (see the module docstring)."""
+    guidance_scale, top_k, top_p, labels: None = the protocol's values (see the module docstring).
+    Everything that can be checked is checked before anything is sampled or written: the settings, the image
+    counts of both sets against the metrics, the reference, the extractor, --out and the results file."""
     import vartk
 
     rank, world_size, device = _init_distributed()
@@ -427,7 +440,7 @@ def evaluate(
     metrics = metrics or _default_metrics(reference)
     if not sample_only:  # everything scoring needs, before the first sample
         check_scoring(reference, metrics, feature_extractor, feature_extractor_weights, feature_layer, str(device),
-                      score_batch_size, verbose=True)
+                      score_batch_size, verbose=progress, num_generated=plan.num_images)
         if json_path:
             check_json_path(Path(json_path))
     given = {"guidance_scale": guidance_scale, "top_k": top_k, "top_p": top_p}
@@ -447,18 +460,20 @@ def evaluate(
     options.update(sampler=pipe.resolve(sampler, SAMPLER), kv_cache=pipe.policy_for_call(kv_cache))  # one object,
     # kept for every batch (a CUDA graph is captured once)
     out = Path(out)
-    check_out_and_reference(out, reference)
+    check_out(out, reference)
+    pin_settings(out, settings, write=rank == 0)  # refuses other settings before anything is written
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
-    pin_settings(out, settings, write=rank == 0)
     if rank == 0:
         remove_unfinished(samples)
     resumed = sum(is_complete(samples, b) for b in range(plan.num_batches))
+    if rank == 0 and resumed:
+        print(f"resuming: {resumed} of {plan.num_batches} batches done")
     _barrier(world_size)
 
     start = time.perf_counter()
     todo = [b for b in range(rank, plan.num_batches, world_size) if not is_complete(samples, b)]
-    sample_batches(pipe, plan, samples, todo, options, eval_size, rank)
+    sample_batches(pipe, plan, samples, todo, options, eval_size, rank, progress)
     _barrier(world_size)
     times = {"sampling": time.perf_counter() - start}
     if world_size > 1:
@@ -475,11 +490,12 @@ def evaluate(
     scores = compute_metrics(
         files, reference, metrics, feature_extractor=feature_extractor,
         feature_extractor_weights=feature_extractor_weights, feature_layer=feature_layer, device=str(device),
-        batch_size=score_batch_size, cache=cache_reference, verbose=True,
+        batch_size=score_batch_size, cache=cache_reference, verbose=progress,
     )
     times["scoring"] = time.perf_counter() - start
     results.update(
-        metrics=scores, time_s=times, versions=software_versions(), world_size=world_size,
+        metrics=scores, warnings=scores.pop("warnings"), time_s=times, versions=software_versions(),
+        world_size=world_size,
         scoring={
             "reference": str(reference) if reference is not None else None, "feature_extractor": feature_extractor,
             "feature_extractor_weights": str(feature_extractor_weights) if feature_extractor_weights else None,
@@ -488,7 +504,7 @@ def evaluate(
     )
     json_path = Path(json_path) if json_path else out / "results.json"
     _atomic_write_json(json_path, results)
-    print(summary_line(model_name, scores, times, json_path))
+    print_summary(model_name, results, json_path)
     return results
 
 
@@ -532,14 +548,15 @@ def compare(
         a, b, metrics, feature_extractor=feature_extractor, feature_extractor_weights=feature_extractor_weights,
         feature_layer=feature_layer, device=device, batch_size=score_batch_size, cache=False,
     )
+    warnings = scores.pop("warnings")
     scores.update(paired_psnr(a, b))
     results = {
-        "compare": [str(a), str(b)], "metrics": scores, "time_s": {"scoring": time.perf_counter() - start},
-        "versions": software_versions(),
+        "compare": [str(a), str(b)], "metrics": scores, "warnings": warnings,
+        "time_s": {"scoring": time.perf_counter() - start}, "versions": software_versions(),
     }
     if json_path is not None:
         _atomic_write_json(Path(json_path), results)
-    print(summary_line(f"{a} vs {b}", scores, results["time_s"], json_path or "-"))
+    print_summary(f"{a} vs {b}", results, json_path or "-")
     return results
 
 
@@ -587,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-reference-cache", action="store_true", help="do not cache reference statistics")
     parser.add_argument("--sample-only", action="store_true", help="sample (resuming) without scoring")
     parser.add_argument("--json", default=None, help="results file (default: OUT/results.json)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress bars of sampling and scoring (the summary line is printed either way)")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="score two sample folders against each other")
     return parser
 
@@ -610,7 +629,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             batch_size=args.batch_size, seed=args.seed, guidance_scale=args.cfg, top_k=args.top_k, top_p=args.top_p,
             sampler=args.sampler, kv_cache=args.kv_cache, dtype=args.dtype,
             image_size_eval=args.image_size_eval, metrics=args.metrics,
-            cache_reference=not args.no_reference_cache, sample_only=args.sample_only, json_path=args.json, **scoring,
+            cache_reference=not args.no_reference_cache, sample_only=args.sample_only, json_path=args.json,
+            progress=args.progress, **scoring,
         )
     except (ValueError, OSError) as err:
         if os.environ.get("VARTK_DEBUG"):

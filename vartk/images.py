@@ -2,8 +2,10 @@
 converting what a tokenizer decodes to uint8 / PIL / tensors, writing PNG grids and folders."""
 from __future__ import annotations
 
+import itertools
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -92,22 +94,26 @@ def pil_arrays(images: list) -> list[np.ndarray]:
     return [np.asarray(to_rgb(im)) for im in images]
 
 
-def save_images(images: torch.Tensor, out: Path) -> None:
-    """Write [B, 3, H, W] images in [0, 1] as one PNG grid (`out` ends in .png) or as a folder of PNGs
-    00000.png, ... that replaces the folder's earlier samples as a whole."""
+def write_png(image: torch.Tensor, path: Path) -> None:
+    """One [3, H, W] image in [0, 1] as an 8-bit RGB PNG file."""
+    Image.fromarray(images_to_uint8(image[None])[0]).save(path, format="PNG")
+
+
+def save_image_batches(batches: Iterable[torch.Tensor], out: Path) -> None:
+    """Write batches of [B, 3, H, W] images in [0, 1] as one PNG grid (`out` ends in .png: the batches joined) or
+    as a folder of PNGs 00000.png, ...: each batch is written as it comes, so a folder holds one batch in memory at a
+    time, and the folder replaces its earlier samples as a whole once the last batch is written."""
     from torchvision.utils import make_grid
 
-    def write_png(tensor, path: Path):
-        Image.fromarray(images_to_uint8(tensor[None])[0]).save(path, format="PNG")
-
     if out.suffix.lower() == ".png":
+        images = torch.cat([batch.cpu() for batch in batches])  # [B, 3, H, W]
         grid = make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), padding=2, pad_value=1.0)
         write_file_atomic(out, lambda tmp: write_png(grid, tmp))
         return
 
     def write_folder(folder: Path):
         folder.mkdir(parents=True)
-        for i, image in enumerate(images):
+        for i, image in enumerate(itertools.chain.from_iterable(batches)):
             write_png(image, folder / f"{i:05d}.png")
 
     write_folder_atomic(out, write_folder)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -57,7 +58,29 @@ METRIC_NAMES = {"fid": "fid", "is": "isc", "kid": "kid", "prc": "prc"}  # ours -
 FEATURE_METRICS = ("kid", "prc")  # metrics that need the reference's features, not only mu / sigma
 CACHE_FORMAT = "rgb-on-white-2"  # how reference images are decoded (vartk.images.to_rgb); part of the cache key
 STATISTICS_META = ("feature_extractor", "feature_layer", "weights")  # what our statistics files' meta must say
-MIN_REFERENCE_IMAGES = 2  # a covariance (FID) and KID's subsets need two images
+PRC_NEIGHBORHOOD = 3  # k of precision/recall (Kynkaanniemi et al.'s and torch-fidelity's default)
+
+
+def image_needs(prc_neighborhood: int = PRC_NEIGHBORHOOD) -> dict[str, tuple[int, str]]:
+    """{metric: (the fewest images each set needs for it, the sentence that says so)}."""
+    k = prc_neighborhood
+    return {
+        "fid": (2, "FID needs at least 2 images per set (a covariance)"),
+        "is": (1, "IS needs an image"),
+        "kid": (2, "KID needs at least 2 images per set (subsets of two)"),
+        "prc": (k + 1, f"precision/recall needs more than k = {k} images per set (each image's k nearest neighbours "
+                       "in its own set)"),
+    }
+
+
+def check_image_count(what: str, count: int, metrics, prc_neighborhood: int = PRC_NEIGHBORHOOD) -> None:
+    """Raise one ValueError naming each of `metrics` that `count` images of `what` (an image set) are too few for."""
+    needs = image_needs(prc_neighborhood)
+    short = [m for m in metrics if count < needs[m][0]]
+    if short:
+        raise ValueError(f"{what} has {count} image(s), too few for {', '.join(short)}: "
+                         f"{'; '.join(needs[m][1] for m in short)}. Use more images, or leave "
+                         f"{', '.join(short)} out of the metrics")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,14 +312,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), the FID formula.
 
     As in ADM's and pytorch-fid's code: when the product is singular enough that sqrtm is not finite,
-    `eps` is added to both diagonals; a small imaginary part from rounding is dropped."""
+    `eps` is added to both diagonals; a small imaginary part from rounding is dropped. A distance within the
+    rounding error of 0 (`frechet_rounding`) is 0: matching statistics give 0, not a tiny negative number."""
     mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
     sigma1, sigma2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(
             f"statistics disagree in dimension: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
         )
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    product = sigma1 @ sigma2
+    covmean = scipy.linalg.sqrtm(product)
     if not np.isfinite(covmean).all():
         offset = np.eye(len(sigma1)) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
@@ -305,7 +330,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             raise ValueError(f"sqrtm(sigma1 sigma2) has imaginary part {np.abs(covmean.imag).max():.3g}")
         covmean = covmean.real
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return 0.0 if abs(distance) <= frechet_rounding(product) else distance
+
+
+def frechet_rounding(product: np.ndarray) -> float:
+    """A bound on the rounding error of the Frechet distance, from the product sigma1 sigma2 [D, D]: float64 rounding
+    moves its eigenvalues by up to eps ||product||, so each of the D square roots that tr sqrtm sums by up to
+    sqrt(eps ||product||) (reached at the zero eigenvalues of a covariance of no more images than features), and the
+    trace counts twice. The Frobenius norm bounds the spectral one."""
+    return 2 * len(product) * math.sqrt(np.finfo(np.float64).eps * np.linalg.norm(product))
 
 
 @dataclass
@@ -315,10 +349,11 @@ class LayerStatistics:
     mu: np.ndarray  # [D]
     sigma: np.ndarray  # [D, D]
     features: torch.Tensor | None  # [N, D], None for statistics-only files (no KID / precision-recall)
+    num_images: int | None = None  # behind mu and sigma; None when unknown (ADM's statistics)
 
     @classmethod
     def from_features(cls, features: torch.Tensor) -> "LayerStatistics":
-        return cls(*feature_statistics(features), features)
+        return cls(*feature_statistics(features), features, len(features))
 
 
 def save_statistics(path: str | os.PathLike, stats: LayerStatistics, meta: dict) -> None:
@@ -362,11 +397,13 @@ def _read_mu_sigma(npz: np.lib.npyio.NpzFile, path) -> tuple[np.ndarray, np.ndar
 
 
 def read_statistics(path: str | os.PathLike) -> tuple[LayerStatistics, dict]:
-    """(statistics, meta) of a statistics .npz; meta is {} for files without it (ADM's)."""
+    """(statistics, meta) of a statistics .npz; meta is {} for files without it (ADM's). The number of images is
+    the meta's `num_images`, else the number of features, else unknown."""
     with open_npz(path) as npz:
         mu, sigma, meta = _read_mu_sigma(npz, path)
         features = torch.from_numpy(npz["features"]) if "features" in npz.files else None
-        return LayerStatistics(mu, sigma, features), meta
+        num_images = meta.get("num_images", None if features is None else len(features))
+        return LayerStatistics(mu, sigma, features, num_images), meta
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -473,19 +510,14 @@ def _split_layers(path, meta: dict | None, has_features: bool, has_images: bool,
     return from_file, from_images
 
 
-def _check_image_count(path, count: int) -> None:
-    if count < MIN_REFERENCE_IMAGES:
-        raise ValueError(f"reference {path} holds {count} image(s); its statistics need at least "
-                         f"{MIN_REFERENCE_IMAGES} ({'/'.join(IMAGE_EXTENSIONS)} files in a folder, or uint8 "
-                         "[N, H, W, 3] under 'arr_0' in an .npz)")
-
-
-def check_reference(reference: str | os.PathLike, layers: dict[str, bool], extractor: FeatureExtractor) -> None:
-    """Raise now what `reference_statistics` would raise only after sampling, reading little: a folder's image
+def check_reference(reference: str | os.PathLike, layers: dict[str, str], extractor: FeatureExtractor,
+                    prc_neighborhood: int = PRC_NEIGHBORHOOD) -> None:
+    """Raise now what `reference_statistics` would raise only after sampling, and refuse a reference with too few
+    images for the metrics that read it (`layers`: {metric: layer}, IS left out), reading little: a folder's image
     names, or an .npz's array headers, meta, mu and sigma (not its images or features)."""
-    path = Path(reference)
+    path, what = Path(reference), f"reference {reference}"
     if path.is_dir():
-        return _check_image_count(path, len(list_images(path)))
+        return check_image_count(what, len(list_images(path)), layers, prc_neighborhood)
     with open_npz(path) as npz:
         keys = set(npz.files)
         if "arr_0" not in keys and not {"mu", "sigma"} <= keys:
@@ -494,10 +526,18 @@ def check_reference(reference: str | os.PathLike, layers: dict[str, bool], extra
         if "arr_0" in keys:
             shape, dtype = _array_header(npz, "arr_0")
             check_image_array(dtype, shape, f"the images ('arr_0') of reference {path}")
+        counts = {key: _array_header(npz, key)[0][0] for key in ("arr_0", "features") if key in keys}
         mu, _, meta = _read_mu_sigma(npz, path) if {"mu", "sigma"} <= keys else (None, None, None)
-    from_file, from_images = _split_layers(path, meta, "features" in keys, "arr_0" in keys, layers, extractor)
-    if from_images:
-        _check_image_count(path, shape[0])
+    from_file, from_images = _split_layers(path, meta, "features" in keys, "arr_0" in keys,
+                                           _reference_layers(layers), extractor)
+    on_images, on_features = [], []  # the metrics that read the images ('arr_0'), and the file's features
+    for metric, layer in layers.items():
+        if metric in FEATURE_METRICS:
+            (on_images if layer in from_images else on_features).append(metric)
+        elif layer not in from_file:  # FID, where the file's mu / sigma do not describe its layer
+            on_images.append(metric)
+    check_image_count(what, counts.get("arr_0", 0), on_images, prc_neighborhood)
+    check_image_count(what, counts.get("features", 0), on_features, prc_neighborhood)
     for layer, size in (extractor.dimensions(from_file) if from_file else {}).items():
         if size != len(mu):
             raise ValueError(f"reference {path} holds statistics of {len(mu)} features, but {extractor.name} layer "
@@ -521,7 +561,7 @@ def reference_statistics(
     out = {}
     for layer in layers:
         if layer in from_file and layer in images:  # the file's mu / sigma with the images' features
-            out[layer] = LayerStatistics(stats.mu, stats.sigma, images[layer].features)
+            out[layer] = LayerStatistics(stats.mu, stats.sigma, images[layer].features, stats.num_images)
         else:
             out[layer] = stats if layer in from_file else images[layer]
     return out
@@ -553,12 +593,16 @@ def _reference_layers(layers: dict[str, str]) -> dict[str, bool]:
 
 def check_scoring(reference, metrics, feature_extractor: str = INCEPTION, feature_extractor_weights=None,
                   feature_layer: str | None = None, device: str | None = None, batch_size: int = 64,
-                  verbose: bool = False) -> tuple[FeatureExtractor, dict[str, str]]:
+                  verbose: bool = False, num_generated: int | None = None,
+                  prc_neighborhood: int = PRC_NEIGHBORHOOD) -> tuple[FeatureExtractor, dict[str, str]]:
     """(extractor, {metric: layer}) after checking all that scoring needs and that needs no generated image: the
-    metric names (a list, or one string of comma-separated names), a reference where one is needed and what it holds
+    metric names (a list, or one string of comma-separated names), the number of generated images (when given) and
+    of the reference's images against each metric, a reference where one is needed and what it holds
     (`check_reference`), the extractor, its layers and weights (Inception's are fetched now). eval/fid.py calls it
     before sampling, so a typo does not wait for 50k samples."""
     metrics = _check_metrics(metrics)
+    if num_generated is not None:
+        check_image_count("the generated set", num_generated, metrics, prc_neighborhood)
     if reference is None and set(metrics) - {"is"}:
         raise ValueError(f"metrics {[m for m in metrics if m != 'is']} need a reference; only 'is' works without one")
     if isinstance(reference, (str, os.PathLike)):
@@ -574,10 +618,22 @@ def check_scoring(reference, metrics, feature_extractor: str = INCEPTION, featur
     )
     layers = {m: extractor.layer_for(m, None if m == "is" else feature_layer) for m in metrics}
     extractor.module(layers.values())
-    reference_layers = _reference_layers(layers)
-    if reference_layers and isinstance(reference, (str, os.PathLike)):
-        check_reference(reference, reference_layers, extractor)
+    reading = {m: layer for m, layer in layers.items() if m != "is"}  # the metrics that read the reference
+    if reading and isinstance(reference, (str, os.PathLike)):
+        check_reference(reference, reading, extractor, prc_neighborhood)
+    elif reading:
+        check_image_count("the reference", len(image_dataset(reference)), reading, prc_neighborhood)
     return extractor, layers
+
+
+def singular_covariance_warnings(counts: dict[str, int | None], dimension: int, source: str) -> list[str]:
+    """A sentence for each set of `counts` ({name: images}; None: unknown) with no more images than the `dimension`
+    features FID reads (`source`): the covariance of N images has rank N - 1 at most, and FID's bias, which shrinks
+    as the sets grow, dominates it."""
+    return [f"FID: the {name} has {count} images, no more than the {dimension} features of {source}, so its "
+            "covariance is singular and the FID mostly measures the set sizes; use many more images than features, "
+            "and compare FIDs of equal set sizes only"
+            for name, count in counts.items() if count is not None and count <= dimension]
 
 
 def compute_metrics(
@@ -594,7 +650,7 @@ def compute_metrics(
     isc_splits: int = 10,
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
-    prc_neighborhood: int = 3,
+    prc_neighborhood: int = PRC_NEIGHBORHOOD,
     verbose: bool = False,
 ) -> dict:
     """Score `generated` (an image set) against `reference` (an image set or statistics file).
@@ -603,14 +659,17 @@ def compute_metrics(
     or one comma-separated string.
     feature_layer: the layer FID, KID and precision/recall read (default: the extractor's, "2048" for
     Inception); IS always reads the extractor's class logits. KID's subset size and IS's number of
-    splits shrink to the number of images when there are fewer. Returns a flat dict of floats: fid, is,
-    is_std, kid, kid_std, precision, recall, plus num_generated / num_reference."""
+    splits shrink to the number of images when there are fewer; sets too small for a metric are refused
+    before any feature is extracted. Returns a flat dict of floats: fid, is, is_std, kid, kid_std, precision,
+    recall, plus num_generated / num_reference, and `warnings`, a list of sentences on what the numbers cannot
+    tell (a set with no more images than FID's features)."""
+    generated = image_dataset(generated)
     extractor, layers = check_scoring(reference, metrics, feature_extractor, feature_extractor_weights,
-                                      feature_layer, device, batch_size, verbose)
+                                      feature_layer, device, batch_size, verbose, len(generated), prc_neighborhood)
     metrics = tuple(layers)  # checked, without repeats
     generated_features = extractor.extract(generated, layers.values())
-    num_generated = len(next(iter(generated_features.values())))
-    results = {"num_generated": num_generated}
+    num_generated = len(generated)
+    results = {"num_generated": num_generated, "warnings": []}
     reference_layers = _reference_layers(layers)
     reference_stats = reference_statistics(reference, reference_layers, extractor, cache) if reference_layers else {}
     for layer, needs_features in reference_layers.items():
@@ -618,8 +677,12 @@ def compute_metrics(
             results["num_reference"] = len(reference_stats[layer].features)
 
     if "fid" in metrics:
-        ref = reference_stats[layers["fid"]]
-        results["fid"] = frechet_distance(*feature_statistics(generated_features[layers["fid"]]), ref.mu, ref.sigma)
+        ref, features = reference_stats[layers["fid"]], generated_features[layers["fid"]]
+        results["fid"] = frechet_distance(*feature_statistics(features), ref.mu, ref.sigma)
+        results["warnings"] += singular_covariance_warnings(
+            {"generated set": num_generated, "reference": ref.num_images}, features.shape[1],
+            f"{extractor.name} layer {layers['fid']}",
+        )
     if "is" in metrics:
         score = isc_features_to_metric(generated_features[layers["is"]], splits=min(isc_splits, num_generated))
         results["is"], results["is_std"] = score[KEY_METRIC_ISC_MEAN], score[KEY_METRIC_ISC_STD]
@@ -637,10 +700,6 @@ def compute_metrics(
         results.update(kid=score[KEY_METRIC_KID_MEAN], kid_std=None if whole_sets else score[KEY_METRIC_KID_STD],
                        kid_subset_size=subset_size)
     if "prc" in metrics:
-        num_reference = len(reference_stats[layers["prc"]].features)
-        if min(num_generated, num_reference) <= prc_neighborhood:
-            raise ValueError(f"precision / recall with k = {prc_neighborhood} neighbours need more than "
-                             f"{prc_neighborhood} images in each set; they have {num_generated} and {num_reference}")
         score = prc_features_to_metric(
             generated_features[layers["prc"]].to(extractor.device),
             reference_stats[layers["prc"]].features.to(extractor.device),

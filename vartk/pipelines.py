@@ -9,12 +9,15 @@ Both pipelines have the components `tokenizer` and `transformer`. Sampling strat
 objects (or registry specs such as "sjd:window=16") passed to `__call__`; the ones a pipeline holds
 (`pipe.sampler`, `pipe.kv_cache`) are used when a call passes none, and are saved with it, as diffusers saves a
 scheduler. A folder `save_pretrained` wrote loads back strictly with
-`from_pretrained` (`load_folder`); `vartk.load` (vartk.loading) also takes built-in and official model names.
+`from_pretrained` (`load_folder`), and through diffusers' own entry point,
+`diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, as strictly (`SavedComponent`);
+`vartk.load` (vartk.loading) also takes built-in and official model names.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import numbers
 import operator
 from pathlib import Path
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 
@@ -43,6 +47,12 @@ from .tokenizers.vq import VQModel
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 OFFICIAL_INPAINT_SAMPLING = {"guidance_scale": 3.0, "top_k": 900, "top_p": 0.95}  # VAR's demo notebook
+PIPELINE_MODULE = "vartk_pipeline"  # the module file save_pretrained writes beside model_index.json, for diffusers
+PIPELINE_MODULE_SOURCE = '''"""The pipeline classes model_index.json's "_class_name" names, for diffusers:
+diffusers.DiffusionPipeline.from_pretrained(this folder, trust_remote_code=True) imports them from here (vartk must be
+installed). vartk.load(folder) does not run this file."""
+from vartk.pipelines import GPTPipeline, VARPipeline  # noqa: F401
+'''
 
 
 @contextlib.contextmanager
@@ -182,6 +192,30 @@ class _AutoregressivePipeline(DiffusionPipeline):
         if not isinstance(pipe, cls):
             raise CheckpointError(f"{folder} holds a {type(pipe).__name__}, not a {cls.__name__}")
         return with_transformer_dtype(pipe, torch_dtype)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """diffusers' save_pretrained, plus the module file that model_index.json's `_class_name` names
+        (`to_json_string`), so that diffusers.DiffusionPipeline.from_pretrained loads the folder too."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_MODULE_SOURCE)
+        super().save_pretrained(save_directory, **kwargs)
+
+    def to_json_string(self) -> str:
+        """The config as diffusers writes it into model_index.json, with `_class_name` in diffusers' form for a
+        pipeline defined outside diffusers, [module file in the folder, class name]: DiffusionPipeline.from_pretrained
+        finds the class there, where a bare name would be looked up in diffusers."""
+        index = json.loads(super().to_json_string())
+        return json.dumps({**index, "_class_name": [PIPELINE_MODULE, type(self).__name__]}, indent=2,
+                          sort_keys=True) + "\n"
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' generic loader (DiffusionPipeline.from_pretrained) loads each component with the class this
+        returns for it: `SavedComponent`, which loads it as `load_folder` does, strictly."""
+        init_dict, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
+        strict = {name: (__name__, SavedComponent.__name__) for name in cls.component_classes}
+        return {**init_dict, **strict}, unused, hidden
 
     @staticmethod
     def check_components(tokenizer, transformer) -> None:
@@ -440,16 +474,46 @@ PIPELINE_INDEX = DiffusionPipeline.config_name  # model_index.json, the file eve
 SAVED_SETTINGS = ("class_names", "sampling_defaults", "sampler", "kv_cache", "kv_calibration")  # model_index.json
 
 
+COMPONENT_CLASSES = {name: tuple(dict.fromkeys(c for cls in PIPELINES.values() for c in cls.component_classes[name]))
+                     for name in ("tokenizer", "transformer")}  # the classes each component may be, in any pipeline
+FILE_READING_OPTIONS = ("low_cpu_mem_usage", "use_safetensors", "disable_mmap")  # how diffusers reads files
+
+
+class SavedComponent(ModelMixin):
+    """Never made: the class that diffusers' generic loader is given for each component of a vartk folder
+    (`_AutoregressivePipeline.extract_init_dict`). Its `from_pretrained` loads the component strictly
+    (`load_saved_model`), where ModelMixin's would fill a missing weight with random values and drop an unknown
+    config field with a warning; the pipeline then checks that the component is of its class."""
+
+    @classmethod
+    def from_pretrained(cls, component_folder, torch_dtype: torch.dtype | None = None, **options):
+        """diffusers passes `<pipeline folder>/<component>` (the pipeline folder when that is missing) and its
+        loading options: torch_dtype casts the transformer only (`with_transformer_dtype`); options that place or
+        quantize weights are refused (move the pipeline with .to(device) instead)."""
+        placing = sorted(name for name, value in options.items() if value and name not in FILE_READING_OPTIONS)
+        if placing:
+            raise TypeError(f"a vartk pipeline loads with torch_dtype only, got {placing}; move it with .to(device)")
+        folder = Path(component_folder)
+        if folder.name not in COMPONENT_CLASSES:
+            raise CheckpointError(f"{folder} lacks a component folder: a vartk pipeline folder holds "
+                                  f"{sorted(COMPONENT_CLASSES)}")
+        model = load_saved_model(folder, COMPONENT_CLASSES[folder.name])
+        return model.to(torch_dtype) if torch_dtype is not None and folder.name == "transformer" else model
+
+
 def load_folder(folder: Path) -> _AutoregressivePipeline:
     """The pipeline save_pretrained wrote into `folder`, each component loaded strictly (`load_saved_model`); one
-    CheckpointError names the file and what is wrong with it."""
+    CheckpointError names the file and what is wrong with it. `_class_name` is [PIPELINE_MODULE, name], or the bare
+    name in folders written before vartk saved the module file."""
     index_file = folder / PIPELINE_INDEX
     index = read_json_object(index_file)
     class_name = index.get("_class_name")
+    if isinstance(class_name, list) and len(class_name) == 2 and class_name[0] == PIPELINE_MODULE:
+        class_name = class_name[1]
     cls = PIPELINES.get(class_name) if isinstance(class_name, str) else None
     if cls is None:
-        raise CheckpointError(f"{index_file} has _class_name {class_name!r}; a vartk folder holds one of "
-                              f"{sorted(PIPELINES)}")
+        raise CheckpointError(f"{index_file} has _class_name {index.get('_class_name')!r}; a vartk folder holds one "
+                              f"of {sorted(PIPELINES)}, alone or as [{PIPELINE_MODULE!r}, name]")
     components = {name: load_saved_model(folder / name, classes) for name, classes in cls.component_classes.items()}
     try:
         return cls(**components, **{name: index.get(name) for name in SAVED_SETTINGS})

@@ -187,11 +187,11 @@ class ConditionalJob(Job):
         generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
         return self.generate(labels, generator), math.ceil(math.sqrt(len(labels)))
 
-    def export(self, out: Path, class_names: list[str]) -> None:
+    def export(self, out: Path, class_names: list[str]) -> list[Path]:
         """<out>/transformer and <out>/pipeline (tokenizer, transformer and class names)."""
-        write_folder_atomic(out / "transformer", self.model.save_pretrained)
+        transformer = write_folder_atomic(out / "transformer", self.model.save_pretrained)
         write_text_atomic(out / "class_names.json", json.dumps(class_names, indent=1) + "\n")
-        self.save_pipeline(self.tokenizer, self.model, class_names, out / "pipeline")
+        return [transformer, self.save_pipeline(self.tokenizer, self.model, class_names, out / "pipeline")]
 
     @classmethod
     def save_pipeline(cls, tokenizer: nn.Module, transformer: nn.Module, class_names: list[str], folder: Path) -> Path:

@@ -12,6 +12,7 @@ the dataset, names the modules it trains, and computes a loss per step. The loop
         log / sample grid every N steps
         every --save-every steps: held-out metrics (--val-data), checkpoint
     job.export(out)                                        # save_pretrained folders
+    print("N steps, final loss L; model written to ...")   # with or without the progress bar
 """
 from __future__ import annotations
 
@@ -192,12 +193,13 @@ def build_parser(config_cls: type, prog: str) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         option, kind, help_text = flag(f.name), hints[f.name], f.metadata.get("help", "")
+        default = argparse.SUPPRESS if f.name in config_cls.required else f.default  # no "(default: )" after "(required)"
         if kind is bool:
-            parser.add_argument(option, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif typing.get_origin(kind) is tuple:
-            parser.add_argument(option, type=parse_int_tuple, default=f.default, help=help_text)
+            parser.add_argument(option, type=parse_int_tuple, default=default, help=help_text)
         else:
-            parser.add_argument(option, type=kind, default=f.default, help=help_text)
+            parser.add_argument(option, type=kind, default=default, help=help_text)
     return parser
 
 
@@ -360,8 +362,8 @@ class Job(ABC):
         return None
 
     @abstractmethod
-    def export(self, out: Path, class_names: list[str]) -> None:
-        """Write the trained model(s) as save_pretrained folders under `out`."""
+    def export(self, out: Path, class_names: list[str]) -> list[Path]:
+        """Write the trained model(s) as save_pretrained folders under `out`; returns the folders."""
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -516,6 +518,8 @@ def restore_latest(cfg: TrainConfig, out: Path, trainees: dict[str, Trainee], da
     load_checkpoint(resume_from, *trainee_parts(trainees))
     for trainee in trainees.values():
         apply_current_lr(trainee.scheduler)
+    if dist.is_main:
+        print(f"resumed from step {state['step']} ({resume_from})")
     return state["step"]
 
 
@@ -569,6 +573,13 @@ def train_step(job: Job, trainees: dict[str, Trainee], batch: Batch, step: int, 
     return loss
 
 
+def summary_line(steps: int, loss: float | None, folders: list[Path]) -> str:
+    """The line a run ends with: its steps, the loss of its last logged window (None: no step ran in this process)
+    and the folders its model was exported to."""
+    final_loss = "" if loss is None else f", final loss {loss:.4g}"
+    return f"{steps} steps{final_loss}; model written to {', '.join(map(str, folders))}"
+
+
 def run_training(cfg: TrainConfig, job_cls: type) -> Path:
     """Train `job_cls(cfg, dataset, device)` as configured; returns the output folder."""
     dist = setup_distributed(cfg.device)
@@ -602,6 +613,7 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
 
     window: dict[str, list[float]] = {}
     step_lrs: dict[str, float] = {}
+    record = {}  # the last logged window's averages
     window_start = time.perf_counter()
     batches = iterate_batches(dataset, order, start_step, cfg.num_workers)
     for step in range(start_step, cfg.max_steps):
@@ -638,7 +650,8 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
     if progress is not None:
         progress.close()
     if dist.is_main:
-        job.export(out, dataset.class_names)
+        folders = job.export(out, dataset.class_names)
+        print(summary_line(cfg.max_steps, record.get("loss"), folders))
     if dist.world_size > 1:
         torch_dist.barrier()
         torch_dist.destroy_process_group()
