@@ -7,6 +7,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vartk.bench import Row, format_row
 from vartk.bench import main as bench_main
@@ -112,18 +113,23 @@ def test_demo_generate_is_the_pipeline_call_for_that_class_and_seed(demo_folder)
 
 def test_demo_serves_on_loopback(demo_folder):
     gradio_client = pytest.importorskip("gradio_client")
-    from vartk.demo import DemoBackend, build_demo
+    from vartk.demo import DemoBackend, build_demo, launch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     backend = DemoBackend([demo_folder], "cpu")
     demo = build_demo(backend)
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     try:
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
         gallery, cost = client.predict(demo_folder, "fox", 2, 1.5, 10, 0.9, 0, None, None, api_name="/generate")
         assert len(gallery) == 2 and "transformer forwards per image" in cost
+        *images, cost_a, cost_b, difference = client.predict(demo_folder, "fox", 1.5, 10, 0.9, 0, "nextscale", "full",
+                                                             None, None, api_name="/compare")
+        assert len(images) == 2 and "KV cache" in cost_a and "KV cache" in cost_b
+        assert difference == "A and B are identical (PSNR inf)"  # the pipeline's own sampler and cache: the same
+
         def refuse(*values):
             raise ValueError("guidance_scale must be a finite number >= 0, got nan")
 
@@ -132,6 +138,106 @@ def test_demo_serves_on_loopback(demo_folder):
             client.predict(demo_folder, "fox", 1, 1.5, 10, 0.9, 0, None, None, api_name="/generate")
     finally:
         demo.close()
+
+
+def paint(shape: tuple[int, int], *cells: tuple[slice, slice]) -> np.ndarray:
+    """A painted-alpha array [H, W]: 200 on the given (rows, columns), 0 elsewhere."""
+    painted = np.zeros(shape, np.uint8)
+    for cell in cells:
+        painted[cell] = 200
+    return painted
+
+
+def test_demo_edit_is_the_pipelines_inpaint_of_the_painted_tokens(demo_folder):
+    """An upload four times the model's size (as the editor holds a sample) comes back to the exact sample; the
+    tokens any painted pixel touches are regenerated (inpaint, class edit) or kept (outpaint)."""
+    from vartk.demo import DemoBackend
+
+    backend = DemoBackend([demo_folder], "cpu")
+    (image,), _ = backend.generate(demo_folder, "cat", 1, 1.5, 10, 0.9, 0)  # 8 x 8, 4 x 4 tokens
+    upload = image.resize((32, 32), Image.Resampling.NEAREST)
+    painted = paint((32, 32), (slice(0, 3), slice(20, 22)), (slice(31, 32), slice(0, 1)))  # tokens (0, 2), (3, 0)
+    regenerate = torch.zeros(4, 4)
+    regenerate[0, 2] = regenerate[3, 0] = 1
+    for mode, keep, label in (("inpaint", 1 - regenerate, None), ("outpaint", regenerate, None),
+                              ("class edit", 1 - regenerate, 2)):
+        edited, text = backend.edit(demo_folder, upload, painted, mode, "fox", 1.5, 10, 0.9, 3)
+        expected = backend.pipes[demo_folder].inpaint(image, keep, class_label=label, guidance_scale=1.5, top_k=10,
+                                                      top_p=0.9, generator=torch.Generator().manual_seed(3),
+                                                      output_type="np", progress=False).images[0]
+        np.testing.assert_array_equal(np.asarray(edited), expected)
+        assert text.startswith(f"{mode}: regenerated {int((1 - keep).sum())} of 16 tokens; ")
+        assert "transformer forwards per image" in text
+
+
+def test_demo_token_mask_follows_the_image_fitted_into_a_square():
+    """A wide image is fitted into a square with white bands above and below; the mask moves with it."""
+    from vartk.demo import fit_square, token_mask
+
+    painted = paint((10, 20), (slice(9, 10), slice(19, 20)))  # the bottom-right pixel of a 20 x 10 image
+    mask = token_mask(painted, (10, 20), 4)  # the square is 20 x 20, the image in rows 5-14: token (2, 3)
+    assert mask.shape == (4, 4) and mask.sum() == 1 and mask[2, 3] == 1
+    square = np.asarray(fit_square(Image.new("RGB", (20, 10), "black"), 8))
+    assert (square[:2] == 255).all() and (square[2:6] == 0).all() and (square[6:] == 255).all()
+
+
+def test_demo_compare_is_one_seed_under_two_policies(demo_folder):
+    from vartk.demo import DemoBackend
+    from vartk.metrics import psnr
+
+    backend = DemoBackend([demo_folder], "cpu")
+    settings = (demo_folder, "dog", 1.5, 10, 0.9, 5)
+    image_a, image_b, cost_a, cost_b, difference = backend.compare(*settings, "nextscale", "full", None,
+                                                                   "sliding:budget=0.5")
+    (alone,), cost = backend.generate(demo_folder, "dog", 1, 1.5, 10, 0.9, 5, "nextscale", "full")
+    np.testing.assert_array_equal(np.asarray(image_a), np.asarray(alone))  # A is that call on its own
+    kv_bytes = lambda line: re.search(r"KV cache (.*)$", line).group(1)  # noqa: E731
+    assert kv_bytes(cost_a) == kv_bytes(cost) and kv_bytes(cost_b) != kv_bytes(cost_a)
+    value = psnr(np.asarray(image_a), np.asarray(image_b))
+    assert difference == (f"PSNR between A and B: {value:.2f} dB" if math.isfinite(value)
+                           else "A and B are identical (PSNR inf)")
+    assert backend.compare(*settings, None, None, "nextscale", "full")[4] == "A and B are identical (PSNR inf)"
+
+
+WHITE = Image.new("RGB", (8, 8), "white")  # an image of the tiny model's size
+
+
+@pytest.mark.parametrize("method,values,match", [
+    ("generate", ("dog", 17, 1.5, 10, 0.9, 0), r"images must be at most 16 \(the demo's cap; `vartk sample --n`"),
+    ("generate", ("dog", 1, 1.5, 33, 0.9, 0), r"top-k must be at most 32 \(the model's vocabulary size; 0 = off\), "
+                                              "got 33"),
+    ("edit", (None, None, "inpaint", "dog", 1.5, 10, 0.9, 0), "no image to edit: upload one, or send one from"),
+    ("edit", (WHITE, paint((8, 8)), "inpaint", "dog", 1.5, 10, 0.9, 0), "nothing is painted: paint the region"),
+    ("edit", (WHITE, paint((8, 9)), "inpaint", "dog", 1.5, 10, 0.9, 0),
+     r"the painted mask is \[8, 9\] but the image is \[8, 8\]"),
+    ("edit", (WHITE, paint((8, 8)), "erase", "dog", 1.5, 10, 0.9, 0),
+     r"edit mode 'erase' is unknown; choose one of \['inpaint', 'outpaint', 'class edit'\]"),
+])
+def test_demo_refuses_values_past_its_limits(demo_folder, method, values, match):
+    from vartk.demo import DemoBackend
+
+    with pytest.raises(ValueError, match=match):
+        getattr(DemoBackend([demo_folder], "cpu"), method)(demo_folder, *values)
+
+
+def test_demo_edits_with_next_scale_models_only_and_its_controls_follow_the_model(tiny_pipelines):
+    pytest.importorskip("gradio")
+    from vartk.demo import DemoBackend, setting_sliders, spec_dropdowns
+
+    gpt_pipe, var_pipe = tiny_pipelines
+    backend = DemoBackend.__new__(DemoBackend)
+    backend.pipes = {"gpt": gpt_pipe, "var": var_pipe}
+    assert backend.editable_models() == ["var"]
+    with pytest.raises(ValueError, match=r"model 'gpt' cannot edit images \(next-scale models can\); choose one of "
+                                         r"\['var'\]"):
+        backend.edit("gpt", Image.new("RGB", (8, 8)), paint((8, 8)), "inpaint", "0", 1.5, 10, 0.9, 0)
+    for name, pipe in backend.pipes.items():
+        guidance, top_k, top_p = setting_sliders(backend, name)
+        assert top_k.maximum == pipe.transformer.config.vocab_size
+        assert (guidance.value, top_k.value, top_p.value) == backend.sampling_sliders(name)
+    sampler, kv_cache = spec_dropdowns(backend, "gpt")
+    assert [value for value, _ in sampler.choices] == backend.sampler_choices("gpt") and not kv_cache.interactive
+    assert spec_dropdowns(backend, "var")[1].interactive
 
 
 def test_cli_passes_flags_through_to_bench_and_train(capsys):
@@ -152,6 +258,21 @@ def test_demo_port_is_checked_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         demo_main(["--port", "99999"])
     assert "expected an integer in 1-65535, got '99999'" in capsys.readouterr().err
+
+
+def test_demo_help_gives_every_option_with_its_default(capsys):
+    from vartk.arguments import DEFAULT_DEVICE
+    from vartk.demo import main as demo_main
+
+    with pytest.raises(SystemExit):
+        demo_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--model", "(default: the built-in models default and default-gpt)"),
+                            ("--device", f"(default: {DEFAULT_DEVICE})"), ("--host", "(default: 127.0.0.1,"),
+                            ("--port", "(default: 7860)")):
+        described = text.split(f" {option} {option[2:].upper()} ")[1].split(" --")[0]  # its line in the options
+        assert default in described, (option, described)
+    assert "at most 16 images a call" in text and "Sample" in text and "Edit" in text and "Compare" in text
 
 
 @pytest.mark.parametrize("limit, start, cap", [(37, 1, 4096), (37, 64, 4096), (1, 8, 100), (0, 4, 100), (500, 16, 300),

@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train a tokenizer | var | gpt on an image folder, or export a checkpoint (`vartk train JOB -h`)"),
         ("fid", "sample with the standard protocol and score FID / IS (see `vartk fid --help`)"),
         ("bench", "sampling throughput and memory table (see `vartk bench --help`)"),
-        ("demo", "launch the Gradio demo"),
+        ("demo", "launch the Gradio workbench: sample, edit, compare"),
     ):
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
