@@ -269,8 +269,8 @@ class TokenizerJob(Job):
         recon = self.model.decode(self.model.encode(self.preview))
         return torch.cat([self.preview, recon.float()]), len(self.preview)
 
-    def export(self, out: Path, class_names: list[str]) -> None:
-        write_folder_atomic(out / "tokenizer", self.model.save_pretrained)
+    def export(self, out: Path, class_names: list[str]) -> list[Path]:
+        return [write_folder_atomic(out / "tokenizer", self.model.save_pretrained)]
 
 
 def main(argv: list[str]) -> Path:
