@@ -1,6 +1,7 @@
 """Pipelines and the CLI on tiny random-weight models written in the official file layout."""
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -251,7 +252,6 @@ def test_a_sampler_of_the_other_family_is_refused(converted):
 
 
 def test_a_local_folder_named_like_an_official_model_is_loaded(converted, tmp_path, monkeypatch):
-    import shutil
 
     shutil.copytree(converted, tmp_path / "var-d16")
     monkeypatch.chdir(tmp_path)
@@ -455,7 +455,6 @@ def test_a_pipeline_saves_its_sampler_and_kv_cache_with_every_setting(converted,
     ("kv_cache", {"name": "full", "settings": {}, "budget": 1}, "unexpected 'budget'"),
 ])
 def test_saved_settings_load_strictly(converted, tmp_path, key, saved, message):
-    import shutil
 
     folder = tmp_path / "edited"
     shutil.copytree(converted, folder)
@@ -465,15 +464,21 @@ def test_saved_settings_load_strictly(converted, tmp_path, key, saved, message):
         load(str(folder))
 
 
-def test_a_folder_without_saved_samplers_loads_with_the_plain_ones():
-    """The shipped models' folders (written before pipelines saved samplers) hold no sampler / kv_cache."""
+def test_a_folder_without_saved_samplers_loads_with_the_plain_ones(tmp_path):
+    """Folders written before pipelines saved samplers (no sampler / kv_cache / kv_calibration in model_index.json,
+    the class named as a plain string) load with the plain sampler and the full cache."""
     from vartk.loading import BUILTIN_MODELS
     from vartk.samplers import NextTokenSampler
 
     for name, plain in (("default", NextScaleSampler()), ("default-gpt", NextTokenSampler())):
-        assert "sampler" not in json.loads((BUILTIN_MODELS[name] / "model_index.json").read_text())
-        pipe = load(name)
-        assert pipe.sampler == plain and pipe.kv_cache is None
+        folder = shutil.copytree(BUILTIN_MODELS[name], tmp_path / name)
+        index = json.loads((folder / "model_index.json").read_text())
+        old_index = {key: value for key, value in index.items() if key not in ("sampler", "kv_cache", "kv_calibration")}
+        old_index["_class_name"] = index["_class_name"][1]
+        (folder / "model_index.json").write_text(json.dumps(old_index))
+        (folder / "vartk_pipeline.py").unlink()
+        pipe = load(str(folder))
+        assert pipe.sampler == plain and pipe.kv_cache is None and pipe.kv_calibration is None
 
 
 def test_sample_verbose_prints_what_sampling_cost(converted, tmp_path, capsys):
