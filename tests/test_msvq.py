@@ -13,9 +13,10 @@ TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, vocab_size=64
 PATCH_NUMS = (1, 2, 3, 4)  # share_quant_resi=2 -> phi index per scale [0, 0, 1, 1]
 
 
-def tiny_vae(patch_nums=PATCH_NUMS, share_quant_resi=2, seed=0) -> MultiScaleVQVAE:
+def tiny_vae(patch_nums=PATCH_NUMS, share_quant_resi=2, seed=0, codebook_dim=0) -> MultiScaleVQVAE:
     torch.manual_seed(seed)
-    model = MultiScaleVQVAE(**TINY, patch_nums=patch_nums, share_quant_resi=share_quant_resi).eval()
+    model = MultiScaleVQVAE(**TINY, patch_nums=patch_nums, share_quant_resi=share_quant_resi,
+                            codebook_dim=codebook_dim).eval()
     with torch.no_grad():  # codes on the scale of the latents so several codes get used
         model.quantize.embedding.weight.normal_(0, 0.3)
     return model
@@ -27,24 +28,32 @@ def tiny_images(model: MultiScaleVQVAE, batch: int = 2) -> torch.Tensor:
 
 
 def reference_residual_quantize(model, f, phi_of_scale):
-    """The official algorithm written out with plain torch ops: (token maps, f_hat after the last scale)."""
-    codebook = model.quantize.embedding.weight  # [V, C]
+    """The official algorithm written out with plain torch ops, with the factorized lookup when the model has a
+    codebook_dim: (token maps, f_hat after the last scale, the vectors each scale compared with the codes)."""
+    quantize = model.quantize
+    codebook = quantize.embedding.weight  # [V, C] (VAR) or [V, D] (factorized)
+    keys, values, project = codebook, codebook, lambda v: v
+    if model.config.codebook_dim:  # compare unit vectors in D dims, add the projected unit code
+        keys = codebook / codebook.norm(dim=1, keepdim=True)  # [V, D]
+        values = keys @ quantize.out_proj.weight.T + quantize.out_proj.bias  # [V, C]
+        project = lambda v: F.normalize(v @ quantize.in_proj.weight.T + quantize.in_proj.bias, dim=1)  # noqa: E731
     ratio = model.config.quant_resi
     size = f.shape[-1]
-    f_rest, f_hat, tokens = f.clone(), torch.zeros_like(f), []
+    f_rest, f_hat, tokens, lookups = f.clone(), torch.zeros_like(f), [], []
     for si, pn in enumerate(model.patch_nums):
         last = si == len(model.patch_nums) - 1
         z = f_rest if last else F.interpolate(f_rest, size=(pn, pn), mode="area")
-        z_flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # [B*pn*pn, C]
-        idx = torch.cdist(z_flat, codebook).argmin(1).view(-1, pn, pn)
-        h = codebook[idx].permute(0, 3, 1, 2)  # [B, C, pn, pn]
+        lookup = project(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))  # [B*pn*pn, C or D]
+        idx = torch.cdist(lookup, keys).argmin(1).view(-1, pn, pn)
+        h = values[idx].permute(0, 3, 1, 2)  # [B, C, pn, pn]
         if not last:
             h = F.interpolate(h, size=(size, size), mode="bicubic", align_corners=False)
-        conv = model.quantize.quant_resi.qresi_ls[phi_of_scale[si]]
+        conv = quantize.quant_resi.qresi_ls[phi_of_scale[si]]
         h = (1 - ratio) * h + ratio * F.conv2d(h, conv.weight, conv.bias, padding=1)
         f_hat, f_rest = f_hat + h, f_rest - h
         tokens.append(idx)
-    return tokens, f_hat
+        lookups.append(lookup)
+    return tokens, f_hat, lookups
 
 
 # ------------------------------------------------------------------ official layout and strict loading
@@ -117,7 +126,7 @@ def test_encode_matches_reference_algorithm():
     images = tiny_images(model)
     with torch.no_grad():
         tokens = model.encode(images)
-        ref_tokens, ref_f_hat = reference_residual_quantize(model, model.encode_latent(images), [0, 0, 1, 1])
+        ref_tokens, ref_f_hat, _ = reference_residual_quantize(model, model.encode_latent(images), [0, 0, 1, 1])
         f_hat = model.tokens_to_latent(tokens)
     assert [tuple(t.shape) for t in tokens] == [(2, pn, pn) for pn in PATCH_NUMS]
     assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
@@ -179,7 +188,7 @@ def test_single_scale_is_a_plain_vqvae():
     images = tiny_images(model)
     with torch.no_grad():
         (tokens,) = model.encode(images)
-        ref_tokens, ref_f_hat = reference_residual_quantize(model, model.encode_latent(images), [0])
+        ref_tokens, ref_f_hat, _ = reference_residual_quantize(model, model.encode_latent(images), [0])
         decoded = model.decode(tokens)
     assert tokens.shape == (2, 4, 4) and torch.equal(tokens, ref_tokens[0])
     assert torch.equal(decoded, model.decode(tokens.flatten(1))) and torch.equal(decoded, model.decode([tokens]))
@@ -293,3 +302,156 @@ def test_usage_counts_codes_hit_at_least_once_and_the_hit_ema_decays_by_0_99():
     assert torch.equal(stats["code_hits"], hits.sum(0))
     assert stats["codebook_usage"].item() == pytest.approx((hits.sum(0) > 0).sum().item() / 64)
     assert hits.sum(0).max() > 1  # some code is hit more than once, so a count-based usage would differ
+
+
+# ------------------------------------------------------------------ factorized codes, lookups, entropy, k-means
+FACTORIZED = 3  # codebook_dim of the factorized tiny models
+
+
+def test_factorized_lookup_picks_the_code_of_highest_cosine_in_the_projected_space():
+    model = tiny_vae(codebook_dim=FACTORIZED)
+    quantize = model.quantize
+    z = torch.randn(3, TINY["z_channels"], 5, 5) * 0.3  # [B, C, h, w]
+    z_flat = z.permute(0, 2, 3, 1).reshape(-1, TINY["z_channels"])  # [75, C]
+    projected = z_flat @ quantize.in_proj.weight.T + quantize.in_proj.bias  # [75, D]
+    cosine = F.cosine_similarity(projected[:, None], quantize.embedding.weight[None], dim=-1)  # [75, V]
+    ours = quantize.nearest_code(z)
+    assert torch.equal(ours.flatten(), cosine.argmax(1))
+    assert len(ours.unique()) > 10
+
+
+@pytest.mark.parametrize("codebook_dim", [0, FACTORIZED])
+def test_encode_decode_and_lookups_match_the_reference(codebook_dim):
+    model = tiny_vae(codebook_dim=codebook_dim)
+    images = tiny_images(model, batch=3)
+    with torch.no_grad():
+        f = model.encode_latent(images)
+        ref_tokens, ref_f_hat, ref_lookups = reference_residual_quantize(model, f, [0, 0, 1, 1])
+        tokens = model.encode(images)
+        vectors, picks = model.quantizer_lookups(f)
+        decoded = model.decode(tokens)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, ref_tokens))
+    assert len(torch.cat([t.flatten() for t in tokens]).unique()) > 3
+    assert (model.tokens_to_latent(tokens) - ref_f_hat).abs().max() <= 1e-5
+    assert torch.allclose(decoded, model.decode_latent(ref_f_hat), atol=1e-5)
+    assert vectors.shape == (3 * sum(pn * pn for pn in PATCH_NUMS), codebook_dim or TINY["z_channels"])
+    assert torch.allclose(vectors, torch.cat(ref_lookups), atol=1e-6)
+    assert torch.equal(picks, torch.cat([t.flatten() for t in ref_tokens]))
+
+
+def test_factorized_codes_add_only_the_two_projections_and_validate_their_size():
+    default, factorized = tiny_vae().state_dict(), tiny_vae(codebook_dim=FACTORIZED).state_dict()
+    V, C = TINY["vocab_size"], TINY["z_channels"]
+    added = {name: tuple(t.shape) for name, t in factorized.items() if name not in default}
+    assert added == {"quantize.in_proj.weight": (FACTORIZED, C), "quantize.in_proj.bias": (FACTORIZED,),
+                     "quantize.out_proj.weight": (C, FACTORIZED), "quantize.out_proj.bias": (C,)}
+    assert set(default) <= set(factorized) and factorized["quantize.embedding.weight"].shape == (V, FACTORIZED)
+    assert all(factorized[name].shape == t.shape for name, t in default.items() if "embedding" not in name)
+    with pytest.raises(ValueError, match="codebook_dim is the size of factorized codes .* got -1"):
+        MultiScaleVQVAE(**TINY, patch_nums=PATCH_NUMS, codebook_dim=-1)
+
+
+def test_factorized_folder_reloads_strictly_and_not_as_vars_codes(tmp_path):
+    import json
+
+    from vartk.checkpoints import load_saved_model
+
+    model = tiny_vae(codebook_dim=FACTORIZED)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["codebook_dim"] == FACTORIZED
+    loaded = load_saved_model(tmp_path, (MultiScaleVQVAE,))
+    images = tiny_images(model)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model.encode(images), loaded.encode(images)))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "codebook_dim": 0}))
+    with pytest.raises(CheckpointError, match=r"quantize\.in_proj\.weight"):
+        load_saved_model(tmp_path, (MultiScaleVQVAE,))
+
+
+def test_folders_saved_before_codebook_dim_existed_load_as_vars_codes(tmp_path):
+    """A config.json without codebook_dim (the shipped tokenizers) is VAR's layout; other fields stay required."""
+    import json
+
+    from vartk.checkpoints import load_saved_model
+
+    model = tiny_vae()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["codebook_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_saved_model(tmp_path, (MultiScaleVQVAE,))
+    assert loaded.config.codebook_dim == 0
+    images = tiny_images(model)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model.encode(images), loaded.encode(images)))
+    del config["beta"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="lacks 'beta'"):
+        load_saved_model(tmp_path, (MultiScaleVQVAE,))
+
+
+def test_factorized_training_loss_adds_llamagens_loss_in_the_lookup_space():
+    """vq_loss = mean over scales of [beta MSE(f_hat, f) + MSE(f_hat, f)] + [MSE(code, v) + beta MSE(code, v)] (the
+    values; v = the projected, normalised residual, code = the unit code it picked); in_proj learns from it."""
+    model = tiny_vae(codebook_dim=FACTORIZED).train()
+    images = tiny_images(model)
+    _, vq_loss, _ = model(images)
+    vq_loss.backward()
+    assert model.quantize.in_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        f = model.encode_latent(images)
+        tokens, _, lookups = reference_residual_quantize(model, f, [0, 0, 1, 1])
+        f_hats = [f_hat for _, f_hat in model.iter_residual_quantize(f)]
+        unit_codes = F.normalize(model.quantize.embedding.weight, dim=1)  # [V, D]
+        expected = sum(1.25 * F.mse_loss(f_hat, f) + 1.25 * F.mse_loss(unit_codes[t.flatten()], v)
+                       for f_hat, t, v in zip(f_hats, tokens, lookups)) / len(PATCH_NUMS)
+    assert vq_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("codebook_dim", [0, FACTORIZED])
+def test_entropy_stat_is_the_entropy_loss_of_every_scales_lookups(codebook_dim):
+    """With p = softmax(-|v - code|^2 / T) over the codes for each looked-up vector v of every scale:
+    mean_v H(p_v) - H(mean_v p_v); it reaches the codes and the encoder."""
+    model = tiny_vae(codebook_dim=codebook_dim).train()
+    images = tiny_images(model)
+    _, _, stats = model(images, entropy_temperature=0.05)
+    stats["entropy"].backward()
+    assert model.quantize.embedding.weight.grad.abs().sum() > 0 and model.encoder.conv_in.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        _, _, lookups = reference_residual_quantize(model, model.encode_latent(images), [0, 0, 1, 1])
+        codes = model.quantize.embedding.weight
+        codes = F.normalize(codes, dim=1) if codebook_dim else codes
+        p = torch.exp(-torch.cdist(torch.cat(lookups), codes) ** 2 / 0.05)
+        p = p / p.sum(1, keepdim=True)  # [N, V]
+        mean_p = p.mean(0)
+        expected = -(p * p.clamp_min(1e-30).log()).sum(1).mean() + (mean_p * (mean_p + 1e-5).log()).sum()
+    assert stats["entropy"].item() == pytest.approx(expected.item(), abs=1e-4)
+    assert "entropy" not in model(images)[2]
+
+
+@pytest.mark.parametrize("codebook_dim", [0, FACTORIZED])
+def test_kmeans_codebook_is_lloyd_on_the_residuals_each_scale_quantises(codebook_dim):
+    """From its start, each iteration quantises the latents with the current codes (the reference algorithm) and
+    moves every picked code to the mean of the vectors that picked it, scale by scale residuals included."""
+    from vartk.tokenizers.codebook import kmeans_codebook
+
+    model = tiny_vae(codebook_dim=codebook_dim)
+    codebook = model.quantize.embedding.weight
+    with torch.no_grad():
+        latents = model.encode_latent(tiny_images(model, batch=5))  # [5, C, 4, 4]
+        kmeans_codebook(model, latents, 0, torch.Generator().manual_seed(3), chunk_size=2)
+        start = codebook.clone()
+        assert len(start.unique(dim=0)) == TINY["vocab_size"]
+        expected = start.clone()
+        for _ in range(2):
+            codebook.copy_(expected)
+            tokens, _, lookups = reference_residual_quantize(model, latents, [0, 0, 1, 1])
+            vectors, picks = torch.cat(lookups), torch.cat([t.flatten() for t in tokens])
+            for code in picks.unique():
+                expected[code] = vectors[picks == code].mean(0)
+        kmeans_codebook(model, latents, 2, torch.Generator().manual_seed(3), chunk_size=2)  # the same start
+    assert not torch.allclose(expected, start, atol=1e-3)  # the iterations move codes
+    assert torch.allclose(codebook, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="1 latents give 30 vectors for 64 codes"):
+        kmeans_codebook(model, latents[:1], 1, torch.Generator())

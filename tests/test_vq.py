@@ -183,3 +183,62 @@ def test_usage_queue_is_a_fifo_of_the_most_recent_training_tokens():
     _, _, stats = model.train()(images)
     assert torch.equal(queue[-32:], tokens) and not queue[:-32].any()
     assert stats["codebook_usage"] == (tokens.unique().numel() + (0 not in tokens)) / 64
+
+
+# ------------------------------------------------------------------ lookups, entropy loss, k-means
+def normalised_latent_vectors(model: VQModel, images: torch.Tensor) -> torch.Tensor:
+    """Every position's L2-normalised latent, raster order image by image: [B*h*w, D]."""
+    z = model.quant_conv(model.encoder(images * 2 - 1))  # [B, D, h, w]
+    return F.normalize(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), dim=1)
+
+
+def test_quantizer_lookups_are_the_normalised_latents_and_their_nearest_codes():
+    model = tiny_vq()
+    images = tiny_images(batch=3)
+    with torch.no_grad():
+        vectors, tokens = model.quantizer_lookups(model.encode_latent(images))
+        expected = normalised_latent_vectors(model, images)
+    assert torch.allclose(vectors, expected, atol=1e-6)
+    assert torch.equal(tokens, torch.cdist(expected, F.normalize(model.quantize.embedding.weight, dim=1)).argmin(1))
+    assert torch.equal(tokens, model.encode(images).flatten())
+
+
+def test_entropy_stat_is_llamagens_entropy_loss():
+    """LlamaGen's compute_entropy_loss(-d) at temperature T: p = softmax(-d / T) per position,
+    mean H(p) - H(mean p) (with log(mean p + 1e-5)); it reaches the codebook and the encoder."""
+    model = tiny_vq().train()
+    images = tiny_images(batch=3)
+    _, _, stats = model(images, entropy_temperature=0.1)
+    stats["entropy"].backward()
+    assert model.quantize.embedding.weight.grad.abs().sum() > 0 and model.encoder.conv_in.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        d = torch.cdist(normalised_latent_vectors(model, images), F.normalize(model.quantize.embedding.weight, dim=1))
+        p = torch.exp(-d**2 / 0.1)
+        p = p / p.sum(1, keepdim=True)  # [N, V]
+        mean_p = p.mean(0)
+        expected = -(p * p.log()).sum(1).mean() + (mean_p * (mean_p + 1e-5).log()).sum()
+    assert stats["entropy"].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert "entropy" not in model(images)[2]
+
+
+def test_kmeans_codebook_matches_a_plain_lloyd_loop_on_the_normalised_latents():
+    from vartk.tokenizers.codebook import kmeans_codebook
+
+    model = tiny_vq()
+    images = tiny_images(batch=8)  # 128 vectors for 64 codes
+    with torch.no_grad():
+        latents = model.encode_latent(images)
+        vectors = normalised_latent_vectors(model, images)  # [128, D]
+        kmeans_codebook(model, latents, 0, torch.Generator().manual_seed(5), chunk_size=3)
+        codes = model.quantize.embedding.weight.clone()  # the start: 64 of the vectors, each once
+        rows = [int(torch.isclose(vectors, code, atol=1e-6).all(1).nonzero()[0]) for code in codes]
+        assert len(set(rows)) == 64
+        start = codes.clone()
+        for _ in range(3):  # Lloyd on unit vectors, the lookup normalising the codes
+            unit = codes / codes.norm(dim=1, keepdim=True)
+            picks = [min(range(64), key=lambda c: (vector - unit[c]).square().sum().item()) for vector in vectors]
+            for c in set(picks):
+                codes[c] = torch.stack([v for v, pick in zip(vectors, picks) if pick == c]).mean(0)
+        kmeans_codebook(model, latents, 3, torch.Generator().manual_seed(5), chunk_size=3)
+    assert not torch.allclose(codes, start, atol=1e-3)
+    assert torch.allclose(model.quantize.embedding.weight, codes, atol=1e-5)

@@ -141,11 +141,13 @@ CONFIG_TYPES = {bool: ((bool,), "true or false"), int: ((int,), "an integer"), f
 
 def config_arguments(config: dict, cls: type, source: str) -> dict:
     """The `cls.__init__` arguments in a saved config.json: every parameter present (keys starting with "_" are
-    diffusers' notes), no other, each of its default's JSON type (a None default takes anything). Raises one
-    CheckpointError naming `source` and every bad field."""
+    diffusers' notes) but those in `cls.optional_config_fields` (added later; their default is what folders
+    written before them meant), no other, each of its default's JSON type (a None default takes anything). Raises
+    one CheckpointError naming `source` and every bad field."""
     defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items() if name != "self"}
     arguments = {key: value for key, value in config.items() if not key.startswith("_")}
-    problems = [f"lacks {name!r}" for name in defaults if name not in arguments]
+    optional = getattr(cls, "optional_config_fields", ())
+    problems = [f"lacks {name!r}" for name in defaults if name not in arguments and name not in optional]
     unknown = [name for name in arguments if name not in defaults]
     if unknown:
         problems.append(f"has unknown fields {unknown} ({cls.__name__} takes {list(defaults)})")

@@ -20,6 +20,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
 from ..checkpoints import load_state_dict_strict, read_official_file
+from .codebook import codebook_loss, entropy_loss
 from .convnet import (
     VAR_LAYOUT, Decoder, Encoder, check_image_values, check_token_ids, infer_encoder_config,
 )
@@ -68,28 +69,64 @@ class PhiBank(nn.Module):
 
 
 class MultiScaleQuantizer(nn.Module):
-    """Codebook, phi convs and the codebook-usage buffer (official key names under `quantize.`)."""
+    """Codebook, phi convs and the codebook-usage buffer (official key names under `quantize.`).
 
-    def __init__(self, vocab_size: int, channels: int, num_scales: int, quant_resi: float, share_quant_resi: int):
+    With `codebook_dim` D > 0 the codes are factorized (LlamaGen's VQ, ViT-VQGAN): `in_proj` maps a residual to D
+    dims, where it is L2-normalised and matched to the nearest L2-normalised code (cosine); `out_proj` maps the
+    code back to the latent's channels. D = 0 is VAR's lookup: full-width codes, plain L2.
+    """
+
+    def __init__(self, vocab_size: int, channels: int, num_scales: int, quant_resi: float, share_quant_resi: int,
+                 codebook_dim: int = 0):
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, channels)
+        self.factorized = codebook_dim > 0
+        self.embedding = nn.Embedding(vocab_size, codebook_dim or channels)
         self.quant_resi = PhiBank(channels, quant_resi, share_quant_resi, num_scales)
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(num_scales, vocab_size))  # [S, V] usage statistics
+        if self.factorized:
+            self.in_proj = nn.Linear(channels, codebook_dim)  # residual -> lookup space
+            self.out_proj = nn.Linear(codebook_dim, channels)  # code -> latent
+
+    def lookup_vectors(self, z: torch.Tensor) -> torch.Tensor:
+        """What the codebook is compared with at every position of z [B, C, h, w]: [B*h*w, D] (float32)."""
+        z_flat = rearrange(z, "b c h w -> (b h w) c").float()  # [B*h*w, C]
+        if not self.factorized:
+            return z_flat
+        return F.normalize(F.linear(z_flat, self.in_proj.weight.float(), self.in_proj.bias.float()), dim=1)
+
+    def codebook(self) -> torch.Tensor:
+        """Codebook rows as looked up, float32 [V, D] (L2-normalised when factorized)."""
+        weight = self.embedding.weight.float()
+        return F.normalize(weight, dim=1) if self.factorized else weight
+
+    def code_vectors(self) -> torch.Tensor:
+        """What each token id adds to the latent before phi, float32 [V, C] (carries gradients)."""
+        codes = self.codebook()  # [V, D]
+        if not self.factorized:
+            return codes
+        return F.linear(codes, self.out_proj.weight.float(), self.out_proj.bias.float())
+
+    @staticmethod
+    def distances(vectors: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Squared L2 distances [N, V] between lookup vectors [N, D] and codes [V, D], as VAR computes them."""
+        dist = vectors.square().sum(1, keepdim=True) + codes.square().sum(1)  # [N, V]
+        return torch.addmm(dist, vectors, codes.T, beta=1, alpha=-2)
 
     def nearest_code(self, z: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code (squared L2, fp32) for every position of z [B, C, h, w] -> [B, h, w]."""
-        z_flat = rearrange(z, "b c h w -> (b h w) c").float()  # [B*h*w, C]
-        codes = self.embedding.weight.detach().float()  # [V, C]
-        dist = z_flat.square().sum(1, keepdim=True) + codes.square().sum(1)  # [B*h*w, V]
-        dist = torch.addmm(dist, z_flat, codes.T, beta=1, alpha=-2)
+        """Index of the nearest code (fp32) for every position of z [B, C, h, w] -> [B, h, w]."""
+        dist = self.distances(self.lookup_vectors(z), self.codebook().detach())
         return dist.argmin(dim=1).view(z.shape[0], *z.shape[2:])
 
 
 class MultiScaleVQVAE(ModelMixin, ConfigMixin):
-    """VAR's multi-scale residual VQ-VAE; images in [0, 1] at the API, [-1, 1] inside."""
+    """VAR's multi-scale residual VQ-VAE; images in [0, 1] at the API, [-1, 1] inside.
+
+    `codebook_dim` > 0 (not in VAR) factorizes the codes: L2-normalised, of that size (see MultiScaleQuantizer).
+    """
 
     # The submodules that decide an image's tokens (and the transformer's input latents); the rest decodes.
     token_modules = ("encoder", "quant_conv", "quantize")
+    optional_config_fields = ("codebook_dim",)  # folders saved before it existed hold VAR's codes
 
     @register_to_config
     def __init__(
@@ -106,6 +143,7 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         share_quant_resi: int = 4,
         dropout: float = 0.0,
         norm_groups: int = 32,
+        codebook_dim: int = 0,
     ):
         super().__init__()
         patch_nums = tuple(int(pn) for pn in patch_nums)
@@ -115,12 +153,16 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
             raise ValueError(f"quant_resi is the phi conv ratio r in (0, 1], got {quant_resi}")
         if share_quant_resi < 1:
             raise ValueError(f"share_quant_resi is the number of shared phi convs (>= 1), got {share_quant_resi}")
+        if codebook_dim < 0:
+            raise ValueError(f"codebook_dim is the size of factorized codes (> 0) or 0 for VAR's full-width codes, "
+                             f"got {codebook_dim}")
         self._patch_nums = patch_nums
         net = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels)
         net.update(dropout=dropout, norm_groups=norm_groups)
         self.encoder = Encoder(VAR_LAYOUT, in_channels=in_channels, **net)
         self.decoder = Decoder(VAR_LAYOUT, out_channels=in_channels, **net)
-        self.quantize = MultiScaleQuantizer(vocab_size, z_channels, len(patch_nums), quant_resi, share_quant_resi)
+        self.quantize = MultiScaleQuantizer(vocab_size, z_channels, len(patch_nums), quant_resi, share_quant_resi,
+                                            codebook_dim)
         self.quant_conv = nn.Conv2d(z_channels, z_channels, kernel_size=3, padding=1)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, kernel_size=3, padding=1)
 
@@ -165,13 +207,13 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
 
     # ---------------------------------------------------------------- running latent
     def code_vectors(self) -> torch.Tensor:
-        """The codebook vector of each token id, float32 [V, Cz]."""
-        return self.quantize.embedding.weight.detach().float()
+        """The vector each token id adds to the latent (before phi), float32 [V, Cz]."""
+        return self.quantize.code_vectors().detach()
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token map [B, pn, pn] or [B, pn*pn] -> codebook vectors [B, Cz, pn, pn] (float32)."""
+        """Token map [B, pn, pn] or [B, pn*pn] -> code vectors [B, Cz, pn, pn] (float32)."""
         B, pn = tokens.shape[0], _side(tokens)
-        codes = self.quantize.embedding(tokens.reshape(B, pn, pn)).float()  # [B, pn, pn, Cz]
+        codes = self.quantize.code_vectors()[tokens.reshape(B, pn, pn)]  # [B, pn, pn, Cz]
         return rearrange(codes, "b h w c -> b c h w")
 
     def scale_contribution(self, scale_index: int, h: torch.Tensor) -> torch.Tensor:
@@ -219,18 +261,19 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         return torch.cat(inputs, dim=1)
 
     # ---------------------------------------------------------------- quantisation
-    def iter_residual_quantize(self, f: torch.Tensor):
+    def iter_residual_lookups(self, f: torch.Tensor):
         """Residual multi-scale quantisation of f [B, Cz, h, w], one scale at a time (small to large).
 
-        Yields (token map [B, pn, pn], running latent f_hat [B, Cz, h, w] after that scale), in float32;
-        f_hat carries gradients to the codebook and phi convs. Callers disable autocast around it.
+        Yields (the residual z [B, Cz, pn, pn] that scale looks up, its token map [B, pn, pn], the running latent
+        f_hat [B, Cz, h, w] after it), in float32; z carries gradients to f, f_hat to the codebook and phi convs.
+        Callers disable autocast around it.
         """
         if f.shape[-2:] != (self.latent_size, self.latent_size):
             raise ValueError(
                 f"latent is {tuple(f.shape[-2:])} but patch_nums {self._patch_nums} ends at {self.latent_size}; "
                 f"use images of {self.latent_size * self.downsample_factor} px or another patch_nums"
             )
-        f_rest = f.detach().float()
+        f_rest = f.float()
         f_hat = torch.zeros_like(f_rest)
         for scale_index, pn in enumerate(self._patch_nums):
             last = scale_index == self.num_scales - 1
@@ -239,6 +282,11 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
             contribution = self.scale_contribution(scale_index, self.embed_tokens(scale_tokens))
             f_hat = f_hat + contribution
             f_rest = f_rest - contribution.detach()
+            yield z, scale_tokens, f_hat
+
+    def iter_residual_quantize(self, f: torch.Tensor):
+        """`iter_residual_lookups` without the residuals: yields (token map, running latent f_hat) per scale."""
+        for _, scale_tokens, f_hat in self.iter_residual_lookups(f):
             yield scale_tokens, f_hat
 
     def quantize_latent(self, f: torch.Tensor) -> list[torch.Tensor]:
@@ -270,20 +318,29 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
         return self.decode_latent(self.tokens_to_latent(tokens), clamp)
 
     # ---------------------------------------------------------------- training
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def forward(self, images: torch.Tensor, entropy_temperature: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Training forward: images in [0, 1] -> (reconstruction in ~[0, 1] (not clamped), vq_loss, stats).
 
         vq_loss = mean over scales of beta * MSE(f_hat.detach(), f) + MSE(f_hat, f.detach()), where f_hat
         is the running latent after each scale; the decoder reads f through a straight-through estimator.
+        Factorized codes add, per scale, LlamaGen's loss in the lookup space (`lookup_loss`). With
+        `entropy_temperature` > 0, stats["entropy"] is the entropy loss (`codebook.entropy_loss`) of all scales'
+        lookups together.
         """
         f = self.encode_latent(images)
         with torch.autocast(f.device.type, enabled=False):
             f32 = f.float()
             vq_loss = f32.new_zeros(())
-            hits = []
-            for scale_tokens, f_hat in self.iter_residual_quantize(f32):
+            hits, distances = [], []
+            for z, scale_tokens, f_hat in self.iter_residual_lookups(f32):
                 commitment = F.mse_loss(f_hat.detach(), f32)
                 vq_loss = vq_loss + self.config.beta * commitment + F.mse_loss(f_hat, f32.detach())
+                if self.quantize.factorized:
+                    vq_loss = vq_loss + self.lookup_loss(z, scale_tokens)
+                if entropy_temperature > 0:
+                    vectors = self.quantize.lookup_vectors(z)  # [B*pn*pn, D]
+                    distances.append(self.quantize.distances(vectors, self.quantize.codebook()))
                 hits.append(scale_tokens.flatten().bincount(minlength=self.vocab_size).float())  # [V]
             vq_loss = vq_loss / self.num_scales
             f_straight_through = f32 + (f_hat - f32).detach()
@@ -292,20 +349,31 @@ class MultiScaleVQVAE(ModelMixin, ConfigMixin):
             self._update_usage(hits)
         recon = (self.decoder(self.post_quant_conv(f_straight_through.to(f.dtype))) + 1) / 2
         stats = {"codebook_usage": (hits.sum(0) > 0).float().mean().detach(), "code_hits": hits.sum(0)}
+        if distances:
+            stats["entropy"] = entropy_loss(torch.cat(distances), entropy_temperature)
         return recon, vq_loss, stats
+
+    def lookup_loss(self, z: torch.Tensor, scale_tokens: torch.Tensor) -> torch.Tensor:
+        """LlamaGen's quantiser loss between the lookup vectors of residual z [B, Cz, pn, pn] and the codes they
+        picked [B, pn, pn]: it trains `in_proj` (and, through z, the encoder) and the codes' directions."""
+        codes = self.quantize.codebook()[scale_tokens.flatten()]  # [B*pn*pn, D]
+        return codebook_loss(codes, self.quantize.lookup_vectors(z), self.config.beta)
+
+    @torch.no_grad()
+    def quantizer_lookups(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the quantiser compares with the codebook for latent f [B, Cz, h, w], and the codes it picks: every
+        scale's residual (area-downsampled to pn x pn) in the lookup space, scale by scale -> (vectors
+        [B * sum(pn^2), D] float32, tokens [B * sum(pn^2)])."""
+        with torch.autocast(f.device.type, enabled=False):
+            steps = [(self.quantize.lookup_vectors(z), scale_tokens.flatten())
+                     for z, scale_tokens, _ in self.iter_residual_lookups(f)]
+        return torch.cat([vectors for vectors, _ in steps]), torch.cat([tokens for _, tokens in steps])
 
     @torch.no_grad()
     def residual_vectors(self, images: torch.Tensor) -> torch.Tensor:
-        """The vectors the quantiser looks up for these images: every scale's residual (area-downsampled
-        to pn x pn), all positions of all scales -> [B * sum(pn^2), Cz] (float32)."""
+        """The vectors the quantiser looks up for these images (`quantizer_lookups` of their latent) -> [N, D]."""
         with torch.autocast(images.device.type, enabled=False):
-            f = self.encode_latent(images).float()  # [B, Cz, h, w]
-            f_hat, vectors = torch.zeros_like(f), []
-            for (_, next_f_hat), pn in zip(self.iter_residual_quantize(f), self._patch_nums):
-                rest = F.interpolate(f - f_hat, size=(pn, pn), mode="area")  # [B, Cz, pn, pn]
-                vectors.append(rearrange(rest, "b c h w -> (b h w) c"))
-                f_hat = next_f_hat
-        return torch.cat(vectors)
+            return self.quantizer_lookups(self.encode_latent(images))[0]
 
     @torch.no_grad()
     def _update_usage(self, hits: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
 from ..checkpoints import load_state_dict_strict, read_official_file
+from .codebook import codebook_loss, entropy_loss
 from .convnet import (
     LLAMAGEN_LAYOUT, Decoder, Encoder, check_image_values, check_token_ids, infer_encoder_config,
 )
@@ -40,11 +41,18 @@ class VectorQuantizer(nn.Module):
         """Encoder output [B, D, h, w], L2-normalised over D when configured."""
         return F.normalize(z, dim=1) if self.l2_norm else z
 
+    def lookup_vectors(self, z: torch.Tensor) -> torch.Tensor:
+        """What the codebook is compared with at every position of z [B, D, h, w]: [B*h*w, D] (float32)."""
+        return rearrange(self.normalize_latent(z.float()), "b d h w -> (b h w) d")
+
+    @staticmethod
+    def distances(vectors: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Squared L2 distances [N, V] between lookup vectors [N, D] and codes [V, D], as LlamaGen computes them."""
+        return vectors.square().sum(1, keepdim=True) + codes.square().sum(1) - 2 * vectors @ codes.T
+
     def nearest_code(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the nearest codebook row (squared L2, fp32) for every position of z [B, D, h, w] -> [B, h, w]."""
-        z_flat = rearrange(self.normalize_latent(z.float()), "b d h w -> (b h w) d")  # [B*h*w, D]
-        codes = self.codebook().detach().float()  # [V, D]
-        dist = z_flat.square().sum(1, keepdim=True) + codes.square().sum(1) - 2 * z_flat @ codes.T  # [B*h*w, V]
+        dist = self.distances(self.lookup_vectors(z), self.codebook().detach().float())  # [B*h*w, V]
         return dist.argmin(dim=1).view(z.shape[0], *z.shape[2:])
 
     def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -145,22 +153,33 @@ class VQModel(ModelMixin, ConfigMixin):
         check_token_ids(tokens, self.vocab_size)
         return self.decode_latent(self.embed_tokens(tokens), clamp)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def forward(self, images: torch.Tensor, entropy_temperature: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Training forward: images in [0, 1] -> (reconstruction in ~[0, 1] (not clamped), vq_loss, stats).
 
         vq_loss = MSE(codes, z.detach()) + beta * MSE(codes.detach(), z) on the normalised vectors;
-        the decoder reads the codes through a straight-through estimator.
+        the decoder reads the codes through a straight-through estimator. With `entropy_temperature` > 0,
+        stats["entropy"] is LlamaGen's entropy loss of the lookups (`codebook.entropy_loss`).
         """
         z = self.quantize.normalize_latent(self.encode_latent(images).float())  # [B, D, h, w]
         tokens = self.quantize.nearest_code(z)  # [B, h, w]
         codes = self.quantize.lookup(tokens).float()  # [B, D, h, w]
-        vq_loss = F.mse_loss(codes, z.detach()) + self.config.beta * F.mse_loss(codes.detach(), z)
+        vq_loss = codebook_loss(codes, z, self.config.beta)
         codes_straight_through = z + (codes - z).detach()
         stats = {"codebook_usage": self.quantize.record_usage(tokens) if self.training else None,
                  "code_hits": torch.bincount(tokens.flatten(), minlength=self.vocab_size).float()}  # [V]
+        if entropy_temperature > 0:
+            distances = self.quantize.distances(self.quantize.lookup_vectors(z), self.quantize.codebook().float())
+            stats["entropy"] = entropy_loss(distances, entropy_temperature)
         features = self.post_quant_conv(codes_straight_through.to(self.post_quant_conv.weight.dtype))
         recon = (self.decoder(features) + 1) / 2
         return recon, vq_loss, stats
+
+    @torch.no_grad()
+    def quantizer_lookups(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the quantiser compares with the codebook for the latent z [B, D, h, w] (after quant_conv), and the
+        codes it picks: (vectors [B*h*w, D] float32, tokens [B*h*w])."""
+        return self.quantize.lookup_vectors(z), self.quantize.nearest_code(z).flatten()
 
     @classmethod
     def from_official(cls, path_or_state_dict, **overrides) -> "VQModel":
