@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from eval_default_models import MATCHED_SEED_OFFSET
-from torchvision.utils import save_image
+from torchvision.utils import make_grid
 
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier, accuracy, load_folder
 from vartk.emoji_extractor import EMOJI_CLASSIFIER, register_emoji_extractor
@@ -70,13 +70,33 @@ def cost(stats: SamplerStats) -> dict:
     return summary
 
 
-def plot_accepted_lengths(runs: list[dict], path: Path) -> None:
-    """Bars of the share of verify steps that accepted j drafts, one group per speculative setting."""
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_labelled_grid(rows: list[torch.Tensor], names: list[str], path: Path) -> None:
+    """One row of images per setting (each [N, 3, H, W] in [0, 1]), the setting's spec written to its left."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(rows), 1, figsize=(len(rows[0]) * 0.75 + 3, len(rows) * 0.8), squeeze=False)
+    for ax, images, name in zip(axes[:, 0], rows, names):
+        strip = make_grid(images, nrow=len(images), padding=2, pad_value=1.0)  # [3, H + 4, N * (W + 2) + 2]
+        ax.imshow(strip.permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_frame_on(False)
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout(h_pad=0.1)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_accepted_lengths(runs: list[dict], path: Path) -> None:
+    """Bars of the share of verify steps that accepted j drafts, one group per speculative setting."""
+    plt = pyplot()
     speculative = [r for r in runs if "accepted_lengths" in r]
     if not speculative:
         return
@@ -149,8 +169,7 @@ def main(argv=None) -> dict:
     base_runs = [r for r in results["runs"] if r["setting"] == args.setting[0]]
     results["baseline_spread"] = {f"{m}_{f.__name__}": f(r[m] for r in base_runs) for m in ("fid", "kid")
                                   for f in (min, max)}
-    grid = results.pop("_grid")
-    save_image(torch.cat(grid), out / "grid.png", nrow=len(grid[0]), padding=2, pad_value=1.0)
+    save_labelled_grid(results.pop("_grid"), args.setting, out / "grid.png")
     plot_accepted_lengths([r for r in results["runs"] if r["seed"] == args.seeds[0]], out / "accepted.png")
     write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
