@@ -252,7 +252,6 @@ def test_a_sampler_of_the_other_family_is_refused(converted):
 
 
 def test_a_local_folder_named_like_an_official_model_is_loaded(converted, tmp_path, monkeypatch):
-
     shutil.copytree(converted, tmp_path / "var-d16")
     monkeypatch.chdir(tmp_path)
     assert torch.equal(sample(load("var-d16")), sample(load(str(converted))))
@@ -455,7 +454,6 @@ def test_a_pipeline_saves_its_sampler_and_kv_cache_with_every_setting(converted,
     ("kv_cache", {"name": "full", "settings": {}, "budget": 1}, "unexpected 'budget'"),
 ])
 def test_saved_settings_load_strictly(converted, tmp_path, key, saved, message):
-
     folder = tmp_path / "edited"
     shutil.copytree(converted, folder)
     index = json.loads((folder / "model_index.json").read_text())

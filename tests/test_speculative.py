@@ -155,28 +155,39 @@ def test_the_window_is_clamped_to_the_image(gpt_model):
     assert len(out.stats.accepted_lengths) == 16
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(window=0), "window must be an integer >= 1 .*got 0"),
-    (dict(window=2.5), "window must be an integer >= 1"),
-    (dict(init="diagonal"), r"init must be one of \('random', 'left', 'above'\), got 'diagonal'"),
-    (dict(coupled="yes"), "coupled must be True or False"),
-    (dict(temperature=-1), "temperature must be a finite number >= 0"),
+@pytest.mark.parametrize("sampler, settings, message", [
+    (SJDSampler, dict(window=0), "window must be an integer >= 1 .*got 0"),
+    (SJDSampler, dict(window=2.5), "window must be an integer >= 1"),
+    (SJDSampler, dict(init="diagonal"), r"init must be one of \('random', 'left', 'above'\), got 'diagonal'"),
+    (SJDSampler, dict(coupled="yes"), "coupled must be True or False"),
+    (SJDSampler, dict(temperature=-1), "temperature must be a finite number >= 0"),
+    (GSDSampler, dict(window=0), "window must be an integer >= 1 .*got 0"),
+    (GSDSampler, dict(group=0), "group must be an integer >= 1"),
+    (GSDSampler, dict(prob_delta=-0.1), "prob_delta must be a finite number >= 0"),
+    (GSDSampler, dict(max_distance=-1.0), "max_distance must be a number >= 0 .*got -1.0"),
+    (GSDSampler, dict(embedding="pixels"), r"embedding must be one of \('codebook', 'transformer'\), got 'pixels'"),
+    (GSDSampler, dict(group_split="left"), "group_split must be one of"),
 ])
-def test_bad_settings_fail_when_made(settings, message):
+def test_bad_settings_fail_when_made(sampler, settings, message):
     with pytest.raises(ValueError, match=message):
-        SJDSampler(**settings)
+        sampler(**settings)
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(group=0), "group must be an integer >= 1"),
-    (dict(prob_delta=-0.1), "prob_delta must be a finite number >= 0"),
-    (dict(max_distance=-1.0), "max_distance must be a number >= 0 .*got -1.0"),
-    (dict(embedding="pixels"), r"embedding must be one of \('codebook', 'transformer'\), got 'pixels'"),
-    (dict(group_split="left"), "group_split must be one of"),
-])
-def test_bad_gsd_settings_fail_when_made(settings, message):
-    with pytest.raises(ValueError, match=message):
-        GSDSampler(**settings)
+def test_gsd_default_distance_is_the_codebooks_median_and_no_filter_for_the_transformer(gpt_model):
+    """The default thresholds against a plain pairwise computation of the codebook's squared distances."""
+    tokenizer = MultiScaleVQVAE(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8,
+                                vocab_size=gpt_model.config.vocab_size, patch_nums=(4,), norm_groups=8)
+    codes = tokenizer.code_vectors().double().numpy()  # [V, D]
+    pairs = [((a - b) ** 2).sum() for i, a in enumerate(codes) for j, b in enumerate(codes) if i != j]
+    codebook = GSDSampler()
+    codebook.prepare(gpt_model, tokenizer)
+    assert codebook._threshold == pytest.approx(np.median(pairs), rel=1e-4)
+    transformer = GSDSampler(embedding="transformer")
+    transformer.prepare(gpt_model, None)
+    assert transformer._threshold == float("inf")
+    chosen = GSDSampler(embedding="transformer", max_distance=0.25)
+    chosen.prepare(gpt_model, None)
+    assert chosen._threshold == 0.25
 
 
 def test_a_gsd_embedding_the_model_does_not_have_is_refused(gpt_model):

@@ -267,10 +267,10 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 # The default distance threshold of GSD's embedding filter: this quantile of the squared distances between
 # pairs of distinct rows of the embedding table (the released code's 0.5 is an absolute value for Chameleon's
-# embeddings, meaningless for another table). Chosen on default-gpt's val split (docs/accelerators.md): the
-# codebook's median keeps the groups of close codes (3.60 tokens per forward); at the transformer embedding's
-# median almost no group survives (3.09, SJD's), so that filter is off (its largest distance).
-DEFAULT_DISTANCE_QUANTILE = {"codebook": 0.5, "transformer": 1.0}
+# embeddings, meaningless for another table); None: no distance filter. Chosen on default-gpt's val split
+# (docs/accelerators.md): the codebook's median keeps the groups of close codes (3.60 tokens per forward); at the
+# transformer embedding's median almost no group survives (3.09, SJD's), so that embedding filters nothing.
+DEFAULT_DISTANCE_QUANTILE = {"codebook": 0.5, "transformer": None}
 DISTANCE_SAMPLE = 1024  # rows of a large table used to estimate that quantile
 
 
@@ -286,7 +286,8 @@ class GSDSampler(SJDSampler):
     (|p(g) - p(x)| < prob_delta) and in the embedding (squared L2 distance < max_distance, between rows of the
     tokenizer's `codebook` or the transformer's token `embedding` = "transformer"). On a rejection the residual is
     token-level, as in SJD. A draft outside the filtered support (p(x) = 0) is never accepted. max_distance None:
-    the `DEFAULT_DISTANCE_QUANTILE` of the table's pairwise squared distances. A group of 1 is SJD.
+    the embedding's `DEFAULT_DISTANCE_QUANTILE` of the table's pairwise squared distances (the codebook's median;
+    no filter for the transformer's embedding). A group of 1 is SJD.
     Other settings as `SJDSampler`.
     """
 
@@ -327,8 +328,11 @@ class GSDSampler(SJDSampler):
             raise ValueError(f"the {self.embedding} embedding has {len(table)} rows, the model "
                              f"{transformer.config.vocab_size} tokens")
         self._table = table  # [V, D]
-        self._threshold = self.max_distance if self.max_distance is not None else distance_quantile(
-            table, DEFAULT_DISTANCE_QUANTILE[self.embedding])
+        self._threshold = self.max_distance if self.max_distance is not None else self.default_threshold(table)
+
+    def default_threshold(self, table: torch.Tensor) -> float:
+        quantile = DEFAULT_DISTANCE_QUANTILE[self.embedding]
+        return math.inf if quantile is None else distance_quantile(table, quantile)
 
     def group_offsets(self, device) -> torch.Tensor:
         """Rank offsets of a group around the draft (negative = more probable), [G]."""
