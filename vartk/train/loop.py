@@ -4,6 +4,7 @@ deterministic steps, logging, sample grids, checkpoints and `--resume`.
 A job (tokenizer.py, var.py, gpt.py) is a `Job` subclass: it builds its models from the config and
 the dataset, names the modules it trains, and computes a loss per step. The loop does the rest:
 
+    job.before_first_step()                                # a fresh run only (e.g. k-means of a codebook)
     for step in range(start, max_steps):
         torch.manual_seed(step_seed(seed, step, rank))     # dropout / label dropout: same after --resume
         batch = next(batches)                              # same indices for the same step, see data.py
@@ -354,6 +355,10 @@ class Job(ABC):
         """Copy into the run folder what the run needs besides its checkpoints (e.g. a frozen tokenizer), so that
         exporting a checkpoint later does not depend on files outside it."""
 
+    def before_first_step(self) -> None:
+        """Called once before step 0 of a run that starts fresh (not when it resumes), after --init-from (e.g. to
+        seed a codebook)."""
+
     def after_step(self, step: int, batch: Batch) -> None:
         """Called once the optimizers of `step` have stepped (e.g. to restart unused codebook entries)."""
 
@@ -597,6 +602,8 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
         load_state_dict_strict(job.trainees()["model"][0], init_weights, source=cfg.init_from)
     trainees = build_trainees(job, cfg, dist)
     start_step = restore_latest(cfg, out, trainees, dataset, dist)
+    if start_step == 0:
+        job.before_first_step()
     if dist.world_size > 1:  # every process has read --out before the main one writes into it
         torch_dist.barrier()
 

@@ -274,11 +274,13 @@ class TokenizerJob(Job):
     def first_step(self, name: str) -> int:
         return self.cfg.gan_start if name == "discriminator" else 0
 
+    def before_first_step(self) -> None:
+        if self.cfg.kmeans_iters:
+            seed_codebook(self.model, self.kmeans_images, self.cfg)
+
     def loss(self, name: str, wrapped: dict[str, nn.Module], batch: Batch, step: int):
         if name == "discriminator":
             return self.discriminator_loss(wrapped[name], batch.images)
-        if step == 0 and self.cfg.kmeans_iters:  # a fresh run (a resumed one has its codebook)
-            seed_codebook(self.model, self.kmeans_images, self.cfg)
         loss, metrics, recon, stats = self.reconstruction_loss(wrapped["model"], batch.images)
         self.code_hits += stats.pop("code_hits")
         metrics.update(stats)
