@@ -57,13 +57,19 @@ def reconstruction_psnr(recon: torch.Tensor, images: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def codes_used(tokenizer, images: torch.Tensor, batch_size: int = 64) -> int:
-    """How many distinct codebook entries the tokenizer picks on these images, over all scales."""
-    hits = torch.zeros(tokenizer.config.vocab_size, dtype=torch.bool)  # [V]
+def code_counts(tokenizer, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """How often the tokenizer picks each code on these images, over all scales: [V]."""
+    counts = torch.zeros(tokenizer.vocab_size)
     for chunk in images.split(batch_size):
-        for index_map in tokenizer.encode(chunk):
-            hits[index_map.flatten()] = True
-    return int(hits.sum())
+        tokens = tokenizer.encode(chunk)
+        for index_map in tokens if isinstance(tokens, list) else [tokens]:
+            counts += torch.bincount(index_map.flatten(), minlength=tokenizer.vocab_size)
+    return counts
+
+
+def codes_used(tokenizer, images: torch.Tensor) -> int:
+    """How many distinct codebook entries the tokenizer picks on these images, over all scales."""
+    return int((code_counts(tokenizer, images) > 0).sum())
 
 
 def pick_with_labels(labels: torch.Tensor, wanted: torch.Tensor, seed: int) -> torch.Tensor:
@@ -134,7 +140,7 @@ def main(argv=None) -> dict:
     for name, pipe in pipes.items():
         recon = reconstruct(pipe.tokenizer, held_out_images)
         tokenizer_scores = {
-            "vocab_size": pipe.tokenizer.config.vocab_size,
+            "vocab_size": pipe.tokenizer.vocab_size,
             "tokenizer_psnr_held_out": reconstruction_psnr(recon, held_out_images),
             "classifier_accuracy_reconstructed_held_out": accuracy(classifier, recon, held_out_labels),
             "tokenizer_codes_used_held_out": codes_used(pipe.tokenizer, held_out_images),

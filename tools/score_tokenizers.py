@@ -15,23 +15,12 @@ import json
 from pathlib import Path
 
 import torch
-from eval_default_models import reconstruct, reconstruction_psnr
+from eval_default_models import code_counts, reconstruct, reconstruction_psnr
 
 from vartk.checkpoints import load_saved_model
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier, accuracy, load_folder
 from vartk.files import write_text_atomic
 from vartk.tokenizers import MultiScaleVQVAE, VQModel
-
-
-@torch.no_grad()
-def code_counts(tokenizer, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """How often the tokenizer picks each code on these images, over all scales: [V]."""
-    counts = torch.zeros(tokenizer.vocab_size)
-    for chunk in images.split(batch_size):
-        tokens = tokenizer.encode(chunk)
-        for index_map in tokens if isinstance(tokens, list) else [tokens]:
-            counts += torch.bincount(index_map.flatten(), minlength=tokenizer.vocab_size)
-    return counts
 
 
 def perplexity(counts: torch.Tensor) -> float:
