@@ -1,4 +1,5 @@
-"""tools/score_tokenizers.py: code counts over all scales, their perplexity, and a scored folder end to end."""
+"""tools/score_tokenizers.py: code counts over all scales (and eval_default_models' codes used), their perplexity,
+and a scored folder end to end."""
 import importlib.util
 import json
 import math
@@ -38,7 +39,12 @@ def test_code_counts_cover_every_scale_and_the_perplexity_is_exp_entropy():
     torch.manual_seed(0)
     vq = VQModel(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, codebook_size=16, codebook_embed_dim=3,
                  norm_groups=4, usage_queue_size=64).eval()
-    assert tool.code_counts(vq, images).sum() == 5 * 16
+    vq_tokens = vq.encode(images).flatten()  # 5 * 16
+    assert torch.equal(tool.code_counts(vq, images, batch_size=2),
+                       torch.tensor([float((vq_tokens == code).sum()) for code in range(16)]))
+    codes_used = sys.modules["eval_default_models"].codes_used
+    assert codes_used(multiscale, images) == len(set(tokens.tolist()))
+    assert codes_used(vq, images) == len(set(vq_tokens.tolist()))
     counts = torch.tensor([3.0, 1.0, 0.0, 4.0])
     p = [3 / 8, 1 / 8, 4 / 8]
     assert tool.perplexity(counts) == pytest.approx(math.exp(-sum(q * math.log(q) for q in p)))
