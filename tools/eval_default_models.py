@@ -4,8 +4,11 @@
     python tools/eval_default_models.py --data /path/to/emoji --split val --models default-gpt \
         --sampling '{"guidance_scale": 3}' --sampling '{"guidance_scale": 4, "top_k": 50}'   # one row each
 
+    python tools/eval_default_models.py --data /path/to/emoji --split test --seed 1 2 3   # mean ± spread over seeds
+
 Choose settings (sampling, which checkpoint) with `--split val`; report with `--split test` (the default), which
-nothing was chosen on, and with another --seed than the one the choice saw. With several --sampling settings,
+nothing was chosen on, and with other seeds than the one the choice saw. With several seeds every score is the
+mean over the seeds, with its standard deviation (`*_std`) beside it; the grid shows the first seed. With several --sampling settings,
 each model's `chosen` one is the most accurate (class accuracy of samples) of those whose in-domain FID is at
 most 10 % above that model's best: recognisable first, without giving up much FID.
 
@@ -14,7 +17,7 @@ on the reconstructions (what a generator that drew the held-out emoji's own toke
 ceiling); the classifier's accuracy on the real images. For each generator and setting, on the emoji classifier
 (`vartk-emoji`: pooled features for FID, logits for IS; not comparable with ImageNet FID):
 - a class-balanced set (--per-class of every class): class accuracy of the samples (the classifier finds the
-  asked category), IS, and the sample grid;
+  asked category), overall and per category, IS, and the sample grid;
 - a class-matched set (one sample per held-out image, of its class): FID against the held-out images. The
   held-out splits are mostly people_body; a class-balanced set differs from them in its class mix, and on the
   classifier's features that mix outweighs image quality (real class-balanced training images score worse
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier, accuracy, load_folder
+from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier, accuracy, load_folder, predict
 from vartk.emoji_extractor import EMOJI_CLASSIFIER, register_emoji_extractor
 from vartk.files import write_text_atomic
 from vartk.metrics import compute_metrics, psnr
@@ -42,6 +45,8 @@ from vartk.images import images_to_uint8
 from vartk.loading import load
 
 MATCHED_SEED_OFFSET = 10_000  # the class-matched set's batches draw from other seeds than the balanced set's
+SAMPLE_SCORES = ("classifier_accuracy_generated", "fid_in_domain", "fid_in_domain_balanced", "is_in_domain",
+                 "sampling_seconds_per_image")  # what each seed measures; several seeds report mean and spread
 
 
 
@@ -90,6 +95,24 @@ def generate(pipe, labels: torch.Tensor, seed: int, settings: dict, batch_size: 
     ])
 
 
+def accuracy_by_class(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    """For each class c, the share of the images labelled c that were predicted c (nan for a class with none)."""
+    return [(predicted[labels == c] == c).float().mean().item() for c in range(num_classes)]
+
+
+def mean_and_spread(per_seed: list[dict]) -> dict:
+    """The seeds' mean of every SAMPLE_SCORES entry and of the per-class accuracies, and the sample standard
+    deviation over the seeds of the scores (`<score>_std`; 0 for one seed)."""
+    summary = {}
+    for key in SAMPLE_SCORES:
+        values = np.array([run[key] for run in per_seed], dtype=float)
+        summary[key] = float(values.mean())
+        summary[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    by_class = np.array([run["classifier_accuracy_per_class"] for run in per_seed], dtype=float)  # [seeds, C]
+    summary["classifier_accuracy_per_class"] = by_class.mean(axis=0).tolist()
+    return summary
+
+
 def in_domain_scores(balanced: torch.Tensor, matched: torch.Tensor, held_out: torch.Tensor) -> dict:
     """FID of the class-matched set and of the class-balanced set against the held-out images, IS of the balanced set."""
     def metrics(images, which):
@@ -107,7 +130,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--split", choices=("val", "test"), default="test",
                         help="held-out split to score against: val for choosing settings, test for reporting")
     parser.add_argument("--per-class", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, nargs="+", default=[0],
+                        help="one seed, or several (e.g. 1 2 3) to report each score's mean and spread over them")
     parser.add_argument("--out", default="runs/default-eval")
     parser.add_argument("--models", default="default,default-gpt", help="comma-separated model names or folders")
     parser.add_argument("--sampling", type=json.loads, action="append",
@@ -124,8 +148,9 @@ def main(argv=None) -> dict:
                "classifier_accuracy_real_held_out": accuracy(classifier, held_out_images, held_out_labels), "runs": []}
     balanced_labels = torch.arange(classifier.config.num_classes).repeat_interleave(args.per_class)  # [C * n]
     train_images, train_labels, _ = load_folder(Path(args.data) / "train", 64)
-    real = in_domain_scores(train_images[pick_with_labels(train_labels, balanced_labels, args.seed)],
-                            train_images[pick_with_labels(train_labels, held_out_labels, args.seed)], held_out_images)
+    first_seed = args.seed[0]
+    real = in_domain_scores(train_images[pick_with_labels(train_labels, balanced_labels, first_seed)],
+                            train_images[pick_with_labels(train_labels, held_out_labels, first_seed)], held_out_images)
     results["real_train_vs_held_out"] = {"per_class": args.per_class, **real}
     pipes = {name: load(name) for name in args.models.split(",")}
     for name, pipe in pipes.items():  # every --sampling is checked before hours of scoring start
@@ -147,27 +172,43 @@ def main(argv=None) -> dict:
         }
         for overrides in args.sampling or [{}]:
             settings = pipe.sampling_options(**overrides)
-            start = time.perf_counter()
-            images = generate(pipe, balanced_labels, args.seed, settings)
-            seconds = time.perf_counter() - start
-            matched = generate(pipe, held_out_labels, args.seed + MATCHED_SEED_OFFSET, settings)
+            per_seed = []
+            for seed in args.seed:
+                images, scores = score_samples(pipe, classifier, settings, seed, balanced_labels, held_out_images,
+                                               held_out_labels)
+                per_seed.append(scores)
+                if seed == first_seed:
+                    grid = torch.cat([images[balanced_labels == c][:8] for c in range(pipe.num_classes)])
+                    save_image(grid, out / grid_name(name, settings), nrow=8, padding=2, pad_value=1.0)
             run = {"model": name, "family": pipe.family, "sampling": settings, "images": len(balanced_labels),
-                   "sampling_seconds_per_image": seconds / len(balanced_labels), **tokenizer_scores,
-                   "classifier_accuracy_generated": accuracy(classifier, images, balanced_labels),
-                   **in_domain_scores(images, matched, held_out_images)}
+                   "seeds": args.seed, **tokenizer_scores, **mean_and_spread(per_seed), "per_seed": per_seed}
             results["runs"].append(run)
-            grid = torch.cat([images[balanced_labels == c][:8] for c in range(pipe.num_classes)])
-            save_image(grid, out / grid_name(name, settings), nrow=8, padding=2, pad_value=1.0)
             print(json.dumps(run), flush=True)
     if args.split == "val":  # settings are chosen on val only; a test run reports
         results["chosen"] = {name: choose_settings([r for r in results["runs"] if r["model"] == name])
                              for name in pipes}
+    results["class_names"] = classifier.config.class_names
     write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     print(markdown_table(results))
     if args.sampling and len(args.sampling) > 1 and "chosen" in results:
         print("chosen (most accurate within 10 % of the best FID):", json.dumps(results["chosen"]))
     return results
+
+
+def score_samples(pipe, classifier, settings: dict, seed: int, balanced_labels: torch.Tensor,
+                  held_out_images: torch.Tensor, held_out_labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The class-balanced samples of one seed [N, 3, H, W] and their SAMPLE_SCORES (with the class-matched set's
+    FID) and per-class accuracies."""
+    start = time.perf_counter()
+    images = generate(pipe, balanced_labels, seed, settings)
+    seconds = time.perf_counter() - start
+    matched = generate(pipe, held_out_labels, seed + MATCHED_SEED_OFFSET, settings)
+    predicted = predict(classifier, images)  # [N]
+    return images, {"seed": seed, "sampling_seconds_per_image": seconds / len(balanced_labels),
+                    "classifier_accuracy_generated": (predicted == balanced_labels).float().mean().item(),
+                    "classifier_accuracy_per_class": accuracy_by_class(predicted, balanced_labels, pipe.num_classes),
+                    **in_domain_scores(images, matched, held_out_images)}
 
 
 def choose_settings(runs: list[dict], fid_slack: float = 0.1) -> dict:
@@ -187,22 +228,38 @@ def grid_name(model: str, settings: dict) -> str:
     return f"{model}-cfg{settings['guidance_scale']:g}-k{settings['top_k']}-p{settings['top_p']:g}-grid.png"
 
 
+def with_spread(run: dict, key: str, digits: int) -> str:
+    """A score as "0.781", or "0.781 ± 0.012" (mean ± standard deviation) when it was measured over several seeds."""
+    text = f"{run[key]:.{digits}f}"
+    return text + f" ± {run[key + '_std']:.{digits}f}" if len(run.get("seeds", [])) > 1 else text
+
+
+def settings_text(sampling: dict) -> str:
+    return f"{sampling['guidance_scale']:g} / {sampling['top_k']} / {sampling['top_p']:g}"
+
+
 def markdown_table(results: dict) -> str:
+    """The results table (one row per model and setting, then real images) and the per-category accuracy table."""
     rows = ["| model | sampling (cfg / top-k / top-p) | tokenizer PSNR | codes used | class accuracy of reconstructions | "
             "class accuracy of samples | in-domain FID (class-matched) | in-domain FID (balanced samples) | "
             "in-domain IS | CPU s / image |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
-        sampling = r["sampling"]
-        rows.append(f"| `{r['model']}` ({r['family']}) | {sampling['guidance_scale']:g} / {sampling['top_k']} / "
-                    f"{sampling['top_p']:g} | {r['tokenizer_psnr_held_out']:.2f} dB | "
-                    f"{r['tokenizer_codes_used_held_out']} / {r['vocab_size']} | "
+        rows.append(f"| `{r['model']}` ({r['family']}) | {settings_text(r['sampling'])} | "
+                    f"{r['tokenizer_psnr_held_out']:.2f} dB | {r['tokenizer_codes_used_held_out']} / {r['vocab_size']} | "
                     f"{r['classifier_accuracy_reconstructed_held_out']:.3f} | "
-                    f"{r['classifier_accuracy_generated']:.3f} | {r['fid_in_domain']:.2f} | "
-                    f"{r['fid_in_domain_balanced']:.2f} | {r['is_in_domain']:.2f} | {r['sampling_seconds_per_image']:.3f} |")
+                    f"{with_spread(r, 'classifier_accuracy_generated', 3)} | {with_spread(r, 'fid_in_domain', 2)} | "
+                    f"{with_spread(r, 'fid_in_domain_balanced', 2)} | {with_spread(r, 'is_in_domain', 2)} | "
+                    f"{r['sampling_seconds_per_image']:.3f} |")
     real = results["real_train_vs_held_out"]
     rows.append(f"| real training images (one per {results['split']} image of its class; {real['per_class']} per class) "
                 f"| - | - | - | - | {results['classifier_accuracy_real_held_out']:.3f} (real {results['split']} images) | "
                 f"{real['fid_in_domain']:.2f} | {real['fid_in_domain_balanced']:.2f} | {real['is_in_domain']:.2f} | - |")
+    names = results.get("class_names") or [str(c) for c in range(len(results["runs"][0]["classifier_accuracy_per_class"]))]
+    rows += ["", "| model | sampling | " + " | ".join(names) + " | lowest |", "|---|---|" + "---|" * (len(names) + 1)]
+    for r in results["runs"]:
+        by_class = r["classifier_accuracy_per_class"]
+        rows.append(f"| `{r['model']}` | {settings_text(r['sampling'])} | "
+                    + " | ".join(f"{a:.2f}" for a in by_class) + f" | {min(by_class):.2f} |")
     return "\n".join(rows) + "\n"
 
 
