@@ -1,14 +1,19 @@
 """The models shipped inside the package load offline and sample on CPU."""
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import vartk
+from vartk.checkpoints import CheckpointError, load_saved_model
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier, accuracy
 from vartk.cli import main as cli_main
 from vartk.loading import BUILTIN_MODELS
+from vartk.pipelines import COMPONENT_CLASSES
 
 CATEGORIES = ["activities", "animals_nature", "flags", "food_drink", "objects", "people_body", "smileys_emotion",
               "symbols", "travel_places"]
@@ -24,6 +29,25 @@ def test_shipped_assets_are_small_half_precision_safetensors():
 
     with safe_open(str(BUILTIN_MODELS["default"] / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert f.get_tensor("head.weight").dtype == torch.float16
+
+
+def test_shipped_folders_hold_exactly_the_weights_of_their_models(tmp_path):
+    """Each shipped component loads strictly, and its file holds every weight of the model and nothing else."""
+    weights = "diffusion_pytorch_model.safetensors"
+    for folder in BUILTIN_MODELS.values():
+        for component in ("tokenizer", "transformer"):
+            model = load_saved_model(folder / component, COMPONENT_CLASSES[component])
+            stored = load_file(folder / component / weights)
+            state = model.state_dict()
+            assert sorted(state) == sorted(stored), folder / component
+            assert all(torch.equal(state[key], stored[key]) for key in stored), folder / component
+    broken = tmp_path / "tokenizer"
+    shutil.copytree(BUILTIN_MODELS["default-gpt"] / "tokenizer", broken)
+    stored = load_file(broken / weights)
+    dropped = sorted(stored)[0]
+    save_file({key: value for key, value in stored.items() if key != dropped}, broken / weights)
+    with pytest.raises(CheckpointError, match=dropped):
+        load_saved_model(broken, COMPONENT_CLASSES["tokenizer"])
 
 
 def test_shipped_configs_name_the_asset_not_a_local_path():
