@@ -74,3 +74,28 @@ def test_a_good_export_replaces_every_asset(assets):
     saved = json.loads((destinations["default"] / "model_index.json").read_text())["sampling_defaults"]
     assert saved == {"guidance_scale": 5.0, "top_k": 10, "top_p": 0.9}
     assert load(str(destinations["default-gpt"])).family == "llamagen"
+
+
+def test_a_kv_calibration_file_is_saved_with_the_next_scale_model(assets, tmp_path):
+    argv, sources, destinations = assets
+    index_file = sources["default"] / "model_index.json"
+    index = json.loads(index_file.read_text())
+    calibration, index["kv_calibration"] = index["kv_calibration"], None  # a freshly trained pipeline has none
+    index_file.write_text(json.dumps(index))
+    calibration_file = tmp_path / "scalekv.json"
+    calibration_file.write_text(json.dumps(calibration))
+    tool.main([*argv, "--var-kv-calibration", str(calibration_file)])
+    assert json.loads((destinations["default"] / "model_index.json").read_text())["kv_calibration"] == calibration
+    assert load(str(destinations["default"])).kv_calibration == calibration
+
+
+def test_a_kv_calibration_of_another_model_replaces_nothing(assets, tmp_path):
+    argv, sources, destinations = assets
+    calibration = json.loads((sources["default"] / "model_index.json").read_text())["kv_calibration"]
+    calibration_file = tmp_path / "scalekv.json"
+    calibration_file.write_text(json.dumps({**calibration, "num_layers": calibration["num_layers"] + 2}))
+    with pytest.raises(SystemExit, match=r"--var-kv-calibration .*scalekv.json: .*calibrate this model"):
+        tool.main([*argv, "--var-kv-calibration", str(calibration_file)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        tool.main([*argv, "--var-kv-calibration", str(tmp_path / "missing.json")])
+    assert untouched(destinations)

@@ -1,7 +1,8 @@
 """Copy trained emoji models into the package (vartk/assets) as half-precision safetensors.
 
     python tools/export_default_models.py --var runs/var/pipeline --gpt runs/gpt/pipeline --classifier runs/classifier \
-        --var-sampling '{"guidance_scale": 3.0}' --gpt-sampling '{"guidance_scale": 3.0}'
+        --var-sampling '{"guidance_scale": 3.0}' --gpt-sampling '{"guidance_scale": 3.0}' \
+        --var-kv-calibration runs/var-scalekv.json   # from: vartk calibrate-kv --model runs/var/pipeline --out ...
 
 Every model is loaded and checked (family, tokenizer, sampling settings) and written next to its destination
 before any asset is replaced; then each is renamed over its destination. Fails, replacing nothing, if the assets
@@ -20,6 +21,7 @@ import torch
 from vartk.classifier import SHIPPED_WEIGHTS, ImageClassifier
 from vartk.files import write_folder_atomic
 from vartk.loading import BUILTIN_MODELS, load
+from vartk.samplers.scalekv import read_calibration
 from vartk.train.conditional import require_same_encoding
 
 
@@ -64,6 +66,11 @@ def prepare(args) -> list[tuple[object, Path]]:
                 pipe.sampling_options()  # checks the values
             except ValueError as err:
                 raise SystemExit(f"{name} sampling {sampling}: {err}")
+        if family == "var" and args.var_kv_calibration is not None:
+            try:
+                pipe.kv_calibration = read_calibration(args.var_kv_calibration)
+            except (OSError, TypeError, ValueError) as err:
+                raise SystemExit(f"--var-kv-calibration {args.var_kv_calibration}: {err}")
         name_as_asset(pipe, name)
         models.append((pipe, BUILTIN_MODELS[name]))
     classifier = ImageClassifier.from_pretrained(args.classifier, low_cpu_mem_usage=False).to(torch.float16)
@@ -85,6 +92,9 @@ def main(argv=None) -> None:
                             help='JSON of the settings the model samples with by default, e.g. {"guidance_scale": 3.0}')
         parser.add_argument(f"--{family}-tokenizer", default=None,
                             help="replace the pipeline's tokenizer by this --train-decoder-only fine-tune of it")
+    parser.add_argument("--var-kv-calibration", default=None,
+                        help="a `vartk calibrate-kv` JSON of the next-scale model, saved with it for scalekv's "
+                             "calibration=model (default: the pipeline's own, if any)")
     parser.add_argument("--max-mb", type=float, default=40.0)
     args = parser.parse_args(argv)
     staged = []
