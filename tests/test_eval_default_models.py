@@ -73,7 +73,9 @@ def test_the_table_shows_the_spread_of_several_seeds_and_the_lowest_category():
                "class_names": ["a", "b", "c"],
                "real_train_vs_held_out": {"per_class": 50, "fid_in_domain": 0.86, "fid_in_domain_balanced": 7.97,
                                           "is_in_domain": 2.82}}
+    results["real_accuracy_per_class"] = {"real test images": [0.5, float("nan"), 0.25]}
     table = tool.markdown_table(results)
+    assert "| real test images | - | 0.50 | - | 0.25 | 0.25 |" in table
     assert "| 0.800 ± 0.012 | 1.10 ± 0.05 |" in table
     assert "| `default` | 4 / 20 / 0.9 | 0.90 | 0.55 | 0.70 | 0.55 |" in table
     assert "| model | sampling | a | b | c | lowest |" in table

@@ -149,8 +149,16 @@ def main(argv=None) -> dict:
     balanced_labels = torch.arange(classifier.config.num_classes).repeat_interleave(args.per_class)  # [C * n]
     train_images, train_labels, _ = load_folder(Path(args.data) / "train", 64)
     first_seed = args.seed[0]
-    real = in_domain_scores(train_images[pick_with_labels(train_labels, balanced_labels, first_seed)],
+    train_balanced = pick_with_labels(train_labels, balanced_labels, first_seed)
+    real = in_domain_scores(train_images[train_balanced],
                             train_images[pick_with_labels(train_labels, held_out_labels, first_seed)], held_out_images)
+    with torch.no_grad():  # the classifier's own per-category accuracy on real images: what samples are read against
+        results["real_accuracy_per_class"] = {
+            f"real {args.split} images": accuracy_by_class(predict(classifier, held_out_images), held_out_labels,
+                                                           classifier.config.num_classes),
+            f"real training images ({args.per_class} per class)": accuracy_by_class(
+                predict(classifier, train_images[train_balanced]), train_labels[train_balanced],
+                classifier.config.num_classes)}
     results["real_train_vs_held_out"] = {"per_class": args.per_class, **real}
     pipes = {name: load(name) for name in args.models.split(",")}
     for name, pipe in pipes.items():  # every --sampling is checked before hours of scoring start
@@ -256,10 +264,13 @@ def markdown_table(results: dict) -> str:
                 f"{real['fid_in_domain']:.2f} | {real['fid_in_domain_balanced']:.2f} | {real['is_in_domain']:.2f} | - |")
     names = results.get("class_names") or [str(c) for c in range(len(results["runs"][0]["classifier_accuracy_per_class"]))]
     rows += ["", "| model | sampling | " + " | ".join(names) + " | lowest |", "|---|---|" + "---|" * (len(names) + 1)]
-    for r in results["runs"]:
-        by_class = r["classifier_accuracy_per_class"]
-        rows.append(f"| `{r['model']}` | {settings_text(r['sampling'])} | "
-                    + " | ".join(f"{a:.2f}" for a in by_class) + f" | {min(by_class):.2f} |")
+    by_class_rows = [(f"`{r['model']}`", settings_text(r["sampling"]), r["classifier_accuracy_per_class"])
+                     for r in results["runs"]]
+    by_class_rows += [(name, "-", by_class) for name, by_class in results.get("real_accuracy_per_class", {}).items()]
+    for name, sampling, by_class in by_class_rows:
+        scored = [a for a in by_class if math.isfinite(a)]  # a class without images has no accuracy
+        rows.append(f"| {name} | {sampling} | " + " | ".join(f"{a:.2f}" if math.isfinite(a) else "-" for a in by_class)
+                    + f" | {min(scored):.2f} |")
     return "\n".join(rows) + "\n"
 
 
