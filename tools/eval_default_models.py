@@ -8,9 +8,9 @@
 
 Choose settings (sampling, which checkpoint) with `--split val`; report with `--split test` (the default), which
 nothing was chosen on, and with other seeds than the one the choice saw. With several seeds every score is the
-mean over the seeds, with its standard deviation (`*_std`) beside it; the grid shows the first seed. With several --sampling settings,
-each model's `chosen` one is the most accurate (class accuracy of samples) of those whose in-domain FID is at
-most 10 % above that model's best: recognisable first, without giving up much FID.
+mean over the seeds, with its standard deviation (`*_std`) beside it; the grid shows the first seed. With several
+--sampling settings, each model's `chosen` one is the most accurate (class accuracy of samples) of those whose
+in-domain FID is at most 10 % above that model's best: recognisable first, without giving up much FID.
 
 Measures, on the held-out split: tokenizer reconstruction PSNR and codebook use, and the classifier's accuracy
 on the reconstructions (what a generator that drew the held-out emoji's own tokens would score: the tokenizer's
