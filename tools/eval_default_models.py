@@ -253,7 +253,8 @@ def markdown_table(results: dict) -> str:
             "in-domain IS | CPU s / image |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         rows.append(f"| `{r['model']}` ({r['family']}) | {settings_text(r['sampling'])} | "
-                    f"{r['tokenizer_psnr_held_out']:.2f} dB | {r['tokenizer_codes_used_held_out']} / {r['vocab_size']} | "
+                    f"{r['tokenizer_psnr_held_out']:.2f} dB | "
+                    f"{r['tokenizer_codes_used_held_out']} / {r['vocab_size']} | "
                     f"{r['classifier_accuracy_reconstructed_held_out']:.3f} | "
                     f"{with_spread(r, 'classifier_accuracy_generated', 3)} | {with_spread(r, 'fid_in_domain', 2)} | "
                     f"{with_spread(r, 'fid_in_domain_balanced', 2)} | {with_spread(r, 'is_in_domain', 2)} | "
@@ -262,7 +263,8 @@ def markdown_table(results: dict) -> str:
     rows.append(f"| real training images (one per {results['split']} image of its class; {real['per_class']} per class) "
                 f"| - | - | - | - | {results['classifier_accuracy_real_held_out']:.3f} (real {results['split']} images) | "
                 f"{real['fid_in_domain']:.2f} | {real['fid_in_domain_balanced']:.2f} | {real['is_in_domain']:.2f} | - |")
-    names = results.get("class_names") or [str(c) for c in range(len(results["runs"][0]["classifier_accuracy_per_class"]))]
+    names = results.get("class_names") or [
+        str(c) for c in range(len(results["runs"][0]["classifier_accuracy_per_class"]))]
     rows += ["", "| model | sampling | " + " | ".join(names) + " | lowest |", "|---|---|" + "---|" * (len(names) + 1)]
     by_class_rows = [(f"`{r['model']}`", settings_text(r["sampling"]), r["classifier_accuracy_per_class"])
                      for r in results["runs"]]
