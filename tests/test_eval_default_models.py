@@ -33,11 +33,17 @@ def test_the_chosen_settings_are_the_most_accurate_within_ten_percent_of_the_bes
     assert tool.choose_settings(runs[:1]) == {"guidance_scale": 2}
     assert tool.choose_settings([run(2, 0.5, -6.7e-6), run(3, 0.6, 0.4)]) == {"guidance_scale": 2}  # FID ~0
     assert tool.choose_settings([run(2, 0.9, float("nan")), run(3, 0.6, 1.0)]) == {"guidance_scale": 3}
+    constant = {**run(2, 0.7, 1.0), "sampler": "nextscale:guidance_schedule=constant"}
+    assert tool.choose_settings([{**run(2, 0.6, 1.0), "sampler": "nextscale"}, constant]) == {
+        "guidance_scale": 2, "sampler": "nextscale:guidance_schedule=constant"}
 
 
 def test_grid_names_are_flat_file_names_with_the_settings():
     settings = {"guidance_scale": 4.0, "top_k": 20, "top_p": 0.9}
     assert tool.grid_name("runs/var/pipeline/", settings) == "runs_var_pipeline-cfg4-k20-p0.9-grid.png"
+    assert tool.grid_name("default", settings, "nextscale") == "default-cfg4-k20-p0.9-grid.png"
+    assert (tool.grid_name("default", settings, "nextscale:guidance_schedule=constant,more_smooth=true")
+            == "default-cfg4-k20-p0.9-nextscale-guidance_schedule-constant-more_smooth-true-grid.png")
 
 
 def test_accuracy_by_class_counts_each_class_on_its_own():
@@ -81,3 +87,5 @@ def test_the_table_shows_the_spread_of_several_seeds_and_the_lowest_category():
     assert "| model | sampling | a | b | c | lowest |" in table
     one_seed = tool.markdown_table({**results, "runs": [{**run, "seeds": [1]}]})
     assert "| 0.800 | 1.10 |" in one_seed
+    constant = tool.markdown_table({**results, "runs": [{**run, "sampler": "nextscale:guidance_schedule=constant"}]})
+    assert "| `default` | 4 / 20 / 0.9 (`nextscale:guidance_schedule=constant`) | 0.90 | 0.55 |" in constant

@@ -39,6 +39,8 @@ def untouched(destinations) -> bool:
     ({"--gpt": "default"}, r"is a VARPipeline; 'default-gpt' must be a llamagen pipeline"),
     ({"--var-sampling": '{"guidance": 3}'}, r"default sampling \['guidance'\] unknown"),
     ({"--var-sampling": '{"top_k": -5}'}, r"top_k must be an integer >= 0"),
+    ({"--var-sampler": "sjd"}, r"default sampler 'sjd': unknown next-scale sampler 'sjd'; available: \['nextscale'\]"),
+    ({"--var-sampler": "nextscale:guidance_schedule=cosine"}, r"guidance_schedule must be one of"),
     ({"--max-mb": "1"}, r"would take .* more than --max-mb 1.0; nothing was replaced"),
 ])
 def test_a_bad_export_replaces_nothing(assets, change, message):
@@ -69,10 +71,13 @@ def test_models_of_other_classes_are_refused(assets):
 
 def test_a_good_export_replaces_every_asset(assets):
     argv, _, destinations = assets
-    tool.main([*argv, "--var-sampling", '{"guidance_scale": 5.0, "top_k": 10, "top_p": 0.9}'])
+    tool.main([*argv, "--var-sampling", '{"guidance_scale": 5.0, "top_k": 10, "top_p": 0.9}',
+               "--var-sampler", "nextscale:guidance_schedule=constant"])
     assert not any((folder / "old.txt").exists() for folder in destinations.values())
-    saved = json.loads((destinations["default"] / "model_index.json").read_text())["sampling_defaults"]
-    assert saved == {"guidance_scale": 5.0, "top_k": 10, "top_p": 0.9}
+    index = json.loads((destinations["default"] / "model_index.json").read_text())
+    assert index["sampling_defaults"] == {"guidance_scale": 5.0, "top_k": 10, "top_p": 0.9}
+    assert index["sampler"] == {"name": "nextscale", "settings": {"more_smooth": False, "guidance_schedule": "constant"}}
+    assert json.loads((destinations["default-gpt"] / "model_index.json").read_text())["sampler"] is None
     assert load(str(destinations["default-gpt"])).family == "llamagen"
 
 

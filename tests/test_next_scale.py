@@ -16,12 +16,12 @@ def models(var_models):
     return var_models
 
 
-def sample(models, labels=(1, 7), seed=0, **kwargs):
+def sample(models, labels=(1, 7), seed=0, sampler=None, **kwargs):
     transformer, tokenizer = models
     generator = torch.Generator().manual_seed(seed)
     kwargs.setdefault("progress", False)
-    return NextScaleSampler()(transformer, tokenizer, torch.as_tensor(labels), generator=generator,
-                              **kwargs).token_maps
+    return (sampler or NextScaleSampler())(transformer, tokenizer, torch.as_tensor(labels), generator=generator,
+                                           **kwargs).token_maps
 
 
 def test_returns_one_token_map_per_scale(models):
@@ -45,15 +45,20 @@ def test_top_k_1_is_the_official_greedy_cfg_ramp(models, cfg):
     assert all(torch.equal(e, g) for e, g in zip(expected, got))
 
 
-def test_guidance_ramps_linearly_over_scales(models, monkeypatch):
+@pytest.mark.parametrize("schedule, guidance_at", [
+    ("linear", lambda si: 2.0 * si / (len(PATCH_NUMS) - 1)),  # VAR's ramp: none at the first scale
+    ("constant", lambda si: 2.0),
+])
+def test_guidance_follows_its_schedule_over_scales(models, monkeypatch, schedule, guidance_at):
     transformer, tokenizer = models
     raw, guided = [], []
     real_forward_scale, real_filter = transformer.forward_scale, next_scale.filter_logits
     monkeypatch.setattr(transformer, "forward_scale", lambda *a: raw.append(real_forward_scale(*a)) or raw[-1])
     monkeypatch.setattr(next_scale, "filter_logits", lambda x, *a: guided.append(x) or real_filter(x, *a))
-    sample(models, guidance_scale=2.0)
+    sample(models, guidance_scale=2.0, sampler=NextScaleSampler(guidance_schedule=schedule))
+    assert len(guided) == len(PATCH_NUMS)
     for si, (both, mixed) in enumerate(zip(raw, guided)):
-        t = 2.0 * si / (len(PATCH_NUMS) - 1)
+        t = guidance_at(si)
         assert both.shape[0] == 4
         torch.testing.assert_close(mixed, (1 + t) * both[:2] - t * both[2:])
     raw.clear()
@@ -151,6 +156,8 @@ def test_invalid_arguments(models):
         sample(models, top_k=-3)
     with pytest.raises(ValueError, match="top_p"):
         sample(models, top_p=0.0)
+    with pytest.raises(ValueError, match=r"guidance_schedule must be one of \('linear', 'constant'\), got 'cosine'"):
+        NextScaleSampler(guidance_schedule="cosine")
     images = torch.rand(1, 3, 6, 6)
     with pytest.raises(ValueError, match=r"\(4, 4\).*3x3"):
         edit_next_scale(transformer, tokenizer, images, torch.ones(4, 4), progress=False)

@@ -433,15 +433,15 @@ def test_a_pipeline_saves_its_sampler_and_kv_cache_with_every_setting(converted,
     from vartk.samplers import ScaleKVCache
 
     pipe = load(str(converted))
-    pipe.sampler = "nextscale:more_smooth=true"
+    pipe.sampler = "nextscale:more_smooth=true,guidance_schedule=constant"
     pipe.kv_cache = ScaleKVCache(budget=0.3, scoring="released")
     expected = sample(pipe)
     pipe.save_pretrained(tmp_path / "saved")
     index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
-    assert index["sampler"] == {"name": "nextscale", "settings": {"more_smooth": True}}
+    assert index["sampler"] == {"name": "nextscale", "settings": {"more_smooth": True, "guidance_schedule": "constant"}}
     assert index["kv_cache"]["name"] == "scalekv" and index["kv_cache"]["settings"]["scoring"] == "released"
     again = load(str(tmp_path / "saved"))
-    assert again.sampler == NextScaleSampler(more_smooth=True)
+    assert again.sampler == NextScaleSampler(more_smooth=True, guidance_schedule="constant")
     assert again.kv_cache == ScaleKVCache(budget=0.3, scoring="released")
     assert torch.equal(sample(again), expected)
     assert not torch.equal(sample(again, sampler="nextscale", kv_cache="full"), expected)

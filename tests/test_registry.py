@@ -23,7 +23,7 @@ def test_specs_build_the_named_class_with_typed_values():
 @pytest.mark.parametrize("spec, kind, message", [
     ("nexttoken:temperature", None, r"'temperature' in 'nexttoken:temperature' is not key=value; write e.g. "
                                     r"nexttoken:temperature=1.0"),
-    ("nextscale:smooth=true", None, r"nextscale has no setting 'smooth'; its settings: \['more_smooth'\]"),
+    ("nextscale:smooth=true", None, r"nextscale has no setting 'smooth'; its settings: \['more_smooth', 'guidance_schedule'\]"),
     ("nextscale:more_smooth=maybe", None, "more_smooth must be True or False, got 'maybe'"),
     ("nosuch:window=16", None, r"unknown sampler or KV-cache policy 'nosuch'; available: \[.*'full'"),
     ("nextscale", KV_CACHE, r"unknown KV-cache policy 'nextscale'; available: \['full'"),
@@ -52,6 +52,9 @@ def test_config_round_trip_is_strict():
     assert config == {"name": "nexttoken", "settings": {"temperature": 0.7, "cfg_interval": 5, "cuda_graph": "auto"}}
     assert from_config(config, SAMPLER, NEXT_TOKEN) == sampler
     assert to_spec(sampler) == "nexttoken:temperature=0.7,cfg_interval=5" and to_spec(FullKVCache()) == "full"
+    saved_before_a_setting_existed = {"name": "nextscale", "settings": {"more_smooth": True}}
+    assert from_config(saved_before_a_setting_existed, SAMPLER) == NextScaleSampler(more_smooth=True,
+                                                                                   guidance_schedule="linear")
     with pytest.raises(ValueError, match=r"model_index.json: nexttoken has no setting 'window'"):
         from_config({"name": "nexttoken", "settings": {"window": 3}}, SAMPLER, source="model_index.json")
     with pytest.raises(ValueError, match="unexpected 'extra'"):

@@ -5,12 +5,15 @@
         --sampling '{"guidance_scale": 3}' --sampling '{"guidance_scale": 4, "top_k": 50}'   # one row each
 
     python tools/eval_default_models.py --data /path/to/emoji --split test --seed 1 2 3   # mean ± spread over seeds
+    python tools/eval_default_models.py --data /path/to/emoji --split val --models default \
+        --sampler nextscale --sampler nextscale:guidance_schedule=constant   # rows per sampler x --sampling
 
 Choose settings (sampling, which checkpoint) with `--split val`; report with `--split test` (the default), which
 nothing was chosen on, and with other seeds than the one the choice saw. With several seeds every score is the
 mean over the seeds, with its standard deviation (`*_std`) beside it; the grid shows the first seed. With several
---sampling settings, each model's `chosen` one is the most accurate (class accuracy of samples) of those whose
-in-domain FID is at most 10 % above that model's best: recognisable first, without giving up much FID.
+--sampling settings (or --sampler specs: each applies to the models of its family, the others keep their own), each
+model's `chosen` one is the most accurate (class accuracy of samples) of those whose in-domain FID is at most 10 %
+above that model's best: recognisable first, without giving up much FID.
 
 Measures, on the held-out split: tokenizer reconstruction PSNR and codebook use, and the classifier's accuracy
 on the reconstructions (what a generator that drew the held-out emoji's own tokens would score: the tokenizer's
@@ -43,6 +46,7 @@ from vartk.files import write_text_atomic
 from vartk.metrics import compute_metrics, psnr
 from vartk.images import images_to_uint8
 from vartk.loading import load
+from vartk.samplers import registry
 
 MATCHED_SEED_OFFSET = 10_000  # the class-matched set's batches draw from other seeds than the balanced set's
 SAMPLE_SCORES = ("classifier_accuracy_generated", "fid_in_domain", "fid_in_domain_balanced", "is_in_domain",
@@ -137,6 +141,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--sampling", type=json.loads, action="append",
                         help='JSON overriding the models\' own sampling settings, e.g. {"guidance_scale": 4, "top_k": 50}; '
                              'repeat it to score several settings (default: the models\' own)')
+    parser.add_argument("--sampler", action="append",
+                        help="a sampler as a registry spec, e.g. nextscale:guidance_schedule=constant, for the models "
+                             "of its family; repeat it to score several (default: the models' own)")
     args = parser.parse_args(argv)
     register_emoji_extractor()
     out = Path(args.out)
@@ -162,6 +169,10 @@ def main(argv=None) -> dict:
             classifier.config.num_classes)}
     results["real_train_vs_held_out"] = {"per_class": args.per_class, **real}
     pipes = {name: load(name) for name in args.models.split(",")}
+    samplers = {name: samplers_for(pipe, args.sampler or []) for name, pipe in pipes.items()}
+    unused = sorted(set(args.sampler or []) - {spec for specs in samplers.values() for spec in specs})
+    if unused:
+        raise SystemExit(f"--sampler {unused[0]} fits none of the models {sorted(pipes)}")
     for name, pipe in pipes.items():  # every --sampling is checked before hours of scoring start
         for overrides in args.sampling or [{}]:
             try:
@@ -179,20 +190,17 @@ def main(argv=None) -> dict:
             "classifier_accuracy_reconstructed_held_out": accuracy(classifier, recon, held_out_labels),
             "tokenizer_codes_used_held_out": codes_used(pipe.tokenizer, held_out_images),
         }
-        for overrides in args.sampling or [{}]:
-            settings = pipe.sampling_options(**overrides)
-            per_seed = []
-            for seed in args.seed:
-                images, scores = score_samples(pipe, classifier, settings, seed, balanced_labels, held_out_images,
-                                               held_out_labels)
-                per_seed.append(scores)
-                if seed == first_seed:
-                    grid = torch.cat([images[balanced_labels == c][:8] for c in range(pipe.num_classes)])
-                    save_image(grid, out / grid_name(name, settings), nrow=8, padding=2, pad_value=1.0)
-            run = {"model": name, "family": pipe.family, "sampling": settings, "images": len(balanced_labels),
-                   "seeds": args.seed, **tokenizer_scores, **mean_and_spread(per_seed), "per_seed": per_seed}
-            results["runs"].append(run)
-            print(json.dumps(run), flush=True)
+        for sampler in samplers[name] or [pipe.sampler]:
+            pipe.sampler = sampler
+            for overrides in args.sampling or [{}]:
+                settings = pipe.sampling_options(**overrides)
+                grid_file = out / grid_name(name, settings, registry.to_spec(pipe.sampler))
+                run = score_setting(pipe, classifier, settings, args.seed, balanced_labels, held_out_images,
+                                    held_out_labels, grid_file)
+                run = {"model": name, "family": pipe.family, **run, "images": len(balanced_labels),
+                       **tokenizer_scores}
+                results["runs"].append(run)
+                print(json.dumps(run), flush=True)
     if args.split == "val":  # settings are chosen on val only; a test run reports
         results["chosen"] = {name: choose_settings([r for r in results["runs"] if r["model"] == name])
                              for name in pipes}
@@ -200,9 +208,34 @@ def main(argv=None) -> dict:
     write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     print(markdown_table(results))
-    if args.sampling and len(args.sampling) > 1 and "chosen" in results:
+    if "chosen" in results and len(results["runs"]) > len(pipes):  # some model had settings to choose from
         print("chosen (most accurate within 10 % of the best FID):", json.dumps(results["chosen"]))
     return results
+
+
+def samplers_for(pipe, specs: list[str]) -> list[str]:
+    """The specs among `specs` of samplers of `pipe`'s family (each spec is checked: an unknown sampler or setting
+    raises SystemExit)."""
+    try:
+        return [spec for spec in specs if registry.from_spec(spec, registry.SAMPLER).family == pipe.sampling_family]
+    except ValueError as err:
+        raise SystemExit(f"--sampler: {err}")
+
+
+def score_setting(pipe, classifier, settings: dict, seeds: list[int], balanced_labels: torch.Tensor,
+                  held_out_images: torch.Tensor, held_out_labels: torch.Tensor, grid_file: Path) -> dict:
+    """The pipeline's samples with `settings` (and its sampler), scored at every seed: the settings, the sampler's
+    spec, the seeds' mean and spread and the per-seed scores; the first seed's grid is saved to `grid_file`."""
+    per_seed = []
+    for seed in seeds:
+        images, scores = score_samples(pipe, classifier, settings, seed, balanced_labels, held_out_images,
+                                       held_out_labels)
+        per_seed.append(scores)
+        if seed == seeds[0]:
+            grid = torch.cat([images[balanced_labels == c][:8] for c in range(pipe.num_classes)])
+            save_image(grid, grid_file, nrow=8, padding=2, pad_value=1.0)
+    return {"sampling": settings, "sampler": registry.to_spec(pipe.sampler), "seeds": seeds,
+            **mean_and_spread(per_seed), "per_seed": per_seed}
 
 
 def score_samples(pipe, classifier, settings: dict, seed: int, balanced_labels: torch.Tensor,
@@ -221,20 +254,26 @@ def score_samples(pipe, classifier, settings: dict, seed: int, balanced_labels: 
 
 
 def choose_settings(runs: list[dict], fid_slack: float = 0.1) -> dict:
-    """The most accurate run's settings among `runs` (of one model) whose FID is within `fid_slack` of the best FID
-    (runs without a finite FID are left out; a best FID of about 0 allows nothing above it but rounding)."""
+    """The most accurate run's settings (and its sampler's spec, where the run names one) among `runs` (of one model)
+    whose FID is within `fid_slack` of the best FID (runs without a finite FID are left out; a best FID of about 0
+    allows nothing above it but rounding)."""
     scored = [r for r in runs if math.isfinite(r["fid_in_domain"])]
     if not scored:
         raise ValueError(f"no run has a finite FID: {[r['fid_in_domain'] for r in runs]}")
     best_fid = min(r["fid_in_domain"] for r in scored)
     eligible = [r for r in scored if r["fid_in_domain"] <= best_fid + fid_slack * abs(best_fid)]
-    return max(eligible, key=lambda r: r["classifier_accuracy_generated"])["sampling"]
+    chosen = max(eligible, key=lambda r: r["classifier_accuracy_generated"])
+    return {**chosen["sampling"], **({"sampler": chosen["sampler"]} if "sampler" in chosen else {})}
 
 
-def grid_name(model: str, settings: dict) -> str:
-    """"runs/var/pipeline", cfg 4 / top-k 20 / top-p 0.9 -> "runs_var_pipeline-cfg4-k20-p0.9-grid.png"."""
+def grid_name(model: str, settings: dict, sampler: str = "") -> str:
+    """"runs/var/pipeline", cfg 4 / top-k 20 / top-p 0.9 -> "runs_var_pipeline-cfg4-k20-p0.9-grid.png"; a sampler
+    spec with settings ("nextscale:guidance_schedule=constant") is added as "-nextscale-guidance_schedule-constant"."""
     model = model.strip("/").replace("/", "_")
-    return f"{model}-cfg{settings['guidance_scale']:g}-k{settings['top_k']}-p{settings['top_p']:g}-grid.png"
+    name = f"{model}-cfg{settings['guidance_scale']:g}-k{settings['top_k']}-p{settings['top_p']:g}"
+    if ":" in sampler:
+        name += "-" + sampler.replace(":", "-").replace("=", "-").replace(",", "-")
+    return name + "-grid.png"
 
 
 def with_spread(run: dict, key: str, digits: int) -> str:
@@ -243,8 +282,10 @@ def with_spread(run: dict, key: str, digits: int) -> str:
     return text + f" ± {run[key + '_std']:.{digits}f}" if len(run.get("seeds", [])) > 1 else text
 
 
-def settings_text(sampling: dict) -> str:
-    return f"{sampling['guidance_scale']:g} / {sampling['top_k']} / {sampling['top_p']:g}"
+def settings_text(sampling: dict, sampler: str | None = None) -> str:
+    """cfg / top-k / top-p, and the sampler's spec where it has settings of its own."""
+    text = f"{sampling['guidance_scale']:g} / {sampling['top_k']} / {sampling['top_p']:g}"
+    return text + f" (`{sampler}`)" if sampler and ":" in sampler else text
 
 
 def markdown_table(results: dict) -> str:
@@ -253,7 +294,7 @@ def markdown_table(results: dict) -> str:
             "class accuracy of samples | in-domain FID (class-matched) | in-domain FID (balanced samples) | "
             "in-domain IS | CPU s / image |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
-        rows.append(f"| `{r['model']}` ({r['family']}) | {settings_text(r['sampling'])} | "
+        rows.append(f"| `{r['model']}` ({r['family']}) | {settings_text(r['sampling'], r.get('sampler'))} | "
                     f"{r['tokenizer_psnr_held_out']:.2f} dB | "
                     f"{r['tokenizer_codes_used_held_out']} / {r['vocab_size']} | "
                     f"{r['classifier_accuracy_reconstructed_held_out']:.3f} | "
@@ -267,7 +308,8 @@ def markdown_table(results: dict) -> str:
     names = results.get("class_names") or [
         str(c) for c in range(len(results["runs"][0]["classifier_accuracy_per_class"]))]
     rows += ["", "| model | sampling | " + " | ".join(names) + " | lowest |", "|---|---|" + "---|" * (len(names) + 1)]
-    by_class_rows = [(f"`{r['model']}`", settings_text(r["sampling"]), r["classifier_accuracy_per_class"])
+    by_class_rows = [(f"`{r['model']}`", settings_text(r["sampling"], r.get("sampler")),
+                      r["classifier_accuracy_per_class"])
                      for r in results["runs"]]
     by_class_rows += [(name, "-", by_class) for name, by_class in results.get("real_accuracy_per_class", {}).items()]
     for name, sampling, by_class in by_class_rows:

@@ -2,6 +2,7 @@
 
     python tools/export_default_models.py --var runs/var/pipeline --gpt runs/gpt/pipeline --classifier runs/classifier \
         --var-sampling '{"guidance_scale": 3.0}' --gpt-sampling '{"guidance_scale": 3.0}' \
+        --var-sampler nextscale:guidance_schedule=constant \
         --var-kv-calibration runs/var-scalekv.json   # from: vartk calibrate-kv --model runs/var/pipeline --out ...
 
 Every model is loaded and checked (family, tokenizer, sampling settings) and written next to its destination
@@ -49,9 +50,9 @@ def folder_mb(folder: Path) -> float:
 def prepare(args) -> list[tuple[object, Path]]:
     """Load and check every model before anything is written: [(half-precision model, asset folder)]."""
     models = []
-    for name, family, source, sampling, tokenizer in (
-            ("default", "var", args.var, args.var_sampling, args.var_tokenizer),
-            ("default-gpt", "llamagen", args.gpt, args.gpt_sampling, args.gpt_tokenizer)):
+    for name, family, source, sampling, sampler, tokenizer in (
+            ("default", "var", args.var, args.var_sampling, args.var_sampler, args.var_tokenizer),
+            ("default-gpt", "llamagen", args.gpt, args.gpt_sampling, args.gpt_sampler, args.gpt_tokenizer)):
         pipe = load(source).to(torch.float16)
         if pipe.family != family:
             raise SystemExit(f"{source} is a {type(pipe).__name__}; {name!r} must be a {family} pipeline")
@@ -66,6 +67,11 @@ def prepare(args) -> list[tuple[object, Path]]:
                 pipe.sampling_options()  # checks the values
             except ValueError as err:
                 raise SystemExit(f"{name} sampling {sampling}: {err}")
+        if sampler is not None:
+            try:
+                pipe.sampler = sampler
+            except ValueError as err:
+                raise SystemExit(f"{name} sampler {sampler!r}: {err}")
         if family == "var" and args.var_kv_calibration is not None:
             try:
                 pipe.kv_calibration = read_calibration(args.var_kv_calibration)
@@ -90,6 +96,9 @@ def main(argv=None) -> None:
     for family in ("var", "gpt"):
         parser.add_argument(f"--{family}-sampling", type=json.loads, default=None,
                             help='JSON of the settings the model samples with by default, e.g. {"guidance_scale": 3.0}')
+        parser.add_argument(f"--{family}-sampler", default=None,
+                            help="the sampler the model samples with by default, as a registry spec, e.g. "
+                                 "nextscale:guidance_schedule=constant (default: the family's plain sampler)")
         parser.add_argument(f"--{family}-tokenizer", default=None,
                             help="replace the pipeline's tokenizer by this --train-decoder-only fine-tune of it")
     parser.add_argument("--var-kv-calibration", default=None,

@@ -7,7 +7,8 @@ folded into the running latent by the tokenizer. Classifier-free guidance runs t
 
     t = guidance_scale * k / (K - 1),    logits = (1 + t) * cond - t * uncond
 
-so the first scale is purely conditional and the last is guided by 1 + guidance_scale.
+so the first scale is purely conditional and the last is guided by 1 + guidance_scale. With
+`guidance_schedule="constant"`, t = guidance_scale at every scale.
 
 Zero-shot editing (in/out-painting, class-conditional editing) is the same loop with the tokens
 of a known image forced wherever a mask says "keep", at every scale (`edit_next_scale`).
@@ -29,7 +30,7 @@ from .next_token import cuda_peak_memory, reset_cuda_peak_memory
 from .registry import KV_CACHE, NEXT_SCALE, SAMPLER, check_family, register_sampler
 from .sampling import (
     cfg_next_scale, check_class_labels, check_generator, check_non_negative, check_sampling_args, filter_logits,
-    on_generator_device, sample_from_logits, var_guidance_ramp,
+    GUIDANCE_SCHEDULES, next_scale_guidance, on_generator_device, sample_from_logits,
 )
 
 
@@ -37,13 +38,18 @@ from .sampling import (
 @dataclass
 class NextScaleSampler:
     """The official VAR sampler, one forward per scale. `more_smooth` replaces each scale's code vectors by a
-    Gumbel-softmax mixture of codes (sharper visuals, not used for FID)."""
+    Gumbel-softmax mixture of codes (sharper visuals, not used for FID). `guidance_schedule` "linear" (official)
+    ramps the guidance from none at the first scale to guidance_scale at the last; "constant" guides every scale
+    by guidance_scale."""
 
     more_smooth: bool = False
+    guidance_schedule: str = "linear"
 
     def __post_init__(self):
         if not isinstance(self.more_smooth, bool):
             raise ValueError(f"more_smooth must be True or False, got {self.more_smooth!r}")
+        if self.guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {self.guidance_schedule!r}")
 
     @torch.no_grad()
     def __call__(
@@ -94,7 +100,8 @@ class NextScaleSampler:
                 cache.begin(scale_index)
             logits = transformer.forward_scale(x_next, labels, scale_index, caches)  # [B or 2B, pn^2, V]
             if use_cfg:
-                logits = cfg_next_scale(logits, var_guidance_ramp(guidance_scale, scale_index, len(patch_nums)))
+                t = next_scale_guidance(self.guidance_schedule, guidance_scale, scale_index, len(patch_nums))
+                logits = cfg_next_scale(logits, t)
             tokens, codes = self.draw(logits, tokenizer, ratio, top_k, top_p, generator)
             codes = rearrange(codes, "b (h w) c -> b c h w", h=pn)  # [B, Cz, pn, pn]
             tokens = tokens.view(B, pn, pn)

@@ -158,3 +158,16 @@ def cfg_next_scale(logits: torch.Tensor, t: float) -> torch.Tensor:
 def var_guidance_ramp(guidance_scale: float, scale_index: int, num_scales: int) -> float:
     """VAR's guidance at a scale: t = guidance_scale * k / (K - 1), from 0 at the first scale to guidance_scale."""
     return guidance_scale * (scale_index / max(num_scales - 1, 1))  # the official order of operations
+
+
+GUIDANCE_SCHEDULES = ("linear", "constant")
+
+
+def next_scale_guidance(schedule: str, guidance_scale: float, scale_index: int, num_scales: int) -> float:
+    """The guidance t of `cfg_next_scale` at a scale: "linear" is VAR's ramp (`var_guidance_ramp`), "constant" is
+    t = guidance_scale at every scale, the first included."""
+    if schedule == "linear":
+        return var_guidance_ramp(guidance_scale, scale_index, num_scales)
+    if schedule == "constant":
+        return guidance_scale
+    raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
