@@ -30,7 +30,7 @@ from .next_token import cuda_peak_memory, reset_cuda_peak_memory
 from .registry import KV_CACHE, NEXT_SCALE, SAMPLER, check_family, register_sampler
 from .sampling import (
     cfg_next_scale, check_class_labels, check_generator, check_non_negative, check_sampling_args, filter_logits,
-    GUIDANCE_SCHEDULES, next_scale_guidance, on_generator_device, sample_from_logits,
+    GUIDANCE_SCHEDULES, on_generator_device, sample_from_logits,
 )
 
 
@@ -49,7 +49,8 @@ class NextScaleSampler:
         if not isinstance(self.more_smooth, bool):
             raise ValueError(f"more_smooth must be True or False, got {self.more_smooth!r}")
         if self.guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {self.guidance_schedule!r}")
+            raise ValueError(f"guidance_schedule must be one of {tuple(GUIDANCE_SCHEDULES)}, got "
+                             f"{self.guidance_schedule!r}")
 
     @torch.no_grad()
     def __call__(
@@ -100,7 +101,7 @@ class NextScaleSampler:
                 cache.begin(scale_index)
             logits = transformer.forward_scale(x_next, labels, scale_index, caches)  # [B or 2B, pn^2, V]
             if use_cfg:
-                t = next_scale_guidance(self.guidance_schedule, guidance_scale, scale_index, len(patch_nums))
+                t = GUIDANCE_SCHEDULES[self.guidance_schedule](guidance_scale, scale_index, len(patch_nums))
                 logits = cfg_next_scale(logits, t)
             tokens, codes = self.draw(logits, tokenizer, ratio, top_k, top_p, generator)
             codes = rearrange(codes, "b (h w) c -> b c h w", h=pn)  # [B, Cz, pn, pn]

@@ -160,14 +160,9 @@ def var_guidance_ramp(guidance_scale: float, scale_index: int, num_scales: int) 
     return guidance_scale * (scale_index / max(num_scales - 1, 1))  # the official order of operations
 
 
-GUIDANCE_SCHEDULES = ("linear", "constant")
+def constant_guidance(guidance_scale: float, scale_index: int, num_scales: int) -> float:
+    """The same guidance at every scale, the first included: t = guidance_scale."""
+    return guidance_scale
 
 
-def next_scale_guidance(schedule: str, guidance_scale: float, scale_index: int, num_scales: int) -> float:
-    """The guidance t of `cfg_next_scale` at a scale: "linear" is VAR's ramp (`var_guidance_ramp`), "constant" is
-    t = guidance_scale at every scale, the first included."""
-    if schedule == "linear":
-        return var_guidance_ramp(guidance_scale, scale_index, num_scales)
-    if schedule == "constant":
-        return guidance_scale
-    raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+GUIDANCE_SCHEDULES = {"linear": var_guidance_ramp, "constant": constant_guidance}  # name -> t at a scale
