@@ -104,3 +104,42 @@ def test_a_kv_calibration_of_another_model_replaces_nothing(assets, tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         tool.main([*argv, "--var-kv-calibration", str(tmp_path / "missing.json")])
     assert untouched(destinations)
+
+
+@pytest.fixture
+def shipped_kept(assets):
+    """`assets` whose next-token and classifier destinations hold real shipped copies, as the package does."""
+    argv, sources, destinations = assets
+    for name, source in (("default-gpt", sources["default-gpt"]), ("emoji-classifier", sources["classifier"])):
+        shutil.rmtree(destinations[name])
+        shutil.copytree(source, destinations[name])
+    return argv, sources, destinations
+
+
+def test_exporting_one_model_keeps_the_other_shipped_assets(shipped_kept):
+    _, sources, destinations = shipped_kept
+    kept = {name: {f.relative_to(destinations[name]): f.read_bytes() for f in destinations[name].rglob("*")
+                   if f.is_file()} for name in ("default-gpt", "emoji-classifier")}
+    tool.main(["--var", str(sources["default"]), "--var-sampling", '{"guidance_scale": 2.0}'])
+    index = json.loads((destinations["default"] / "model_index.json").read_text())
+    assert index["sampling_defaults"] == {"guidance_scale": 2.0} and not (destinations["default"] / "old.txt").exists()
+    for name, files in kept.items():
+        assert {f.relative_to(destinations[name]): f.read_bytes() for f in destinations[name].rglob("*")
+                if f.is_file()} == files, name
+
+
+def test_one_model_whose_classes_differ_from_the_kept_ones_is_refused(shipped_kept):
+    _, sources, destinations = shipped_kept
+    index_file = sources["default"] / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["class_names"] = index["class_names"][::-1]
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match=r"must share their classes.*emoji-classifier \(shipped, kept\)"):
+        tool.main(["--var", str(sources["default"])])
+    assert sorted(p.name for p in destinations["default"].iterdir()) == ["old.txt"]
+
+
+def test_an_export_of_nothing_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        tool.main([])
+    assert "nothing to export: give --var, --gpt or --classifier" in capsys.readouterr().err

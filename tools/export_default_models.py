@@ -5,9 +5,11 @@
         --var-sampler nextscale:guidance_schedule=constant \
         --var-kv-calibration runs/var-scalekv.json   # from: vartk calibrate-kv --model runs/var/pipeline --out ...
 
-Every model is loaded and checked (family, tokenizer, sampling settings) and written next to its destination
-before any asset is replaced; then each is renamed over its destination. Fails, replacing nothing, if the assets
-would exceed --max-mb.
+    python tools/export_default_models.py --var runs/var/pipeline   # the other shipped assets stay as they are
+
+Every model given is loaded and checked (family, tokenizer, sampling settings) and written next to its destination
+before any asset is replaced; then each is renamed over its destination. Fails, replacing nothing, if the models
+(those given and the shipped ones kept) do not share their classes or would exceed --max-mb together.
 """
 from __future__ import annotations
 
@@ -48,11 +50,14 @@ def folder_mb(folder: Path) -> float:
 
 
 def prepare(args) -> list[tuple[object, Path]]:
-    """Load and check every model before anything is written: [(half-precision model, asset folder)]."""
-    models = []
+    """Load and check every model given before anything is written: [(half-precision model, asset folder)]."""
+    models, classes = [], {}
     for name, family, source, sampling, sampler, tokenizer in (
             ("default", "var", args.var, args.var_sampling, args.var_sampler, args.var_tokenizer),
             ("default-gpt", "llamagen", args.gpt, args.gpt_sampling, args.gpt_sampler, args.gpt_tokenizer)):
+        if source is None:
+            classes[f"{name} (shipped, kept)"] = load(str(BUILTIN_MODELS[name])).class_names
+            continue
         pipe = load(source).to(torch.float16)
         if pipe.family != family:
             raise SystemExit(f"{source} is a {type(pipe).__name__}; {name!r} must be a {family} pipeline")
@@ -79,20 +84,28 @@ def prepare(args) -> list[tuple[object, Path]]:
                 raise SystemExit(f"--var-kv-calibration {args.var_kv_calibration}: {err}")
         name_as_asset(pipe, name)
         models.append((pipe, BUILTIN_MODELS[name]))
-    classifier = ImageClassifier.from_pretrained(args.classifier, low_cpu_mem_usage=False).to(torch.float16)
-    name_as_asset(classifier, SHIPPED_WEIGHTS.name)
-    classes = {source: list(model.config.class_names or []) for source, model in
-               ((args.var, models[0][0]), (args.gpt, models[1][0]), (args.classifier, classifier))}
-    if len({tuple(names) for names in classes.values()}) != 1:
+        classes[source] = pipe.class_names
+    if args.classifier is None:
+        classifier = ImageClassifier.from_pretrained(SHIPPED_WEIGHTS, low_cpu_mem_usage=False)
+        classes["emoji-classifier (shipped, kept)"] = classifier.config.class_names
+    else:
+        classifier = ImageClassifier.from_pretrained(args.classifier, low_cpu_mem_usage=False).to(torch.float16)
+        name_as_asset(classifier, SHIPPED_WEIGHTS.name)
+        models.append((classifier, SHIPPED_WEIGHTS))
+        classes[args.classifier] = classifier.config.class_names
+    if len({tuple(names or []) for names in classes.values()}) != 1:
         raise SystemExit(f"the models must share their classes (the classifier scores the others by id): {classes}")
-    return models + [(classifier, SHIPPED_WEIGHTS)]
+    return models
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--var", required=True, help="pipeline folder of the next-scale model (vartk train var)")
-    parser.add_argument("--gpt", required=True, help="pipeline folder of the next-token model (vartk train gpt)")
-    parser.add_argument("--classifier", required=True, help="folder written by python -m vartk.classifier")
+    parser.add_argument("--var", help="pipeline folder of the next-scale model (vartk train var); "
+                                      "default: keep the shipped `default`")
+    parser.add_argument("--gpt", help="pipeline folder of the next-token model (vartk train gpt); "
+                                      "default: keep the shipped `default-gpt`")
+    parser.add_argument("--classifier", help="folder written by python -m vartk.classifier; "
+                                             "default: keep the shipped `emoji-classifier`")
     for family in ("var", "gpt"):
         parser.add_argument(f"--{family}-sampling", type=json.loads, default=None,
                             help='JSON of the settings the model samples with by default, e.g. {"guidance_scale": 3.0}')
@@ -106,13 +119,16 @@ def main(argv=None) -> None:
                              "calibration=model (default: the pipeline's own, if any)")
     parser.add_argument("--max-mb", type=float, default=40.0)
     args = parser.parse_args(argv)
+    if args.var is None and args.gpt is None and args.classifier is None:
+        parser.error("nothing to export: give --var, --gpt or --classifier (or several)")
     staged = []
     for model, destination in prepare(args):
         stage = destination.with_name(destination.name + ".staged")
         shutil.rmtree(stage, ignore_errors=True)
         model.save_pretrained(stage)
         staged.append((stage, destination))
-    sizes = {destination.name: folder_mb(stage) for stage, destination in staged}
+    sizes = {destination.name: folder_mb(destination) for destination in (*BUILTIN_MODELS.values(), SHIPPED_WEIGHTS)}
+    sizes.update({destination.name: folder_mb(stage) for stage, destination in staged})
     print(", ".join(f"{name} {mb:.1f} MB" for name, mb in sizes.items()) + f"; total {sum(sizes.values()):.1f} MB")
     if sum(sizes.values()) > args.max_mb:
         for stage, _ in staged:
