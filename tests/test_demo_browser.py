@@ -6,6 +6,7 @@ them:
     VARTK_DEMO_SCREENSHOTS=docs/ python -m pytest tests/test_demo_browser.py
 """
 import io
+import json
 import os
 import re
 import socket
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vartk.loading import BUILTIN_MODELS
 from vartk.metrics import psnr
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright never downloads a browser here
@@ -124,7 +126,9 @@ def paint_stroke(page, canvas, length: int = 100) -> None:
 
 def test_sample_tab_generates_shows_costs_follows_the_model_and_sends_to_edit(page, screenshot):
     page.locator("#sample-run").wait_for()
-    assert sliders(page)["top-k (0 = off)"] == (20, 512)  # the model's default; up to its vocabulary
+    saved = json.loads((BUILTIN_MODELS["default"] / "model_index.json").read_text())["sampling_defaults"]
+    assert sliders(page)["guidance scale"][0] == saved["guidance_scale"] != 3  # the model's own, not default-gpt's
+    assert sliders(page)["top-k (0 = off)"] == (saved["top_k"], 512)  # up to its vocabulary
     choose(page, "model", "default-gpt")
     page.wait_for_function("() => document.querySelector('input[aria-label=\"range slider for guidance scale\"]')"
                            ".value === '3'")
