@@ -79,6 +79,16 @@ def pyplot():
     return plt
 
 
+def grid_label(spec: str) -> str:
+    """The spec as a row label: a setting that names a file (a path) shows only the file's name."""
+    name, _, settings = spec.partition(":")
+    if not settings:
+        return spec
+    shown = [f"{key}={Path(value).name}" if "/" in value or "\\" in value else f"{key}={value}"
+             for key, _, value in (item.partition("=") for item in settings.split(","))]
+    return f"{name}:{','.join(shown)}"
+
+
 def save_labelled_grid(rows: list[torch.Tensor], names: list[str], path: Path) -> None:
     """One row of images per setting (each [N, 3, H, W] in [0, 1]), the setting's spec written to its left."""
     plt = pyplot()
@@ -169,7 +179,7 @@ def main(argv=None) -> dict:
     base_runs = [r for r in results["runs"] if r["setting"] == args.setting[0]]
     results["baseline_spread"] = {f"{m}_{f.__name__}": f(r[m] for r in base_runs) for m in ("fid", "kid")
                                   for f in (min, max)}
-    save_labelled_grid(results.pop("_grid"), args.setting, out / "grid.png")
+    save_labelled_grid(results.pop("_grid"), [grid_label(spec) for spec in args.setting], out / "grid.png")
     plot_accepted_lengths([r for r in results["runs"] if r["seed"] == args.seeds[0]], out / "accepted.png")
     write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
