@@ -143,3 +143,13 @@ def test_an_export_of_nothing_is_refused(capsys):
     with pytest.raises(SystemExit):
         tool.main([])
     assert "nothing to export: give --var, --gpt or --classifier" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--classifier", "c", "--var-kv-calibration", "f.json"], "--var-kv-calibration set without --var"),
+    (["--var", "v", "--gpt-sampling", '{"guidance_scale": 2}'], "--gpt-sampling set without --gpt"),
+])
+def test_settings_of_a_model_not_given_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        tool.main(argv)
+    assert message in capsys.readouterr().err

@@ -84,7 +84,7 @@ def grid_label(spec: str) -> str:
     name, _, settings = spec.partition(":")
     if not settings:
         return spec
-    shown = [f"{key}={Path(value).name}" if "/" in value or "\\" in value else f"{key}={value}"
+    shown = [f"{key}={Path(value).name}" if "/" in value else f"{key}={value}"
              for key, _, value in (item.partition("=") for item in settings.split(","))]
     return f"{name}:{','.join(shown)}"
 

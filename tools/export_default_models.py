@@ -121,6 +121,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.var is None and args.gpt is None and args.classifier is None:
         parser.error("nothing to export: give --var, --gpt or --classifier (or several)")
+    for family in ("var", "gpt"):
+        options = ("sampling", "sampler", "tokenizer", "kv_calibration")  # gpt has no kv_calibration: None
+        orphans = [f"--{family}-{option.replace('_', '-')}" for option in options
+                   if getattr(args, f"{family}_{option}", None) is not None and getattr(args, family) is None]
+        if orphans:
+            parser.error(f"{', '.join(orphans)} set without --{family}: give the model they belong to")
     staged = []
     for model, destination in prepare(args):
         stage = destination.with_name(destination.name + ".staged")
