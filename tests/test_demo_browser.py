@@ -159,7 +159,9 @@ def test_edit_tab_inpaints_the_painted_region_of_an_upload(page, screenshot, bac
     upload = tmp_path / "smiley.png"
     backend.generate("default", "smileys_emotion", 1, 6.0, 20, 0.9, 0)[0][0].save(upload)
     page.get_by_role("tab", name="Edit").click()
-    page.locator("#edit-canvas").get_by_text("Upload an image").wait_for()  # the editor is rendered and listening
+    page.locator("#edit-canvas").get_by_text("Upload an image").wait_for()
+    # the editor drops a file given before its two drawing surfaces (image and crop canvases) are set up
+    page.locator("#edit-canvas canvas").nth(1).wait_for(state="attached")
     page.locator("#edit-canvas input[type=file]").set_input_files(upload)
     page.locator("#edit-canvas").get_by_text("Upload an image").wait_for(state="detached")
     paint_stroke(page, page.locator("#edit-canvas canvas").first)
