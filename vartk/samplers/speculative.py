@@ -267,9 +267,9 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 # The default distance threshold of GSD's embedding filter: this quantile of the squared distances between
 # pairs of distinct rows of the embedding table (the released code's 0.5 is an absolute value for Chameleon's
-# embeddings, meaningless for another table); None: no distance filter. Chosen on default-gpt's val split
-# (docs/accelerators.md): the codebook's median keeps the groups of close codes (3.60 tokens per forward); at the
-# transformer embedding's median almost no group survives (3.09, SJD's), so that embedding filters nothing.
+# embeddings, meaningless for another table); None: no distance filter. The codebook's median keeps the published
+# filter; at the transformer embedding's median fewer groups survive, so that embedding filters nothing. Measured
+# on default-gpt's val split in docs/accelerators.md.
 DEFAULT_DISTANCE_QUANTILE = {"codebook": 0.5, "transformer": None}
 DISTANCE_SAMPLE = 1024  # rows of a large table used to estimate that quantile
 
