@@ -132,7 +132,8 @@ def test_sample_tab_generates_shows_costs_follows_the_model_and_sends_to_edit(pa
     choose(page, "model", "default-gpt")
     page.wait_for_function("() => document.querySelector('input[aria-label=\"range slider for guidance scale\"]')"
                            ".value === '3'")
-    assert sliders(page)["top-k (0 = off)"] == (0, 512)
+    saved_gpt = json.loads((BUILTIN_MODELS["default-gpt"] / "model_index.json").read_text())["sampling_defaults"]
+    assert sliders(page)["top-k (0 = off)"] == (saved_gpt["top_k"], 512) != (saved["top_k"], 512)
     kv_cache = page.get_by_label(re.compile("^KV cache")).filter(visible=True)
     assert kv_cache.is_disabled()  # next-token models keep their own cache
     choose(page, "model", "default")
