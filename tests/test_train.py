@@ -342,6 +342,31 @@ def test_resume_with_more_steps_recomputes_the_decay_over_the_new_total(images, 
         assert lr == pytest.approx(expected, rel=1e-6), (step, lr, expected)
 
 
+def test_stop_at_then_resume_gives_the_uninterrupted_run(images, tmp_path, capsys):
+    """--stop-at 3 of 6 ends at checkpoint 3 on the 6-step schedule and exports nothing; --resume finishes onto the
+    uninterrupted run's learning rates, losses and weights."""
+    from safetensors.torch import load_file
+
+    common = ["--data", str(images), "--batch-size", "4", "--max-steps", "6", "--log-every", "1", "--save-every", "3",
+              "--lr", "1e-3", *FAST, *TOKENIZER_ARGS]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    train_main("tokenizer", [*common, "--out", str(full)])
+    capsys.readouterr()
+    train_main("tokenizer", [*common, "--out", str(stopped), "--stop-at", "3"])
+    assert f"stopped at step 3 of 6 ({stopped / 'checkpoints' / 'step_0000003'})" in capsys.readouterr().out
+    assert latest_checkpoint(stopped).name == "step_0000003" and not (stopped / "tokenizer").exists()
+    with pytest.raises(SystemExit, match="it is already at step 3, past --stop-at 2; give a later --stop-at"):
+        train_main("tokenizer", [*common, "--out", str(stopped), "--resume", "--save-every", "1", "--stop-at", "2"])
+    train_main("tokenizer", [*common, "--out", str(stopped), "--resume"])
+    uninterrupted, resumed = read_log(full), read_log(stopped)
+    assert [r["step"] for r in resumed] == list(range(6))
+    for a, b in zip(uninterrupted, resumed):
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9) and abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+    weights = [load_file(run / "tokenizer" / "diffusion_pytorch_model.safetensors") for run in (full, stopped)]
+    for name, tensor in weights[0].items():
+        assert torch.allclose(tensor, weights[1][name], atol=1e-6), name
+
+
 def test_resume_refuses_settings_that_change_the_run(images, tmp_path):
     run = tmp_path / "run"
     common = ["--data", str(images), "--out", str(run), "--batch-size", "4", "--save-every", "2", *FAST,

@@ -76,6 +76,10 @@ def copy_of(saved_run, tmp_path):
     (["var", "--grad-clip", "-1"], "--grad-clip must be >= 0"),
     (["var", "--warmup-steps", "-5"], "--warmup-steps must be >= 0"),
     (["tokenizer", "--num-samples", "0"], "--num-samples must be >= 1"),
+    (["var", "--stop-at", "-1"], "--stop-at must be >= 0, got -1"),
+    (["var", "--stop-at", "750", "--save-every", "500"],
+     r"^--stop-at 750 must be a checkpoint step: a multiple of --save-every 500 and at most --max-steps 1000 "),
+    (["var", "--stop-at", "1500", "--save-every", "500"], r"^--stop-at 1500 must be a checkpoint step"),
 ])
 def test_bad_flags_are_refused_before_the_data_is_read(argv, message):
     job, *flags = argv

@@ -5,14 +5,14 @@ A job (tokenizer.py, var.py, gpt.py) is a `Job` subclass: it builds its models f
 the dataset, names the modules it trains, and computes a loss per step. The loop does the rest:
 
     job.before_first_step()                                # a fresh run only (e.g. k-means of a codebook)
-    for step in range(start, max_steps):
+    for step in range(start, stop_at or max_steps):        # --stop-at: end early at a checkpoint, --resume later
         torch.manual_seed(step_seed(seed, step, rank))     # dropout / label dropout: same after --resume
         batch = next(batches)                              # same indices for the same step, see data.py
         for name in job.phases(step):                      # ["model"] (+ ["discriminator"] for a GAN)
             loss = job.loss(name, wrapped_modules, batch, step); backward, clip, AdamW, LR schedule
         log / sample grid every N steps
         every --save-every steps: held-out metrics (--val-data), checkpoint
-    job.export(out)                                        # save_pretrained folders
+    job.export(out)                                        # save_pretrained folders (not after --stop-at)
     print("N steps, final loss L; model written to ...")   # with or without the progress bar
 """
 from __future__ import annotations
@@ -88,6 +88,9 @@ class TrainConfig:
                             "at every checkpoint (log.jsonl val_*), and the best checkpoint is kept")
     val_images: int = arg(1024, "validate on at most this many --val-data images (evenly spaced over the folder)")
     resume: bool = arg(False, "continue from the latest checkpoint in --out")
+    stop_at: int = arg(0, "stop after this step of the --max-steps schedule (a multiple of --save-every: its "
+                          "checkpoint is written, nothing is exported); continue later with --resume. 0: run to "
+                          "--max-steps")
     device: str = arg("auto", "auto (cuda when available), cuda or cpu")
     precision: str = arg("auto", f"one of {PRECISIONS}; auto = bf16 autocast on CUDA, fp32 on CPU")
     num_workers: int = arg(0, "DataLoader workers when the dataset is not cached in memory")
@@ -106,7 +109,7 @@ class TrainConfig:
     # what --resume may change: how the run is logged, saved, validated and where it runs, paths (the data is
     # checked by its image count), and --max-steps, whose LR decay is then recomputed over the new total
     may_change_on_resume = ("data", "out", "max_steps", "log_every", "sample_every", "num_samples", "save_every",
-                            "keep_checkpoints", "val_data", "val_images", "resume", "device", "precision",
+                            "keep_checkpoints", "val_data", "val_images", "resume", "stop_at", "device", "precision",
                             "num_workers", "cache_limit_gb", "init_from", "progress")
 
     def check(self) -> None:
@@ -129,7 +132,10 @@ class TrainConfig:
         check_at_least(self, 1, ("batch_size", "max_steps", "log_every", "save_every", "image_size", "val_images",
                                  "num_samples", "keep_checkpoints"))
         check_at_least(self, 0, ("warmup_steps", "weight_decay", "grad_clip", "lr", "sample_every", "num_workers",
-                                 "cache_limit_gb", "class_balance"))
+                                 "cache_limit_gb", "class_balance", "stop_at"))
+        if self.stop_at and (self.stop_at > self.max_steps or self.stop_at % self.save_every):
+            raise SystemExit(f"--stop-at {self.stop_at} must be a checkpoint step: a multiple of --save-every "
+                             f"{self.save_every} and at most --max-steps {self.max_steps} (0: run to the end)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise SystemExit(f"--min-lr-ratio is a fraction of --lr in [0, 1], got {self.min_lr_ratio}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -262,6 +268,9 @@ def check_resume(cfg: TrainConfig, state: dict, num_images: int, class_names: li
     if cfg.max_steps < state["step"]:
         raise SystemExit(f"--resume from {checkpoint}: it is already at step {state['step']}; give --max-steps "
                          f"{state['step']} (to redo only the final export) or more (now {cfg.max_steps})")
+    if cfg.stop_at and cfg.stop_at < state["step"]:
+        raise SystemExit(f"--resume from {checkpoint}: it is already at step {state['step']}, past --stop-at "
+                         f"{cfg.stop_at}; give a later --stop-at, or 0 to run to --max-steps")
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -623,7 +632,8 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
     record = {}  # the last logged window's averages
     window_start = time.perf_counter()
     batches = iterate_batches(dataset, order, start_step, cfg.num_workers)
-    for step in range(start_step, cfg.max_steps):
+    last_step = cfg.stop_at or cfg.max_steps
+    for step in range(start_step, last_step):
         seed = step_seed(cfg.seed, step, dist.rank)
         torch.manual_seed(seed)
         batch = next(batches)
@@ -656,7 +666,9 @@ def run_training(cfg: TrainConfig, job_cls: type) -> Path:
             save_sample_grid(job, trainees, out / "samples" / f"step_{done:07d}.png")  # after the checkpoint
     if progress is not None:
         progress.close()
-    if dist.is_main:
+    if dist.is_main and last_step < cfg.max_steps:
+        print(f"stopped at step {last_step} of {cfg.max_steps} ({latest_checkpoint(out)}); continue with --resume")
+    elif dist.is_main:
         folders = job.export(out, dataset.class_names)
         print(summary_line(cfg.max_steps, record.get("loss"), folders))
     if dist.world_size > 1:
