@@ -107,7 +107,8 @@ class TrainConfig:
 
     required = ("data",)
     # what --resume may change: how the run is logged, saved, validated and where it runs, paths (the data is
-    # checked by its image count), and --max-steps, whose LR decay is then recomputed over the new total
+    # checked by its image count), --stop-at, and --max-steps, whose LR decay is then recomputed over the new
+    # total
     may_change_on_resume = ("data", "out", "max_steps", "log_every", "sample_every", "num_samples", "save_every",
                             "keep_checkpoints", "val_data", "val_images", "resume", "stop_at", "device", "precision",
                             "num_workers", "cache_limit_gb", "init_from", "progress")
